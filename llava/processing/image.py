@@ -1,0 +1,320 @@
+"""Image loading and CLIP-style preprocessing with PIL + numpy (no torchvision).
+
+Numerics follow transformers' PIL image-processor backend (the one upstream LLaVA used via
+CLIPImageProcessor): PIL resize on uint8, float64 rescale by 1/255 then float32, float32
+normalisation. That makes our pixel tensors bit-identical to transformers', so checkpoints
+see exactly the inputs they were trained and evaluated on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import re
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+
+from llava.model.anyres import Size, parse_pinpoints, select_best_resolution
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("shortest_edge", "square")
+ASPECTS = ("pad", "square", "anyres")
+V16_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
+_URL_TIMEOUT_S = 30
+
+
+class ImageError(ValueError):
+    """An image could not be loaded; the message always names where it came from."""
+
+
+def _open(data: bytes | str | os.PathLike, name: str) -> PIL.Image.Image:
+    """Decode fully (so truncation surfaces here, not later) and convert to RGB."""
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        with PIL.Image.open(src) as img:
+            img.load()
+            # Upstream LLaVA does a plain .convert("RGB"): alpha is dropped, not composited.
+            return img.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            PIL.Image.DecompressionBombError) as e:
+        raise ImageError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def load_image(source: str | os.PathLike | bytes | PIL.Image.Image) -> PIL.Image.Image:
+    """Load an RGB image from a path, http(s) URL, data: URL, base64 string, bytes or PIL image.
+
+    URLs are fetched only when the source is literally an http(s) URL. A string that is not an
+    existing file is tried as base64 only if it looks like base64; otherwise it is reported as
+    a missing file.
+    """
+    if isinstance(source, PIL.Image.Image):
+        return source if source.mode == "RGB" else source.convert("RGB")
+    if isinstance(source, (bytes, bytearray)):
+        return _open(bytes(source), "<image bytes>")
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        raise ImageError(f"unsupported image source type {type(source).__name__}")
+
+    if source.startswith(("http://", "https://")):
+        request = urllib.request.Request(source, headers={"User-Agent": "llava"})
+        try:
+            with urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S) as response:
+                data = response.read()
+        except (OSError, ValueError) as e:
+            raise ImageError(f"could not download image {source}: {e}") from e
+        return _open(data, source)
+    if source.startswith("data:"):
+        name = source[:40] + ("..." if len(source) > 40 else "")
+        header, _, payload = source.partition(",")
+        if ";base64" not in header:
+            raise ImageError(f"data URL {name} is not base64-encoded")
+        return _open(_b64decode(payload, name), name)
+    if os.path.isfile(source):
+        return _open(source, source)
+    if len(source) >= 64 and _BASE64_RE.match(source):
+        try:
+            return _open(_b64decode(source, "base64 string"), "base64 string")
+        except ImageError as e:  # could equally be a missing path: say both
+            raise ImageError(f"image file not found: {source[:200]} (nor is it a base64 image: {e})") from e
+    raise ImageError(f"image file not found: {source}")
+
+
+def _b64decode(text: str, name: str) -> bytes:
+    text = re.sub(r"\s+", "", text)
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"{name} is not valid base64 ({e})") from e
+
+
+def image_to_base64(img: PIL.Image.Image, fmt: str = "PNG") -> str:
+    """Encode an image as a base64 string (the serving protocol's image format)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def expand2square(img: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
+    """Centre the image on a square canvas of its long side (v1.5 'pad'), keeping all content."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    canvas = PIL.Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def resize_and_pad(img: PIL.Image.Image, target: Size, resample: int) -> PIL.Image.Image:
+    """Fit inside target (width, height) keeping aspect, centred on black (AnyRes, facts 4.3)."""
+    width, height = img.size
+    target_w, target_h = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    canvas = PIL.Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(img.resize((new_w, new_h), resample=resample), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def divide_to_patches(img: PIL.Image.Image, patch: int) -> list[PIL.Image.Image]:
+    """Row-major patch×patch crops."""
+    width, height = img.size
+    return [img.crop((x, y, x + patch, y + patch)) for y in range(0, height, patch) for x in range(0, width, patch)]
+
+
+@dataclass
+class ImageProcessor:
+    """Turns PIL images into the pixel tensors the vision tower expects."""
+
+    crop_size: int = 336
+    resize_mode: str = "shortest_edge"  # CLIP: shortest edge + centre crop; "square": SigLIP squash
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: int = PIL.Image.BICUBIC
+    aspect: str = "pad"  # pad (v1.5) | square (processor only) | anyres (v1.6)
+    pinpoints: list[Size] | None = None  # (width, height) resolutions for anyres
+    shortest_edge: int | None = None  # resize target when it differs from crop_size (rare)
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize_mode {self.resize_mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"unknown image aspect {self.aspect!r}; expected one of {', '.join(ASPECTS)}")
+        self.mean = tuple(float(x) for x in self.mean)
+        self.std = tuple(float(x) for x in self.std)
+        if self.pinpoints is not None:
+            self.pinpoints = parse_pinpoints(self.pinpoints, self.crop_size)
+        if self.aspect == "anyres" and not self.pinpoints:
+            raise ValueError("aspect 'anyres' needs pinpoints (the candidate grid resolutions)")
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """Padding colour for 'pad': the mean pixel, truncated like the original ((122,116,104) for CLIP)."""
+        return tuple(int(x * 255) for x in self.mean)
+
+    @property
+    def _resize_edge(self) -> int:
+        return self.shortest_edge or self.crop_size
+
+    def _resize(self, img: PIL.Image.Image) -> PIL.Image.Image:
+        if self.resize_mode == "square":
+            size = (self.crop_size, self.crop_size)
+        else:
+            # transformers' get_resize_output_image_size: the long side is truncated, not rounded.
+            width, height = img.size
+            edge = self._resize_edge
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(edge * long / short)
+            size = (edge, new_long) if width <= height else (new_long, edge)
+        return img if img.size == size else img.resize(size, resample=self.resample)
+
+    def _center_crop(self, arr: np.ndarray) -> np.ndarray:
+        """Centre crop HWC uint8; zero-pad first if smaller (as transformers does)."""
+        crop = self.crop_size
+        height, width = arr.shape[:2]
+        if height < crop or width < crop:
+            new_h, new_w = max(crop, height), max(crop, width)
+            top, left = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+            padded = np.zeros((new_h, new_w, arr.shape[2]), dtype=arr.dtype)
+            padded[top:top + height, left:left + width] = arr
+            arr, height, width = padded, new_h, new_w
+        top, left = (height - crop) // 2, (width - crop) // 2
+        return arr[top:top + crop, left:left + crop]
+
+    def preprocess(self, img: PIL.Image.Image) -> Tensor:
+        """One image -> [3, S, S] float32: resize, (centre crop), rescale, normalise."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        arr = np.asarray(self._resize(img), dtype=np.uint8)
+        if self.resize_mode == "shortest_edge":
+            arr = self._center_crop(arr)
+        x = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    def anyres_crops(self, img: PIL.Image.Image) -> list[PIL.Image.Image]:
+        """[base squashed to S×S] + row-major tiles of the image resized-and-padded to the best grid."""
+        best = select_best_resolution(img.size, self.pinpoints)
+        padded = resize_and_pad(img, best, self.resample)
+        base = img.resize((self._resize_edge, self._resize_edge), resample=self.resample)
+        return [base] + divide_to_patches(padded, self.crop_size)
+
+    def __call__(self, images: PIL.Image.Image | Sequence[PIL.Image.Image]) -> tuple[list[Tensor], list[Size]]:
+        """Per image a [crops, 3, S, S] tensor (1 crop unless anyres) and its original (W, H)."""
+        if isinstance(images, PIL.Image.Image):
+            images = [images]
+        tensors, sizes = [], []
+        for img in images:
+            img = img if img.mode == "RGB" else img.convert("RGB")
+            sizes.append(img.size)
+            if self.aspect == "anyres":
+                crops = self.anyres_crops(img)
+            elif self.aspect == "pad":
+                crops = [expand2square(img, self.background)]
+            else:
+                crops = [img]
+            tensors.append(torch.stack([self.preprocess(c) for c in crops]))
+        return tensors, sizes
+
+    # transformers preprocessor_config.json ----------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_dict: str | os.PathLike | dict, **overrides: Any) -> ImageProcessor:
+        """Read a CLIP / SigLIP / Llava / LlavaNext preprocessor_config.json (file, folder or dict).
+
+        NeXT pinpoints are stored (height, width) and are swapped to our (width, height).
+        The aspect mode is not in these files except implicitly (LlavaNext -> anyres, Llava's
+        do_pad); otherwise it stays 'pad' unless overridden (it belongs to the model config).
+        """
+        if isinstance(path_or_dict, dict):
+            cfg = dict(path_or_dict)
+        else:
+            path = Path(path_or_dict)
+            if path.is_dir():
+                path = path / "preprocessor_config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"preprocessor config not found: {path}")
+            cfg = json.loads(path.read_text())
+
+        kind = str(cfg.get("image_processor_type", ""))
+        size = cfg.get("size") or {}
+        crop = cfg.get("crop_size")
+        args: dict[str, Any] = {}
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if "shortest_edge" in size and cfg.get("do_center_crop", True):
+            args["resize_mode"] = "shortest_edge"
+            if isinstance(crop, dict):
+                crop = crop.get("height", crop.get("width"))
+            args["crop_size"] = int(crop or size["shortest_edge"])
+            if int(size["shortest_edge"]) != args["crop_size"]:
+                args["shortest_edge"] = int(size["shortest_edge"])
+        elif "height" in size or "shortest_edge" in size:
+            args["resize_mode"] = "square"
+            args["crop_size"] = int(size.get("height", size.get("shortest_edge")))
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std"), ("resample", "resample"),
+                             ("rescale_factor", "rescale_factor")):
+            if cfg.get(theirs) is not None:
+                args[ours] = cfg[theirs]
+        if cfg.get("image_grid_pinpoints"):
+            args["pinpoints"] = [(w, h) for h, w in parse_pinpoints(cfg["image_grid_pinpoints"])]
+        if "LlavaNext" in kind or (args.get("pinpoints") and "LlavaImageProcessor" not in kind):
+            args["aspect"] = "anyres"
+            args.setdefault("pinpoints", list(V16_PINPOINTS))  # LlavaNextImageProcessor's default
+        elif "LlavaImageProcessor" in kind and "do_pad" in cfg:
+            args["aspect"] = "pad" if cfg["do_pad"] else "square"
+        args.update(overrides)
+        return cls(**args)
+
+    def to_preprocessor_config(self) -> dict[str, Any]:
+        """A transformers preprocessor_config.json dict (AutoImageProcessor-loadable).
+
+        pad/square -> LlavaImageProcessor (CLIP's keys plus do_pad, which is the same
+        expand2square, so the aspect survives a round trip); anyres -> LlavaNextImageProcessor.
+        """
+        kind = "LlavaNextImageProcessor" if self.aspect == "anyres" else "LlavaImageProcessor"
+        if self.resize_mode == "square":
+            size: dict[str, int] = {"height": self.crop_size, "width": self.crop_size}
+        else:
+            size = {"shortest_edge": self._resize_edge}
+        cfg: dict[str, Any] = {
+            "image_processor_type": kind,
+            "do_resize": True,
+            "size": size,
+            "resample": int(self.resample),
+            "do_center_crop": self.resize_mode == "shortest_edge",
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_convert_rgb": True,
+        }
+        if self.aspect != "anyres":
+            cfg["do_pad"] = self.aspect == "pad"
+        else:
+            cfg["image_grid_pinpoints"] = [[h, w] for w, h in self.pinpoints]
+            cfg["do_pad"] = True  # NeXT's do_pad pads the crop count for batching, not the image
+        return cfg
+
