@@ -1,0 +1,255 @@
+"""Batched LLaVA generation: one prefill over merged image+text embeddings, then a lean decode loop.
+
+The shape follows gpt-fast: `prefill` and `decode_step` are separate functions, and the
+per-token work outside the model is kept to one sampled-id read per step. The language
+model is driven only through transformers' public forward (`inputs_embeds`,
+`attention_mask`, `position_ids`, `cache`, `logits_to_keep`), so a bf16, int8 or
+`torch.compile`d forward can be swapped in without touching the loop.
+
+Batching uses left padding: every row's last prompt token sits in the same column, so one
+`logits_to_keep=1` prefill gives each row's next-token logits, and position ids come from
+the attention mask so padding never shifts a row's rotary positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache
+
+from llava.generate.detokenize import RowText
+from llava.generate.sampling import SamplingParams, make_generator, sample
+from llava.model.llava import LlavaModel, positions_from_mask
+
+__all__ = ["SamplingParams", "Request", "Completion", "ContextTooLong", "DecodeState", "Engine"]
+
+CACHE_KINDS = ("dynamic", "static")
+
+
+@dataclass
+class Request:
+    """One prompt: token ids with image placeholders already expanded, and each image's features.
+
+    The features come from `LlavaModel.encode_images`, computed once by the caller; the
+    engine uses them only at prefill.
+    """
+
+    input_ids: list[int]
+    image_features: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """Generated ids and text; finish_reason is "stop" (stop string), "eos" or "length".
+
+    `token_ids` excludes the EOS token; after a stop string it includes the tokens that
+    formed it, while `text` is cut just before it.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class ContextTooLong(ValueError):
+    """A prompt leaves no room in the model's context for even one new token."""
+
+
+@dataclass
+class DecodeState:
+    """What the decode loop carries between steps (all tensors on the model's device).
+
+    `attention_mask` is allocated once for prompt + all new tokens, with the future columns
+    already set to 1, so each step passes a view of it instead of building a new mask.
+    """
+
+    cache: Cache
+    attention_mask: torch.Tensor  # [B, capacity] long
+    position_ids: torch.Tensor  # [B, 1] position of each row's next token
+    length: int  # cache columns filled so far (same for every row: left padding)
+    logits: torch.Tensor  # [B, V] next-token logits
+    rows: list[int]  # request index of each batch row; rows leave as they finish (dynamic cache)
+
+
+class Engine:
+    """Generates for batches of `Request`s with a LLaVA model on whatever device/dtype it lives on.
+
+    cache="static" preallocates the KV cache (no per-step growth); compile=True additionally
+    runs the decode forward through `torch.compile` (implies the static cache, whose fixed
+    shapes avoid recompiles). Both are opt-in: measure before assuming they help.
+    """
+
+    def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
+                 context_length: int | None = None, cache: str = "dynamic", compile: bool = False) -> None:
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"unknown cache kind {cache!r}; valid: {', '.join(CACHE_KINDS)}")
+        self.model = model
+        self.lm = model.language_model
+        self.tokenizer = tokenizer
+        self.context_length = int(context_length or model.config.context_length)
+        self.eos_token_ids = frozenset(default_eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+        self.cache_kind = "static" if compile else cache
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = 0 if pad is None or pad == model.config.image_token_index else int(pad)
+        self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
+        if compile:
+            self._decode_forward = torch.compile(self._forward_one, dynamic=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # Checks ---------------------------------------------------------------------------------
+    def check_context(self, request: Request) -> int:
+        """Room left for new tokens; raises ContextTooLong when there is none (before any compute)."""
+        n = len(request.input_ids)
+        room = self.context_length - n
+        if room < 1:
+            n_image = sum(1 for t in request.input_ids if t == self.model.config.image_token_index)
+            raise ContextTooLong(
+                f"the prompt has {n} tokens ({n_image} of them image tokens, {n - n_image} text) but the model's "
+                f"context length is {self.context_length}, which leaves no room for a new token; shorten the "
+                f"text, use fewer or smaller images, or raise context_length if the model supports it")
+        return room
+
+    # Prefill -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, requests: Sequence[Request], max_new_tokens: int | None = None) -> DecodeState:
+        """Left-pad the batch, run one forward over the merged embeddings, keep last-position logits.
+
+        `max_new_tokens` sizes the preallocated mask (and the static cache); by default the
+        rest of the context.
+        """
+        if not requests:
+            raise ValueError("prefill needs at least one request")
+        rooms = [self.check_context(r) for r in requests]
+        lengths = [len(r.input_ids) for r in requests]
+        prompt_len = max(lengths)
+        capacity = self._capacity(prompt_len + (max_new_tokens if max_new_tokens is not None else max(rooms)))
+        dev = self.device
+        ids = torch.full((len(requests), prompt_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), capacity), dtype=torch.long)
+        for b, (r, n) in enumerate(zip(requests, lengths)):
+            ids[b, prompt_len - n:] = torch.tensor(r.input_ids, dtype=torch.long)
+            mask[b, prompt_len - n:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        features = [f for r in requests for f in r.image_features]  # placeholders are in row-major order
+        embeds = self.model.embed(ids, features)
+        positions = positions_from_mask(mask[:, :prompt_len])
+        cache = self._new_cache(capacity)
+        out = self.lm(inputs_embeds=embeds, attention_mask=self._mask_view(mask, prompt_len),
+                      position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return DecodeState(cache=out.cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
+                           length=prompt_len, logits=out.logits[:, -1], rows=list(range(len(requests))))
+
+    def _capacity(self, needed: int) -> int:
+        """Static caches come in power-of-two sizes so a compiled decode step sees few distinct shapes."""
+        if self.cache_kind != "static":
+            return needed
+        return min(max(128, 1 << (needed - 1).bit_length()), max(needed, self.context_length))
+
+    def _new_cache(self, capacity: int) -> Cache:
+        if self.cache_kind == "static":
+            return StaticCache(config=self.lm.config, max_cache_len=capacity)
+        return DynamicCache(config=self.lm.config)
+
+    def _mask_view(self, mask: torch.Tensor, length: int) -> torch.Tensor:
+        # A static cache attends over all its slots, so it takes the whole mask; causality hides the future.
+        return mask if self.cache_kind == "static" else mask[:, :length]
+
+    # Decode --------------------------------------------------------------------------------
+    def _forward_one(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                     cache: Cache) -> torch.Tensor:
+        """The swappable part: one token per row through the cache -> [B, V] logits."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      cache=cache, use_cache=True)
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def decode_step(self, state: DecodeState, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B] ids), advance the state in place, return [B, V] logits."""
+        state.length += 1
+        logits = self._decode_forward(next_tokens.view(-1, 1), self._mask_view(state.attention_mask, state.length),
+                                      state.position_ids, state.cache)
+        state.position_ids += 1
+        state.logits = logits
+        return logits
+
+    def keep_rows(self, state: DecodeState, keep: list[int]) -> None:
+        """Drop finished rows from the batch (dynamic cache); a static cache keeps its shape."""
+        if self.cache_kind == "static" or len(keep) == len(state.rows):
+            return
+        index = torch.tensor(keep, device=state.attention_mask.device)
+        state.cache.batch_select_indices(index)
+        state.attention_mask = state.attention_mask.index_select(0, index)
+        state.position_ids = state.position_ids.index_select(0, index)
+        state.logits = state.logits.index_select(0, index)
+        state.rows = [state.rows[i] for i in keep]
+
+    # Generation ----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], params: SamplingParams | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+        """Complete every request; `on_text(request_index, delta)` sees text as it becomes final."""
+        params = params or SamplingParams()
+        texts = [RowText(self.tokenizer, params.stop) for _ in requests]
+        finish: list[str | None] = [None] * len(requests)
+        for i, delta in self._run(requests, params, texts, finish):
+            if on_text is not None:
+                on_text(i, delta)
+        return [Completion(t.token_ids, t.text, f or "length") for t, f in zip(texts, finish)]
+
+    def stream(self, request: Request, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one request as tokens arrive; they concatenate to the completion's text."""
+        params = params or SamplingParams()
+        texts, finish = [RowText(self.tokenizer, params.stop)], [None]
+        for _, delta in self._run([request], params, texts, finish):
+            yield delta
+
+    def _run(self, requests: Sequence[Request], params: SamplingParams, texts: list[RowText],
+             finish: list[str | None]) -> Iterator[tuple[int, str]]:
+        """The decode loop; yields (request index, text delta) and fills `texts` and `finish`."""
+        budgets = [min(params.max_new_tokens, self.check_context(r)) for r in requests]
+        state = self.prefill(requests, max(budgets))
+        generator = make_generator(params.seed, state.logits.device)
+        logits = state.logits
+        while True:
+            tokens = sample(logits, params, generator)
+            keep: list[int] = []
+            for b, (row, tok) in enumerate(zip(state.rows, tokens.tolist())):
+                if finish[row] is not None:  # static cache: finished rows ride along, ignored
+                    continue
+                text = texts[row]
+                if tok in self.eos_token_ids:
+                    finish[row] = "eos"
+                elif text.add(tok):
+                    finish[row] = "stop"
+                elif len(text.token_ids) >= budgets[row]:
+                    finish[row] = "length"
+                if finish[row] is not None:
+                    text.flush()
+                else:
+                    keep.append(b)
+                delta = text.delta(final=finish[row] is not None)
+                if delta:
+                    yield row, delta
+            if not keep:
+                return
+            if self.cache_kind != "static" and len(keep) < len(state.rows):
+                self.keep_rows(state, keep)
+                tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            logits = self.decode_step(state, tokens)
+
+
+def default_eos_ids(model: LlavaModel, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and the language model's generation config (which may list several)."""
+    ids: set[int] = set()
+    gen_config = getattr(model.language_model, "generation_config", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(gen_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
