@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model-base", default=None)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    from llava.train.data_cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 

@@ -95,6 +95,28 @@ class Template:
                 out.append((head + body, False))
         return _merge(out)
 
+    def target_spans(self, turns: Sequence[str | None]) -> list[tuple[int, int]]:
+        """Character spans of ``render(turns)`` a model must generate, one per trained answer.
+
+        A span starts where the generation prompt for that answer ends and stops after the
+        answer's end separator.  It therefore includes text between the prompt and the
+        answer, such as the space after ``"ASSISTANT:"`` that an inference prompt lacks,
+        so a token carrying that space (SentencePiece's ``"▁A1"``) is trained, as in the
+        original.  Few-shot and empty answers get no span.
+        """
+        full = self.render(turns)
+        real = list(turns)
+        spans: list[tuple[int, int]] = []
+        for i in range(1, len(real), 2):
+            if not real[i]:
+                continue
+            start = len(self.render(real[:i]))
+            answered = self.render(real[:i + 1])
+            if not full.startswith(answered) or start > len(answered):
+                raise ValueError(f"{self.name}: turn {i} does not render as a prefix of the conversation")
+            spans.append((start, len(answered)))
+        return spans
+
     @property
     def stop_str(self) -> str:
         """Text that ends an answer: sep for SINGLE/MPT/PLAIN, otherwise sep2.

@@ -1,0 +1,390 @@
+"""Training data: LLaVA conversation records -> token ids, labels and pixel tensors.
+
+Records follow the original format (a JSON list or JSONL of `{"id", "image", "conversations":
+[{"from": "human"|"gpt", "value": ...}]}`).  Every row that cannot be used raises (or is
+reported) with its id and the reason: a row silently skipped or fully masked is a
+training-data bug nobody sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from llava.processing.image import ImageError, load_image
+from llava.processing.labels import IGNORE_INDEX, LabelError, build_example
+from llava.processing.templates import Template, get_template, image_first
+from llava.processing.tokenize import IMAGE_TAG
+
+Size = tuple[int, int]  # (width, height)
+IMAGE_TOKEN_INDEX = -200  # the original's placeholder id; only for display when no model is given
+WORDS_PER_IMAGE = 128  # the original's length estimate of one image, for length grouping
+
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+__all__ = ["DataError", "Row", "load_records", "parse_record", "validate_record", "SupervisedDataset",
+           "collate", "check_dataset", "Report", "BadRow", "IMAGE_TOKEN_INDEX"]
+
+
+class DataError(ValueError):
+    """A bad data file or row; the message names the row id (or file and line) and the reason."""
+
+    def __init__(self, reason: str, row_id: object = None) -> None:
+        self.reason = reason
+        self.row_id = row_id
+        super().__init__(reason if row_id is None else f"row {row_id}: {reason}")
+
+
+@dataclass
+class Row:
+    """A record in normal form: alternating human/gpt turns with `<image>` tags placed."""
+
+    index: int
+    id: str
+    turns: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSON list or JSONL file; bad JSON is reported with its line number."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        where = [f"item {i}" for i in range(len(records))]
+    else:
+        records, where = [], []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+            where.append(f"line {lineno}")
+    for rec, place in zip(records, where):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: {place} is a {type(rec).__name__}, expected a JSON object")
+    return records
+
+
+def row_id(rec: Any, index: int) -> str:
+    """The record's `id`, or `#index` for records without one."""
+    if isinstance(rec, dict) and rec.get("id") not in (None, ""):
+        return str(rec["id"])
+    return f"#{index}"
+
+
+def parse_record(rec: Any, index: int = 0) -> tuple[Row, list[str]]:
+    """Normalise a record like the original's preprocessing; returns the row and its problems.
+
+    A leading gpt turn is dropped (as the original does) and so is a trailing human turn
+    without an answer.  One image: its tag is moved to the front of its human turn, or
+    inserted at the front of the first one when missing (the original's layout).  Several
+    images: one tag per image, in order, is required.
+    """
+    row = Row(index=index, id=row_id(rec, index))
+    if not isinstance(rec, dict):
+        return row, [f"record is a {type(rec).__name__}, expected a JSON object"]
+    problems: list[str] = []
+    images = rec.get("image")
+    if isinstance(images, str):
+        images = [images]
+    if images is None:
+        images = []
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        problems.append("'image' must be a file name or a list of file names")
+        images = []
+    row.images = list(images)
+
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return row, problems + ["missing or empty 'conversations'"]
+    turns: list[tuple[str, str]] = []  # (role, value)
+    for j, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            problems.append(f"turn {j} needs a string 'value'")
+            continue
+        role = str(turn.get("from", "")).lower()
+        if role not in USER_ROLES + ASSISTANT_ROLES:
+            problems.append(f"turn {j} has unknown role {turn.get('from')!r} (expected human or gpt)")
+            continue
+        turns.append(("human" if role in USER_ROLES else "gpt", turn["value"]))
+    if problems:
+        return row, problems
+    if turns and turns[0][0] == "gpt":
+        turns = turns[1:]
+    for j, (role, _) in enumerate(turns):
+        if role != ("human", "gpt")[j % 2]:
+            return row, [f"roles do not alternate human/gpt: turn {j} is {role} after {turns[j - 1][0]}"]
+    if len(turns) % 2 and IMAGE_TAG not in turns[-1][1]:
+        turns = turns[:-1]  # an unanswered question trains nothing, as in the original
+    if not turns:
+        return row, ["no human/gpt pair to train on"]
+    values = [value for _, value in turns]
+    for j, value in enumerate(values):
+        if not value.strip():
+            problems.append(f"turn {j} ({turns[j][0]}) is empty")
+        elif j % 2 and IMAGE_TAG in value:
+            problems.append(f"turn {j} (gpt) contains {IMAGE_TAG}")
+    if len(values) % 2:
+        problems.append(f"the last human turn has {IMAGE_TAG} but no answer")
+    problems += _place_tags(values, len(row.images))
+    row.turns = values
+    return row, problems
+
+
+def _place_tags(values: list[str], n_images: int) -> list[str]:
+    """Check tag counts against images; for one image put its tag first (in place)."""
+    n_tags = sum(v.count(IMAGE_TAG) for v in values[::2])
+    if n_images == 0:
+        return [f"{n_tags} {IMAGE_TAG} tag(s) but no image"] if n_tags else []
+    if n_tags > n_images:
+        return [f"more {IMAGE_TAG} tags ({n_tags}) than images ({n_images})"]
+    if n_images == 1:
+        if n_tags == 0:
+            values[0] = IMAGE_TAG + "\n" + values[0]
+        else:
+            j = next(j for j in range(0, len(values), 2) if IMAGE_TAG in values[j])
+            values[j] = image_first(values[j])
+        return []
+    if n_tags != n_images:
+        return [(f"{n_tags} {IMAGE_TAG} tag(s) for {n_images} images; rows with several images need one tag "
+                 "per image, in order")]
+    return []
+
+
+def image_path(image_folder: str | os.PathLike | None, name: str) -> str:
+    return os.path.join(image_folder, name) if image_folder else name
+
+
+def read_image_sizes(row: Row, image_folder: str | os.PathLike | None) -> tuple[list[Size], list[str]]:
+    """(W, H) of each of the row's images and a problem for each missing or unreadable one."""
+    sizes, problems = [], []
+    for name in row.images:
+        path = image_path(image_folder, name)
+        if not os.path.isfile(path):
+            problems.append(f"image file not found: {path}")
+            continue
+        try:  # the decoder training uses, so "readable" means the same thing here and there
+            sizes.append(load_image(path).size)
+        except ImageError as e:
+            problems.append(str(e))
+    return sizes, problems
+
+
+def validate_record(rec: Any, image_folder: str | os.PathLike | None = None, index: int = 0,
+                    check_images: bool = True) -> list[str]:
+    """Every problem of one record (structure, roles, tags, and with `check_images` its files)."""
+    row, problems = parse_record(rec, index)
+    if check_images and row.images:
+        problems += read_image_sizes(row, image_folder)[1]
+    return problems
+
+
+def _words(rec: Any) -> int:
+    conv = rec.get("conversations") if isinstance(rec, dict) else None
+    if not isinstance(conv, list):
+        return 0
+    return sum(len(t["value"].split()) for t in conv if isinstance(t, dict) and isinstance(t.get("value"), str))
+
+
+def _n_images(rec: Any) -> int:
+    image = rec.get("image") if isinstance(rec, dict) else None
+    return len(image) if isinstance(image, list) else int(bool(image))
+
+
+class SupervisedDataset(Dataset):
+    """Lazily tokenised training rows: records are read once, images and ids per item.
+
+    `image_token_count((W, H))` must be the model's (`LlavaModel.image_token_count`), so
+    anyres images of different sizes get the right number of placeholders, and
+    `image_token_index` the model's placeholder id.  A bad row raises `DataError`.
+    """
+
+    def __init__(self, data: str | os.PathLike | Sequence[dict], tokenizer, template: str | Template, *,
+                 image_token_index: int, image_token_count: Callable[[Size], int] | None = None,
+                 image_processor: Callable | None = None, image_folder: str | os.PathLike | None = None,
+                 convention: str = "original", max_length: int | None = None) -> None:
+        self.records = list(data) if not isinstance(data, (str, os.PathLike)) else load_records(data)
+        self.tokenizer = tokenizer
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.image_token_index = image_token_index
+        self.image_token_count = image_token_count
+        self.image_processor = image_processor
+        self.image_folder = image_folder
+        self.convention = convention
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row, problems = parse_record(self.records[i], i)
+        if problems:
+            raise DataError("; ".join(problems), row.id)
+        pixel_values, sizes = [], []
+        if row.images:
+            if self.image_processor is None or self.image_token_count is None:
+                raise DataError("has images but the dataset has no image_processor / image_token_count", row.id)
+            pil = []
+            for name in row.images:
+                path = image_path(self.image_folder, name)
+                if not os.path.isfile(path):
+                    raise DataError(f"image file not found: {path}", row.id)
+                try:
+                    pil.append(load_image(path))
+                except ImageError as e:
+                    raise DataError(str(e), row.id) from e
+            pixel_values, sizes = self.image_processor(pil)
+        counts = [int(self.image_token_count(s)) for s in sizes]
+        try:
+            ids, labels = build_example(self.tokenizer, self.template, row.turns, counts, self.image_token_index,
+                                        self.convention, self.max_length)
+        except LabelError as e:
+            raise DataError(e.reason, row.id) from e
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+                "pixel_values": list(pixel_values), "image_sizes": [tuple(s) for s in sizes], "id": row.id}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Words + 128 per image per row (the original's estimate), without loading images."""
+        return [_words(r) + WORDS_PER_IMAGE * _n_images(r) for r in self.records]
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """`lengths`, negated for text-only rows, so a sampler can group the two modalities."""
+        return [n if _n_images(r) else -n for n, r in zip(self.lengths, self.records)]
+
+
+def collate(batch: Sequence[dict[str, Any]], pad_token_id: int, max_length: int | None = None) -> dict[str, Any]:
+    """Right-pad a batch; images are concatenated in row order, as `LlavaModel.embed` consumes them.
+
+    `max_length` is a guard, not a cutter: only the dataset knows where images sit, so it
+    truncates (`SupervisedDataset(max_length=...)`) and a longer row here is an error.
+    """
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad_token_id (the original uses the unk token)")
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    if max_length is not None:
+        for item in batch:
+            if len(item["input_ids"]) > max_length:
+                raise ValueError(f"row {item.get('id')}: {len(item['input_ids'])} tokens > max_length={max_length}; "
+                                 "set max_length on the dataset so it truncates without cutting images")
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[b, :n] = torch.as_tensor(item["input_ids"])
+        labels[b, :n] = torch.as_tensor(item["labels"])
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": [p for item in batch for p in item["pixel_values"]],
+            "image_sizes": [s for item in batch for s in item["image_sizes"]],
+            "ids": [item.get("id") for item in batch]}
+
+
+# -- checking a whole file -------------------------------------------------------------------
+
+
+@dataclass
+class BadRow:
+    index: int
+    id: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """Every bad row of a data file and statistics of the file."""
+
+    bad_rows: list[BadRow]
+    stats: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "bad_rows": [vars(b) for b in self.bad_rows], "stats": self.stats}
+
+    def format(self) -> str:
+        lines = [f"row {b.id} (#{b.index}): {b.reason}" for b in self.bad_rows]
+        lines.append(f"{len(self.bad_rows)} bad row(s) of {self.stats['rows']}")
+        for key, value in self.stats.items():
+            lines.append(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+        return "\n".join(lines)
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"min": min(values), "mean": round(sum(values) / len(values), 2), "max": max(values)}
+
+
+def check_dataset(path: str | os.PathLike, image_folder: str | os.PathLike | None, tokenizer=None,
+                  template: str | Template | None = None, max_length: int | None = None,
+                  image_token_count: Callable[[Size], int] | None = None,
+                  image_token_index: int = IMAGE_TOKEN_INDEX, convention: str = "original") -> Report:
+    """Validate every row of a data file (opening every image) and gather statistics.
+
+    With a tokenizer and template each row is also tokenised and labelled, so rows whose
+    labels cannot be built (e.g. truncation by `max_length`) are reported too; images
+    count as `image_token_count(size)` tokens (1 each when not given).
+    """
+    if tokenizer is not None and template is None:
+        raise ValueError("check_dataset: a tokenizer needs a template to build labels")
+    records = load_records(path)
+    count = image_token_count or (lambda size: 1)
+    bad: list[BadRow] = []
+    turns, tokens, trained, widths, heights = [], [], [], [], []
+    truncated = 0
+    for i, rec in enumerate(records):
+        row, problems = parse_record(rec, i)
+        sizes, image_problems = read_image_sizes(row, image_folder)
+        problems += image_problems
+        widths += [w for w, _ in sizes]
+        heights += [h for _, h in sizes]
+        if not problems and tokenizer is not None:
+            try:
+                counts = [count(s) for s in sizes]
+                ids, labels = build_example(tokenizer, template, row.turns, counts, image_token_index, convention)
+                if max_length is not None and len(ids) > max_length:
+                    truncated += 1  # and raise if truncation would cut an image or every answer:
+                    build_example(tokenizer, template, row.turns, counts, image_token_index, convention, max_length)
+                tokens.append(len(ids))
+                trained.append(sum(label != IGNORE_INDEX for label in labels))
+            except LabelError as e:
+                problems.append(e.reason)
+        if problems:
+            bad.append(BadRow(i, row.id, "; ".join(problems)))
+        else:
+            turns.append(len(row.turns))
+    n_images = [_n_images(r) for r in records]
+    stats: dict[str, Any] = {
+        "rows": len(records), "bad_rows": len(bad), "with_image": sum(n > 0 for n in n_images),
+        "text_only": sum(n == 0 for n in n_images), "multi_image": sum(n > 1 for n in n_images),
+        "images": sum(n_images), "turns_per_row": _summary(turns),
+    }
+    if tokenizer is not None:
+        stats["tokens"] = _summary(tokens)
+        stats["trained_tokens"] = _summary(trained)
+        stats["image_tokens"] = "from the model" if image_token_count else "1 per image"
+        if max_length is not None:
+            stats["longer_than_max_length"] = int(truncated)
+    aspects = [round(max(w / h, h / w), 2) for w, h in zip(widths, heights)]
+    stats["image_sizes"] = {"readable": len(widths), "width": _summary(widths), "height": _summary(heights),
+                            "aspect": _summary(aspects)}
+    return Report(bad, stats)
