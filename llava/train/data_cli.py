@@ -34,6 +34,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `data check` and `data inspect` on a parser's subcommands."""
     data = subparsers.add_parser("data", help="check and inspect training data files")
     sub = data.add_subparsers(dest="data_command", required=True)
+    from llava.data.synth_cli import add_synth_command
+
+    add_synth_command(sub)
 
     check = sub.add_parser("check", help="report every bad row and statistics of a data file (exit 1 if any bad)")
     check.add_argument("data", help="JSON list or JSONL of LLaVA conversation records")

@@ -1,0 +1,196 @@
+"""Generate the synthetic LLaVA dataset: images, pretrain captions, instruct chats and an eval set.
+
+    from llava.data.synth import generate
+    meta = generate("data/synth", seed=0, n=5000)          # or: llava data synth --out data/synth --seed 0 --n 5000
+
+writes, under `out_dir` (which is also the `image_folder` for every file):
+
+- `images/NNNNNN.png` (training scenes) and `images/eval_NNNNN.png` (held-out eval scenes);
+- `pretrain.json`: LLaVA-Pretrain-style captions, one per training image (stage 1);
+- `instruct.json`: LLaVA-Instruct-style multi-turn chats about the same images, plus some
+  text-only chats (stage 2);
+- `eval.jsonl`: one question per line, `{"question_id", "image", "text", "answer",
+  "category"}`, categories in equal numbers and answers balanced within each;
+- `scenes.jsonl`: the `Scene` behind every image, so any answer can be re-derived;
+- `meta.json`: seed, sizes, vocabularies and sha256 of every file.
+
+Output is a pure function of the arguments (same bytes for the same seed): every image has
+its own `random.Random` seeded from (seed, split, index), so the first k scenes of a large
+set are the scenes of a small one, and eval scenes never come from the training stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+import PIL
+
+from llava.data.synth_scene import (BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, WORDS, Scene, render,
+                                    sample_scene)
+from llava.data.synth_text import (CAPTION_PROMPTS, CATEGORIES, LETTERS, MC_SUFFIX, QA, SHORT_SUFFIX, caption,
+                                   conversation, make_qa, text_conversation)
+
+FORMAT_VERSION = 1
+DEFAULT_IMAGE_SIZE = 96
+DEFAULT_EVAL_N = 1400  # 200 per category
+
+__all__ = ["generate", "eval_items", "train_scene", "answer_vocab", "png_bytes", "DEFAULT_IMAGE_SIZE", "DEFAULT_EVAL_N"]
+
+
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`: stable across runs and PYTHONHASHSEED.
+    return random.Random(f"llava-synth:{seed}:{split}:{index}")
+
+
+def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[random.Random, Scene]:
+    """Training scene `index` of a seed, and its rng positioned for writing its texts."""
+    rng = _rng(seed, "train", index)
+    return rng, sample_scene(rng, image_size)
+
+
+def answer_vocab(category: str) -> list[str]:
+    """Every answer a category's eval questions can have (eval targets cycle through it)."""
+    return {
+        "color": list(COLORS), "shape": list(SHAPES), "count": [str(k) for k in range(1, MAX_OBJECTS + 1)],
+        "exist": ["Yes", "No"], "position": ["left", "right"], "word": list(WORDS), "mc": list(LETTERS),
+    }[category]
+
+
+def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Iterable[tuple[Scene, QA]]:
+    """The eval set's (scene, question) pairs: category i % 7, its answer cycling through the vocabulary.
+
+    Each question gets its own scene, sampled (with hints where chance alone is too rare)
+    until the question with the wanted answer can be asked about it unambiguously.
+    """
+    for i in range(eval_n):
+        category = CATEGORIES[i % len(CATEGORIES)]
+        vocab = answer_vocab(category)
+        target = vocab[(i // len(CATEGORIES)) % len(vocab)]
+        rng = _rng(seed, "eval", i)
+        hints: dict[str, Any] = {}
+        if category == "count":
+            hints["count"] = int(target)
+        elif category == "word":
+            hints["word"] = target
+        elif category == "shape":
+            hints["shape"] = target
+        for _ in range(1000):
+            scene = sample_scene(rng, image_size, **hints)
+            qa = make_qa(rng, scene, category, target, canonical=True)
+            if qa is not None:
+                yield scene, qa
+                break
+        else:  # pragma: no cover - every target is reachable; this guards future vocabulary edits
+            raise RuntimeError(f"eval question {i}: no scene found for {category}={target!r}")
+
+
+def png_bytes(scene: Scene) -> bytes:
+    """The rendered scene as PNG bytes; PIL writes no timestamps, so equal scenes give equal bytes."""
+    buf = io.BytesIO()
+    render(scene).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _write_images(root: Path, jobs: list[tuple[str, Scene]], workers: int) -> list[str]:
+    """Render and save every (name, scene); returns "name sha256" lines in job order.
+
+    Rendering is most of the time, so it is spread over `workers` processes ("spawn": safe
+    even when the caller has torch threads running); files are written here, in order.
+    """
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    if workers > 1 and len(jobs) >= 512:  # below that, starting processes costs more than it saves
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            blobs = pool.imap(png_bytes, [scene for _, scene in jobs], chunksize=64)
+            return [_save(root, name, data) for (name, _), data in zip(jobs, blobs)]
+    return [_save(root, name, png_bytes(scene)) for name, scene in jobs]
+
+
+def _save(root: Path, name: str, data: bytes) -> str:
+    (root / name).write_bytes(data)
+    return f"{name} {hashlib.sha256(data).hexdigest()}"
+
+
+def _json_list(rows: list[dict]) -> str:
+    """A JSON list with one record per line: valid JSON, yet greppable and diffable."""
+    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n"
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _conv(turns: list[tuple[str, str]], image: bool) -> list[dict[str, str]]:
+    out = []
+    for j, (q, a) in enumerate(turns):
+        out.append({"from": "human", "value": ("<image>\n" + q) if image and j == 0 else q})
+        out.append({"from": "gpt", "value": a})
+    return out
+
+
+def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DEFAULT_IMAGE_SIZE,
+             eval_n: int = DEFAULT_EVAL_N, text_only: int | None = None, workers: int = 1) -> dict[str, Any]:
+    """Write the dataset (see the module docstring) and return its meta.json contents.
+
+    `text_only`: number of image-free instruct chats (default n // 10); `workers`: processes
+    that render images (the output does not depend on it).
+    """
+    if n < 0 or eval_n < 0:
+        raise ValueError("n and eval_n must be >= 0")
+    if image_size < 48:
+        raise ValueError(f"image_size {image_size} is too small for five shapes and a word; use >= 48")
+    root = Path(out_dir)
+    jobs: list[tuple[str, Scene]] = []
+    text_only = n // 10 if text_only is None else text_only
+
+    pretrain, instruct, scenes = [], [], []
+    for i in range(n):
+        rng, scene = train_scene(seed, i, image_size)
+        name = f"images/{i:06d}.png"
+        jobs.append((name, scene))
+        scenes.append({"image": name, "split": "train", "scene": scene.to_dict()})
+        rid = f"synth-{i:06d}"
+        pretrain.append({"id": rid, "image": name, "conversations": _conv(
+            [(rng.choice(CAPTION_PROMPTS), caption(scene))], image=True)})
+        instruct.append({"id": rid, "image": name, "conversations": _conv(conversation(rng, scene), image=True)})
+    for j in range(text_only):
+        rng = _rng(seed, "text", j)
+        instruct.append({"id": f"synth-text-{j:05d}", "conversations": _conv(text_conversation(rng), image=False)})
+
+    questions = []
+    for i, (scene, qa) in enumerate(eval_items(seed, eval_n, image_size)):
+        name = f"images/eval_{i:05d}.png"
+        jobs.append((name, scene))
+        scenes.append({"image": name, "split": "eval", "scene": scene.to_dict()})
+        questions.append({"question_id": i, "image": name, "text": qa.text, "answer": qa.answer,
+                          "category": qa.category})
+
+    digests = _write_images(root, jobs, workers)
+    texts = {"pretrain.json": _json_list(pretrain), "instruct.json": _json_list(instruct),
+             "eval.jsonl": _jsonl(questions), "scenes.jsonl": _jsonl(scenes)}
+    files = {}
+    for fname, text in texts.items():
+        data = text.encode("utf-8")
+        (root / fname).write_bytes(data)
+        files[fname] = hashlib.sha256(data).hexdigest()
+    meta = {
+        "format": "llava-synth", "version": FORMAT_VERSION, "seed": seed, "n": n, "eval_n": eval_n,
+        "text_only": text_only, "image_size": image_size,
+        "pillow": PIL.__version__,  # rendering (font rasterisation) is byte-stable for one Pillow version
+        "vocab": {"colors": {k: list(v) for k, v in COLORS.items()}, "shapes": list(SHAPES), "sizes": list(SIZES),
+                  "words": list(WORDS), "backgrounds": list(BACKGROUNDS), "max_objects": MAX_OBJECTS},
+        "categories": list(CATEGORIES), "suffixes": {"short": SHORT_SUFFIX, "mc": MC_SUFFIX},
+        "eval_per_category": {c: sum(q["category"] == c for q in questions) for c in CATEGORIES},
+        "files": files,
+        # One digest over "name sha256" lines of every image, in write order (per-image hashes
+        # for thousands of files would dwarf the rest of this file).
+        "images": {"count": len(digests), "sha256": hashlib.sha256("\n".join(digests).encode()).hexdigest()},
+    }
+    (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
