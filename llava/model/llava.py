@@ -107,6 +107,11 @@ class LlavaModel(nn.Module):
         if n_slots:
             feats = torch.cat(list(image_features), dim=0).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats)
+        elif self.training and any(p.requires_grad for p in self.projector.parameters()):
+            # A text-only batch must still touch the projector: in stage 1 it is the only trainable
+            # part (no graph otherwise), and DDP/FSDP need every rank to reduce the same parameters.
+            empty = embeds.new_zeros(0, self.config.vision_hidden_size)
+            embeds = embeds + self.projector(empty).sum()
         return embeds
 
     def forward(self, input_ids: torch.Tensor, pixel_values: Sequence[torch.Tensor] | None = None,
