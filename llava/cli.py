@@ -1,4 +1,4 @@
-"""The `llava` command: run, chat, convert, info.
+"""The `llava` command: run, chat, convert, info, data, train.
 
 Each subcommand is a small function over the Python API; errors the user can fix (bad
 paths, bad images, wrong tag counts, too-long prompts) print one line and exit 2.
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llava.train.data_cli import add_data_commands
 
     add_data_commands(sub)
+
+    from llava.train.cli import add_train_command
+
+    add_train_command(sub)
     return parser
 
 
