@@ -1,4 +1,4 @@
-"""The `llava` command: run, chat, convert, info, data, train.
+"""The `llava` command: run, chat, convert, info, data, train, recipe.
 
 Each subcommand is a small function over the Python API; errors the user can fix (bad
 paths, bad images, wrong tag counts, too-long prompts) print one line and exit 2.
@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llava.train.cli import add_train_command
 
     add_train_command(sub)
+
+    from llava.recipe.cli import add_recipe_command
+
+    add_recipe_command(sub)
     return parser
 
 

@@ -56,7 +56,10 @@ def build_model(cfg: TrainConfig) -> Built:
     model = built.model
     if cfg.pretrain_mm_mlp_adapter:
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
-    model.config.template = cfg.template or model.config.template or DEFAULT_TEMPLATE
+    inherited = model.config.template
+    if cfg.stage != "pretrain" and inherited == "plain":
+        inherited = None  # a stage-1 checkpoint carries `plain`; instruction tuning uses the chat template
+    model.config.template = cfg.template or inherited or DEFAULT_TEMPLATE
     model.config.tokenizer_model_max_length = cfg.model_max_length  # as the original's training writes it
     if built.tokenizer.pad_token_id is None:  # the original pads with unk
         built.tokenizer.pad_token = built.tokenizer.unk_token or built.tokenizer.eos_token

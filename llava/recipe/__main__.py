@@ -1,0 +1,5 @@
+import sys
+
+from llava.recipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""`llava recipe tiny`: train the project's tiny LLaVA from scratch (see `llava.recipe.tiny`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+
+def cmd_recipe_tiny(args: argparse.Namespace) -> int:
+    from llava.eval.synth import format_report
+    from llava.recipe.tiny import run_recipe
+
+    summary = run_recipe(args.out, seed=args.seed, size=args.size, workers=args.workers, threads=args.threads,
+                         reuse=args.reuse)
+    print("[recipe] held-out, real images:\n" + format_report(summary["metrics"]["real"]))
+    print("[recipe] held-out, blank images:\n" + format_report(summary["metrics"]["blank"]))
+    return 0
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+    tiny = sub.add_parser("tiny", help="the tiny LLaVA: data, stage 0, stage 1, stage 2, eval, model card",
+                          description=__doc__)
+    tiny.add_argument("--out", default="runs/tiny", help="output folder (the model ends up in OUT/stage2)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--size", choices=["full", "small"], default="full",
+                      help="full: the shipped model (~30 min on 2 cores); small: a few-minute smoke run")
+    tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="processes rendering the images")
+    tiny.add_argument("--threads", type=int, default=None,
+                      help="torch threads (default: torch's; 1 is faster on a busy machine)")
+    tiny.add_argument("--reuse", action="store_true",
+                      help="keep the data, tokenizer and vision tower already in OUT (restarting a run)")
+    tiny.set_defaults(func=cmd_recipe_tiny)
+
+
+def add_recipe_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `recipe` on the `llava` command's subparsers."""
+    p = subparsers.add_parser("recipe", help="reproduce a whole training recipe (tiny: the default model)")
+    add_recipe_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llava.recipe")
+    add_recipe_args(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

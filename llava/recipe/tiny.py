@@ -1,0 +1,204 @@
+"""`llava recipe tiny`: the LLaVA recipe end to end at miniature scale, on a CPU.
+
+data (llava.data.synth) -> stage 0 (tokenizer, CLIP-style vision tower, Llama LM) ->
+stage 1 (projector alignment, `plain`) -> stage 2 (instruction tuning, `vicuna_v1`) ->
+evaluation (with real and blank images) -> model card. Stages 1 and 2 run the project's
+own trainer (`llava.train.loop.train`) in-process, exactly as `llava train` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from llava.checkpoint import load_tokenizer
+from llava.recipe.common import read_losses
+from llava.recipe.text import LMSpec, pretrain_lm
+from llava.recipe.tokenizer import chat_texts, train_tokenizer
+from llava.recipe.vision import VisionSpec, pretrain_vision
+
+
+@dataclass
+class RecipeSize:
+    """Everything that scales: data, model sizes, steps and epochs per stage."""
+
+    n: int
+    eval_n: int
+    vocab: int
+    vision: VisionSpec
+    lm: LMSpec
+    vision_steps: int
+    vision_batch: int
+    lm_steps: int
+    lm_batch: int
+    s1_epochs: int
+    s1_batch: int
+    s1_lr: float
+    s2_epochs: int
+    s2_batch: int
+    s2_lr: float
+    s1_max_steps: int | None = None
+    s2_max_steps: int | None = None
+    s2_unfreeze_tower: bool = False  # LLaVA-1.6 style: the tower learns in stage 2 too
+    eval_batch: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SIZES: dict[str, RecipeSize] = {
+    "full": RecipeSize(n=1500, eval_n=350, vocab=1024, vision=VisionSpec(), lm=LMSpec(),
+                       vision_steps=150, vision_batch=64, lm_steps=100, lm_batch=16,
+                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=1, s2_batch=16, s2_lr=5e-4),
+    "small": RecipeSize(n=240, eval_n=140, vocab=512,
+                        vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
+                                          embed_dim=64),
+                        lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
+                        vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8,
+                        s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
+                        s1_max_steps=60, s2_max_steps=120, eval_batch=35),
+}
+
+
+class _Timer:
+    """Wall time per named stage, printed as it goes."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.times: dict[str, float] = {}
+        self.echo = echo
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.echo(f"[recipe] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        self.echo(f"[recipe] {name} done in {self.times[name]:.1f}s")
+        return result
+
+
+def _train(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
+           max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
+           **model: str) -> dict[str, Any]:
+    """One `llava train` run through the trainer's own config and loop."""
+    from llava.train.config import TrainConfig
+    from llava.train.loop import train
+
+    cfg = TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
+                      max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
+                      lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
+                      device="cpu", progress=False, logging_steps=5, overwrite=True, template=template,
+                      unfreeze_vision_tower=unfreeze_vision_tower, **model)
+    result = train(cfg)
+    return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s}
+
+
+def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
+                  seed: int, max_steps: int | None, template: str | None = None,
+                  unfreeze_vision_tower: bool = False, **model: str) -> str:
+    """The equivalent shell command (for the model card)."""
+    parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
+    parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
+              f"--micro-batch-size {batch}", "--grad-accum 1", "--model-max-length 512", "--no-gradient-checkpointing"]
+    if template:
+        parts.append(f"--template {template}")
+    if unfreeze_vision_tower:
+        parts.append("--unfreeze-vision-tower")
+    if max_steps:
+        parts.append(f"--max-steps {max_steps}")
+    return " ".join(parts + [f"--seed {seed}"])
+
+
+def evaluate_model(model_dir: str, data_dir: str, batch_size: int = 32) -> dict[str, Any]:
+    """Held-out scores with real images and with blank ones (the grounding check)."""
+    import llava
+    from llava.eval.synth import evaluate
+
+    pipe = llava.load(model_dir, device="cpu")
+    eval_file = os.path.join(data_dir, "eval.jsonl")
+    real = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, model_id="tiny-llava")
+    blank = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True, model_id="tiny-llava")
+    return {"real": real, "blank": blank}
+
+
+def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "full", workers: int = 1,
+               echo: Callable[[str], None] = print, keep_data: bool = True,
+               threads: int | None = None, reuse: bool = False) -> dict[str, Any]:
+    """Run every stage into `out` (data/, stage0/, stage1/, stage2/ = the model); returns the summary.
+
+    `threads`: torch intra-op threads; on a loaded machine 1 is often several times faster than 2
+    (oversubscribed threads spin), so the default leaves torch's choice only when asked to.
+    `reuse`: keep the data, tokenizer and vision tower already in `out` (a restarted run)."""
+    from llava.data.synth import generate
+    from llava.recipe.card import write_card
+
+    spec = SIZES[size] if isinstance(size, str) else size
+    size_name = size if isinstance(size, str) else "custom"
+    if threads:
+        torch.set_num_threads(threads)
+    out = os.path.abspath(out)
+    data, s0 = os.path.join(out, "data"), os.path.join(out, "stage0")
+    tok_dir, tower, lm = os.path.join(s0, "tokenizer"), os.path.join(s0, "vision"), os.path.join(s0, "lm")
+    s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
+    os.makedirs(out, exist_ok=True)
+    timer = _Timer(echo)
+    t_all = time.perf_counter()
+
+    def _data() -> dict[str, Any]:
+        meta_file = os.path.join(data, "meta.json")
+        if reuse and os.path.isfile(meta_file):
+            with open(meta_file, encoding="utf-8") as f:
+                meta = json.load(f)
+            if (meta.get("seed"), meta.get("n"), meta.get("eval_n")) == (seed, spec.n, spec.eval_n):
+                return meta
+        return generate(data, seed=seed, n=spec.n, eval_n=spec.eval_n, workers=workers)
+
+    meta = timer.run("data", _data)
+    corpus = [os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")]
+
+    def _tok():
+        if reuse and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+            return load_tokenizer(tok_dir)
+        tok = train_tokenizer(chat_texts(corpus), vocab_size=spec.vocab)
+        tok.save_pretrained(tok_dir)
+        return tok
+
+    tokenizer = timer.run("stage0_tokenizer", _tok)
+    summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
+    if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
+        losses = read_losses(os.path.join(tower, "metrics.jsonl"))
+        summary["stages"]["stage0_vision"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1]}
+    else:
+        summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
+            corpus[0], data, tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
+            seed=seed))
+    summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
+        chat_texts(corpus), tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed))
+
+    s1_args = dict(stage="pretrain", out=s1, data=corpus[0], image_folder=data, epochs=spec.s1_epochs,
+                   batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
+                   language_model=lm, vision_tower=tower)
+    summary["stages"]["stage1"] = timer.run("stage1", lambda: _train(**s1_args))
+    # template: else the stage-1 checkpoint's own template (plain) would be kept
+    s2_args = dict(stage="finetune", out=s2, data=corpus[1], image_folder=data, epochs=spec.s2_epochs,
+                   batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps, model=s1,
+                   template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower)
+    summary["stages"]["stage2"] = timer.run("stage2", lambda: _train(**s2_args))
+    metrics = timer.run("eval", lambda: evaluate_model(s2, data, spec.eval_batch))
+
+    summary.update(times=timer.times, total_seconds=round(time.perf_counter() - t_all, 1),
+                   data_sha=meta.get("files", {}), images_sha=meta.get("images", {}),
+                   commands=[train_command(**a).replace(out, "$OUT") for a in (s1_args, s2_args)], metrics=metrics)
+    with open(os.path.join(out, "recipe_summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, default=str)
+    write_card(s2, summary)
+    if not keep_data:
+        shutil.rmtree(os.path.join(data, "images"), ignore_errors=True)
+    echo(f"[recipe] model: {s2}")
+    echo("[recipe] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timer.times.items())
+         + f"; total {summary['total_seconds']:.1f}s")
+    return summary
+

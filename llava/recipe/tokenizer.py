@@ -1,0 +1,49 @@
+"""Stage 0a: a byte-level BPE tokenizer trained on the recipe's own corpus.
+
+The same construction as `llava.tiny.tiny_tokenizer` (Llama-like specials, BOS added,
+`</s>` as EOS, `<image>` last) but fitted to the synthetic captions and chats, so a
+~1k vocabulary covers every word of the dataset in one or two tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from llava.processing.templates import get_template
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+IMAGE_TOKEN = "<image>"
+
+
+def record_texts(path: str | os.PathLike) -> Iterator[list[str]]:
+    """The turns of each LLaVA JSON record, with the `<image>` placeholder removed."""
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    for rec in records:
+        yield [t["value"].replace(IMAGE_TOKEN, "").strip() for t in rec["conversations"]]
+
+
+def chat_texts(paths: Iterable[str | os.PathLike], template: str = "vicuna_v1") -> list[str]:
+    """Every record rendered as the stage-2 template renders it (what the LM will later read)."""
+    tmpl = get_template(template)
+    return [tmpl.render(turns) for path in paths for turns in record_texts(path)]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with `<unk> <s> </s> <pad>` as ids 0-3 and `<image>` as the last id."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([IMAGE_TOKEN])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})

@@ -1,0 +1,126 @@
+"""The tiny-LLaVA recipe: stage-0 pieces (fast) and the whole small recipe end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+from llava.data.synth import generate
+from llava.recipe.common import read_losses
+from llava.recipe.text import LMSpec, pretrain_lm
+from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, train_tokenizer
+from llava.recipe.vision import DualEncoder, VisionSpec, clip_loss, load_pairs, pretrain_vision, to_pixels
+
+SMALL_VISION = VisionSpec(patch_size=16, width=32, layers=1, heads=2, text_width=32, text_layers=1, embed_dim=32)
+SMALL_LM = LMSpec(width=32, layers=1, heads=2, intermediate=64, max_positions=256)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, seed=0, n=24, eval_n=7)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(synth):
+    return train_tokenizer(chat_texts([synth / "pretrain.json", synth / "instruct.json"]), vocab_size=384)
+
+
+def test_tokenizer_round_trips_with_llama_specials(tokenizer, synth):
+    assert [tokenizer.convert_ids_to_tokens(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == len(tokenizer) - 1
+    text = chat_texts([synth / "instruct.json"])[0]
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids[1:]) == text
+    assert len(ids) < len(text) / 2  # the corpus' words are merged, not spelled out byte by byte
+    with_image = tokenizer("<image>\nWhat color?")["input_ids"]
+    assert with_image[1] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def test_clip_loss_is_low_for_matching_pairs():
+    x = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    assert clip_loss(x, x, 50.0) < 0.1 < clip_loss(x, x.roll(1, 0), 50.0)
+
+
+def test_contrastive_loss_falls_on_a_tiny_batch(synth, tokenizer):
+    torch.manual_seed(0)
+    images, captions = load_pairs(str(synth / "pretrain.json"), str(synth), limit=8)
+    enc = tokenizer(captions, padding=True, return_tensors="pt")
+    model = DualEncoder(len(tokenizer), SMALL_VISION)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    pixels, ids, mask = to_pixels(images), enc["input_ids"], enc["attention_mask"].bool()
+    losses = []
+    for _ in range(30):
+        loss = model(pixels, ids, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
+    tower, lm = tmp_path / "tower", tmp_path / "lm"
+    v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tower), SMALL_VISION, steps=3,
+                        batch_size=8)
+    t = pretrain_lm(chat_texts([synth / "instruct.json"]), tokenizer, str(lm), SMALL_LM, steps=3, batch_size=4,
+                    block=64)
+    assert v["steps"] == t["steps"] == 3 and len(read_losses(tower / "metrics.jsonl")) >= 2
+    clip = CLIPVisionModel.from_pretrained(tower)
+    assert clip.config.image_size == 96 and clip.config.patch_size == 16
+    out = clip(pixel_values=torch.zeros(1, 3, 96, 96), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, 37, 32)
+    model = AutoModelForCausalLM.from_pretrained(lm)
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tokenizer)
+    from llava.checkpoint import load_tokenizer
+
+    assert load_tokenizer(str(lm)).convert_tokens_to_ids(IMAGE_TOKEN) == len(tokenizer) - 1
+
+
+def test_cli_parses_recipe_flags():
+    import argparse
+
+    from llava.recipe.cli import add_recipe_command
+
+    parser = argparse.ArgumentParser()
+    add_recipe_command(parser.add_subparsers())
+    args = parser.parse_args(["recipe", "tiny", "--out", "x", "--seed", "3", "--size", "small"])
+    assert (args.out, args.seed, args.size) == ("x", 3, "small") and callable(args.func)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from llava.recipe import run_recipe
+
+    out = tmp_path_factory.mktemp("recipe") / "tiny"
+    return out, run_recipe(str(out), seed=0, size="small", threads=1, echo=lambda _: None)
+
+
+@pytest.mark.slow
+def test_small_recipe_end_to_end(small_run):
+    out, summary = small_run
+    for metrics in ("stage0/vision", "stage0/lm", "stage1", "stage2"):
+        losses = read_losses(out / metrics / "metrics.jsonl")
+        assert len(losses) >= 2 and losses[-1] < losses[0], (metrics, losses)
+    model = out / "stage2"
+    assert (model / "model.safetensors").is_file() and (model / "README.md").is_file()
+    assert sum(os.path.getsize(model / f) for f in os.listdir(model)) < 20e6
+    card = (model / "README.md").read_text()
+    assert "llava recipe tiny --size small --seed 0" in card and "blank-image" in card
+    saved = json.loads((out / "recipe_summary.json").read_text())
+    assert set(saved["times"]) >= {"data", "stage0_vision", "stage0_lm", "stage1", "stage2", "eval"}
+    assert saved["metrics"]["real"]["n"] == 140 and saved["metrics"]["blank"]["blank_images"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the small size's stage 2 (120 steps, 2x96 LM) still underfits: it answers "
+                                        "in the right format but not yet grounded (colour at or below chance)")
+def test_small_recipe_answers_colour_above_chance(small_run):
+    real = small_run[1]["metrics"]["real"]
+    assert real["accuracy"]["color"] > real["chance"]["color"]
