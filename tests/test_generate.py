@@ -184,3 +184,12 @@ def test_bf16_on_cpu_runs(tiny):
     done = Engine(bf16, tok, eos_token_ids=[]).generate([req, _prompt(model, 2, 0, seed=16)[0]],
                                                        SamplingParams(max_new_tokens=5, temperature=0.7, seed=0))
     assert [len(c.token_ids) for c in done] == [5, 5]
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_matches_eager(tiny):
+    """torch.compile of the decode step (static cache) gives the same greedy tokens, padding included."""
+    model, tok = tiny
+    reqs = [_prompt(model, 6, 1, seed=17)[0], _prompt(model, 2, 0, seed=18)[0]]
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True)
+    assert _greedy(compiled, reqs, n=6) == _greedy(Engine(model, tok, eos_token_ids=[]), reqs, n=6)

@@ -96,7 +96,9 @@ class Engine:
         self.pad_id = 0 if pad is None or pad == model.config.image_token_index else int(pad)
         self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
         if compile:
-            self._decode_forward = torch.compile(self._forward_one, dynamic=False)
+            # torch's default shape policy: the first shape compiles static, a second one compiles a
+            # dynamic graph that then serves every batch size and cache bucket without recompiling.
+            self._decode_forward = torch.compile(self._forward_one)
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +196,8 @@ class Engine:
                  on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
         """Complete every request; `on_text(request_index, delta)` sees text as it becomes final."""
         params = params or SamplingParams()
+        if not requests:
+            return []
         texts = [RowText(self.tokenizer, params.stop) for _ in requests]
         finish: list[str | None] = [None] * len(requests)
         for i, delta in self._run(requests, params, texts, finish):
