@@ -220,9 +220,10 @@ def time_round_robin(variants: list[Variant], new: int, repeats: int) -> None:
     The machine is shared and its speed drifts over minutes, so ours and transformers'
     runs are interleaved rather than timed in separate blocks; medians are taken later.
     """
-    for v in variants:  # warm-up: lazy initialisation, thread pools, compilation at batch 1 and 8
+    for v in variants:  # warm-up: lazy initialisation and thread pools; compilation needs batch 8 too
         v.run(1, 3)
-        v.run(8, 3)
+        if v.impl.endswith("compile"):
+            v.run(8, 3)
     for r in range(repeats):
         for v in variants:
             for batch in (1, 8):
@@ -234,13 +235,14 @@ def time_round_robin(variants: list[Variant], new: int, repeats: int) -> None:
         print(f"    repeat {r + 1}/{repeats} done", flush=True)
 
 
-def bench_preset(name: str, new: int, repeats: int, bandwidth: float | None, compile_row: bool) -> list[Row]:
+def bench_preset(name: str, new: int, repeats: int, bandwidth: float | None, compile_row: bool,
+                 dtypes: list[torch.dtype]) -> list[Row]:
     model, tok = build(name)
     ids, pixels = prompt(model)
     with tempfile.TemporaryDirectory() as folder:
         hf = hf_twin(model, folder)
     variants: list[Variant] = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         ours_m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         hf_m = hf if dtype == torch.float32 else copy.deepcopy(hf).to(dtype)
         variants.append(Variant("ours", dtype, ours_runner(Engine(ours_m, tok, eos_token_ids=[]), ids, pixels), ours_m))
@@ -291,7 +293,8 @@ def machine() -> str:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{name}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{name}, {os.cpu_count()} logical CPUs ({torch.backends.cpu.get_cpu_capability()}), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def main() -> None:
@@ -300,6 +303,9 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny", "bench-200m"])
     ap.add_argument("--new-tokens", type=int, help="new tokens per timed run (default 128 tiny / 64 200m; quick 32/16)")
     ap.add_argument("--repeats", type=int, help="timed repeats per figure, median taken (default 3; quick 2)")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"],
+                    help="dtypes to compare (default both; --quick: bfloat16 for tiny only, as bf16 prefill of "
+                         "bench-200m takes many seconds on CPUs without native bf16)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="add the torch.compile row (default: on for full runs, off for --quick)")
     args = ap.parse_args()
@@ -314,7 +320,9 @@ def main() -> None:
     for name in args.presets:
         new = args.new_tokens or {True: 32, False: 128}[args.quick] // (1 if name == "tiny" else 2)
         print(f"{name}: {new} new tokens, median of {repeats}", flush=True)
-        rows += bench_preset(name, new, repeats, bandwidth if name != "tiny" else None, compile_row)
+        names = args.dtypes or (["float32"] if args.quick and name != "tiny" else ["float32", "bfloat16"])
+        dtypes = [getattr(torch, d) for d in names]
+        rows += bench_preset(name, new, repeats, bandwidth if name != "tiny" else None, compile_row, dtypes)
     print()
     print(table(rows))
     stall1 = cpu_stall_us()

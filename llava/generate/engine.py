@@ -79,7 +79,10 @@ class Engine:
 
     cache="static" preallocates the KV cache (no per-step growth); compile=True additionally
     runs the decode forward through `torch.compile` (implies the static cache, whose fixed
-    shapes avoid recompiles). Both are opt-in: measure before assuming they help.
+    shapes avoid recompiles). Both are opt-in: on a 2-core CPU (benchmarks/README.md) the
+    static cache was no faster than the dynamic one in eager mode, and compiling (15-45 s
+    up front) made tiny-model decoding ~2.6x faster but a 200M model's, bound by matmuls,
+    only 1.3x at batch 1 and not at all at batch 8.
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
@@ -94,6 +97,7 @@ class Engine:
         self.cache_kind = "static" if compile else cache
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None or pad == model.config.image_token_index else int(pad)
+        self.compiled = compile
         self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
         if compile:
             # torch's default shape policy: the first shape compiles static, a second one compiles a
@@ -148,8 +152,11 @@ class Engine:
                            length=prompt_len, logits=out.logits[:, -1], rows=list(range(len(requests))))
 
     def _capacity(self, needed: int) -> int:
-        """Static caches come in power-of-two sizes so a compiled decode step sees few distinct shapes."""
-        if self.cache_kind != "static":
+        """Exact size, except that compiled decoding uses power-of-two static caches (few distinct shapes).
+
+        Every step attends over the whole static cache, so eager decoding keeps it tight.
+        """
+        if not self.compiled:
             return needed
         return min(max(128, 1 << (needed - 1).bit_length()), max(needed, self.context_length))
 
