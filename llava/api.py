@@ -13,6 +13,7 @@ placeholders -> the generation engine.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
@@ -25,6 +26,8 @@ from llava.generate.engine import Completion, Engine, Request, SamplingParams
 from llava.processing.image import load_image
 from llava.processing.templates import Template, get_template, template_for_model
 from llava.processing.tokenize import IMAGE_TAG, check_image_count, tokenize_prompt
+
+IM_START, IM_END = "<im_start>", "<im_end>"
 
 ImageInput = Union[str, os.PathLike, bytes, PIL.Image.Image]
 Images = Union[None, ImageInput, Sequence[ImageInput]]
@@ -41,6 +44,12 @@ def default_model_path() -> str:
         raise FileNotFoundError(f"no model path given and the bundled model is missing at {DEFAULT_MODEL}; "
                                 "pass a checkpoint folder or hub name")
     return str(DEFAULT_MODEL)
+
+
+def wrap_image_tags(prompt: str) -> str:
+    """`<image>` -> `<im_start><image><im_end>` (tags already wrapped are left as they are)."""
+    return re.sub(rf"(?<!{re.escape(IM_START)}){re.escape(IMAGE_TAG)}(?!{re.escape(IM_END)})",
+                  IM_START + IMAGE_TAG + IM_END, prompt)
 
 
 def _as_list(images: Images) -> list[ImageInput]:
@@ -127,6 +136,9 @@ class LlavaPipeline:
         return self._request(template.render(turns + [None]), images)
 
     def _request(self, prompt: str, images: list[ImageInput]) -> Prepared:
+        if self.model.config.extra.get("mm_use_im_start_end"):
+            # Checkpoints trained with mm_use_im_start_end see every image as <im_start><image><im_end>.
+            prompt = wrap_image_tags(prompt)
         features = self.encode_images(images)
         counts = [int(f.shape[0]) for f in features]
         ids = tokenize_prompt(self.tokenizer, prompt, counts, self.model.config.image_token_index,

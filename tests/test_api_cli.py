@@ -122,3 +122,20 @@ def test_load_pretrained_model_signature(ckpt_dir):
     assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
     assert image_processor.crop_size == 28
     assert isinstance(next(model.parameters()), torch.Tensor)
+
+
+def test_im_start_end_checkpoints_wrap_each_image(ckpt_dir):
+    from llava.api import wrap_image_tags
+    from llava.checkpoint.loader import _add_original_tokens
+
+    assert wrap_image_tags("<image>\nA <im_start><image><im_end> B") == (
+        "<im_start><image><im_end>\nA <im_start><image><im_end> B")
+    pipe = llava.load(ckpt_dir, device="cpu")
+    pipe.model.config.extra["mm_use_im_start_end"] = True  # as an original v1-era config sets it
+    _add_original_tokens(pipe.model, pipe.tokenizer)
+    start, end = pipe.tokenizer.convert_tokens_to_ids(["<im_start>", "<im_end>"])
+    ids = pipe.prepare("What is shown?", images=IMAGE).request.input_ids
+    image = pipe.model.config.image_token_index
+    first, last = ids.index(image), len(ids) - 1 - ids[::-1].index(image)
+    assert ids[first - 1] == start and ids[last + 1] == end
+    assert isinstance(pipe.generate("What is shown?", images=IMAGE, **GREEDY), str)

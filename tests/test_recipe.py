@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from llava.data.synth import generate
 from llava.recipe.common import read_losses
-from llava.recipe.text import LMSpec, pretrain_lm
-from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, train_tokenizer
+from llava.recipe.text import LMSpec, pack, pretrain_lm
+from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import DualEncoder, VisionSpec, clip_loss, load_pairs, pretrain_vision, to_pixels
 
 SMALL_VISION = VisionSpec(patch_size=16, width=32, layers=1, heads=2, text_width=32, text_layers=1, embed_dim=32)
@@ -69,7 +69,7 @@ def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
     tower, lm = tmp_path / "tower", tmp_path / "lm"
     v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tower), SMALL_VISION, steps=3,
                         batch_size=8)
-    t = pretrain_lm(chat_texts([synth / "instruct.json"]), tokenizer, str(lm), SMALL_LM, steps=3, batch_size=4,
+    t = pretrain_lm(grounded_docs(0, 24, 2), tokenizer, str(lm), SMALL_LM, steps=3, batch_size=4,
                     block=64)
     assert v["steps"] == t["steps"] == 3 and len(read_losses(tower / "metrics.jsonl")) >= 2
     clip = CLIPVisionModel.from_pretrained(tower)
@@ -94,6 +94,35 @@ def test_cli_parses_recipe_flags():
     assert (args.out, args.seed, args.size) == ("x", 3, "small") and callable(args.func)
 
 
+def test_grounded_docs_are_the_dataset_chats_with_descriptions_for_images(synth):
+    from llava.data.synth_scene import Scene
+    from llava.data.synth_text import description
+
+    records = json.loads((synth / "instruct.json").read_text())
+    scenes = [json.loads(line) for line in (synth / "scenes.jsonl").read_text().splitlines()]
+    docs = grounded_docs(0, 30, 1)  # 6 scenes beyond the dataset: text only, never rendered
+    assert len(docs) == 2 * 30 + 1
+    chat, spans = docs[2 * 5 + 1]  # scene 5: its caption doc, then its chat doc
+    desc = description(Scene.from_dict(scenes[5]["scene"]))
+    turns = [t["value"] for t in records[5]["conversations"]]
+    assert IMAGE_TOKEN not in chat and desc in chat
+    assert [chat[a:b].strip() for a, b in spans] == [t + "</s>" for t in turns[1::2]]
+    assert chat.endswith(turns[-1] + "</s>")
+
+
+def test_pack_masks_everything_but_the_assistant_turns(tokenizer):
+    docs = grounded_docs(0, 2)
+    ids, labels = pack(tokenizer, docs, block=32, all_tokens=False)
+    assert ids.shape == labels.shape and ids.shape[1] == 32
+    flat_ids, flat_labels = ids.flatten(), labels.flatten()
+    kept = flat_labels != -100
+    assert 0 < kept.sum() < len(flat_ids) // 2 and torch.equal(flat_labels[kept], flat_ids[kept])
+    answers = tokenizer.decode(flat_ids[kept])
+    assert "USER" not in answers and "ASSISTANT" not in answers and "</s>" in answers
+    ids_all, labels_all = pack(tokenizer, docs, block=32)
+    assert torch.equal(ids_all, ids) and torch.equal(labels_all, ids_all)
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     from llava.recipe import run_recipe
@@ -114,7 +143,11 @@ def test_small_recipe_end_to_end(small_run):
     card = (model / "README.md").read_text()
     assert "llava recipe tiny --size small --seed 0" in card and "blank-image" in card
     saved = json.loads((out / "recipe_summary.json").read_text())
-    assert set(saved["times"]) >= {"data", "stage0_vision", "stage0_lm", "stage1", "stage2", "eval"}
+    assert set(saved["times"]) >= {"data", "eval_data", "stage0_vision", "stage0_lm", "stage1", "stage2", "eval"}
+    assert saved["eval_seed"] != saved["seed"]
+    results = json.loads((model / "eval_results.json").read_text())
+    assert results["eval_seed"] == saved["eval_seed"] and results["real"]["accuracy"] == saved["metrics"]["real"][
+        "accuracy"]
     assert saved["metrics"]["real"]["n"] == 140 and saved["metrics"]["blank"]["blank_images"]
 
 

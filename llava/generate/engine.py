@@ -13,6 +13,7 @@ the attention mask so padding never shifts a row's rotary positions.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -74,6 +75,13 @@ class DecodeState:
     rows: list[int]  # request index of each batch row; rows leave as they finish (dynamic cache)
 
 
+def cache_argument(lm: torch.nn.Module) -> str:
+    """The LM's name for the KV-cache argument: `cache` in recent transformers 5 releases,
+    `past_key_values` in earlier ones (a 5.17 install failed on `out.cache`)."""
+    params = inspect.signature(lm.forward).parameters
+    return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+
+
 class Engine:
     """Generates for batches of `Request`s with a LLaVA model on whatever device/dtype it lives on.
 
@@ -98,6 +106,7 @@ class Engine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None or pad == model.config.image_token_index else int(pad)
         self.compiled = compile
+        self._cache_arg = cache_argument(self.lm)
         self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
         if compile:
             # torch's default shape policy: the first shape compiles static, a second one compiles a
@@ -147,8 +156,9 @@ class Engine:
         positions = positions_from_mask(mask[:, :prompt_len])
         cache = self._new_cache(capacity)
         out = self.lm(inputs_embeds=embeds, attention_mask=self._mask_view(mask, prompt_len),
-                      position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        return DecodeState(cache=out.cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
+                      position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        # The cache object is filled in place; keeping our own reference works on every transformers 5.x.
+        return DecodeState(cache=cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
                            length=prompt_len, logits=out.logits[:, -1], rows=list(range(len(requests))))
 
     def _capacity(self, needed: int) -> int:
@@ -174,7 +184,7 @@ class Engine:
                      cache: Cache) -> torch.Tensor:
         """The swappable part: one token per row through the cache -> [B, V] logits."""
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      cache=cache, use_cache=True)
+                      use_cache=True, **{self._cache_arg: cache})
         return out.logits[:, -1]
 
     @torch.inference_mode()

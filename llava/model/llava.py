@@ -69,7 +69,7 @@ class LlavaModel(nn.Module):
         """
         if len(pixel_values) != len(image_sizes):
             raise ValueError(f"{len(pixel_values)} pixel tensors but {len(image_sizes)} image sizes")
-        if not pixel_values:
+        if len(pixel_values) == 0:
             return []
         crops_per_image = [int(p.shape[0]) for p in pixel_values]
         crops = torch.cat(list(pixel_values), dim=0).to(self.vision_tower.device)

@@ -66,14 +66,17 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 - vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide
   (contrastively pretrained on the captions, {spec['vision_steps']} steps)
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}
-  ({spec['lm_steps']} steps of next-token pretraining on the dataset's text)
+  ({spec['lm_steps']} steps of next-token pretraining on the dataset's chats and captions, each image
+  replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes)
 - projector: mlp2x_gelu; stage 1 `plain` ({spec['s1_epochs']} epoch(s), lr {spec['s1_lr']}),
   stage 2 `vicuna_v1` ({spec['s2_epochs']} epoch(s), lr {spec['s2_lr']})
 - size on disk: {_size_mb(model_dir):.1f} MB (llava-hf layout, safetensors)
 
 ## Data
 
-Seed {summary['seed']}, {spec['n']} training scenes, {spec['eval_n']} held-out questions.
+Seed {summary['seed']}, {spec['n']} training scenes; {spec['eval_n']} held-out questions generated with
+seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
+in `eval_results.json`).
 SHA-256 of the generated files (from `meta.json`):
 
 {hashes}

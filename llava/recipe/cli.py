@@ -13,7 +13,7 @@ def cmd_recipe_tiny(args: argparse.Namespace) -> int:
     from llava.recipe.tiny import run_recipe
 
     summary = run_recipe(args.out, seed=args.seed, size=args.size, workers=args.workers, threads=args.threads,
-                         reuse=args.reuse)
+                         reuse=args.reuse, device=args.device)
     print("[recipe] held-out, real images:\n" + format_report(summary["metrics"]["real"]))
     print("[recipe] held-out, blank images:\n" + format_report(summary["metrics"]["blank"]))
     return 0
@@ -33,6 +33,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                       help="torch threads (default: torch's; 1 is faster on a busy machine)")
     tiny.add_argument("--reuse", action="store_true",
                       help="keep the data, tokenizer and vision tower already in OUT (restarting a run)")
+    tiny.add_argument("--device", default="cpu", help="cpu (the shipped model's), cuda, mps")
     tiny.set_defaults(func=cmd_recipe_tiny)
 
 

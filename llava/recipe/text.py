@@ -1,7 +1,8 @@
 """Stage 0c: a tiny Llama-style causal LM pretrained on the dataset's text.
 
-The corpus is every caption and chat rendered with the stage-2 template (images removed),
-packed into fixed-length blocks; the result is a plain `LlamaForCausalLM` folder with its
+The corpus is every caption and chat rendered with the stage-2 template, each image replaced
+by its scene description in words (`llava.recipe.tokenizer.grounded_docs`), packed into
+fixed-length blocks; the result is a plain `LlamaForCausalLM` folder with its
 tokenizer, i.e. what `llava train --language-model` expects (like lmsys/vicuna-7b).
 """
 
@@ -15,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llava.recipe.common import JsonlLog, cosine_lr, seed_everything
+from llava.recipe.tokenizer import Doc
 
 
 @dataclass
@@ -34,25 +36,40 @@ def lm_config(spec: LMSpec, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
                        pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5)
 
 
-def pack(tokenizer: PreTrainedTokenizerBase, texts: list[str], block: int) -> torch.Tensor:
-    """Concatenate `<s> text </s>` for every text and cut into (N, block) rows (the tail is dropped)."""
+def pack(tokenizer: PreTrainedTokenizerBase, docs: list[Doc], block: int, all_tokens: bool = True
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate `<s> text` for every doc and cut into (N, block) rows of ids and labels.
+
+    With `all_tokens=False` labels keep only the tokens inside each doc's target spans (the
+    assistant's turns, as stage 2 masks them), everything else is -100; by default every token
+    is a target (plain LM pretraining). The tail is dropped; a corpus shorter than one block
+    is repeated.
+    """
     ids: list[int] = []
-    for row in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-        ids.extend(row + [tokenizer.eos_token_id])
+    labels: list[int] = []
+    enc = tokenizer([text for text, _ in docs], return_offsets_mapping=True)
+    for (_, spans), row, offsets in zip(docs, enc["input_ids"], enc["offset_mapping"]):
+        ids.extend(row)
+        if all_tokens:
+            labels.extend(row)
+        else:
+            labels.extend(t if e > s and any(a <= s < b for a, b in spans) else -100
+                          for t, (s, e) in zip(row, offsets))
     n = max(1, len(ids) // block)
-    ids = (ids * (1 + block // max(1, len(ids))))[: n * block]  # tiny corpora: repeat to one block
-    return torch.tensor(ids).view(n, block)
+    reps = 1 + block // max(1, len(ids))
+    ids, labels = (ids * reps)[: n * block], (labels * reps)[: n * block]
+    return torch.tensor(ids).view(n, block), torch.tensor(labels).view(n, block)
 
 
-def pretrain_lm(texts: list[str], tokenizer: PreTrainedTokenizerBase, out_dir: str, spec: LMSpec | None = None,
+def pretrain_lm(docs: list[Doc], tokenizer: PreTrainedTokenizerBase, out_dir: str, spec: LMSpec | None = None,
                 steps: int = 300, batch_size: int = 16, block: int = 256, lr: float = 2e-3, seed: int = 0,
-                log_every: int = 10) -> dict:
-    """Next-token pretraining; saves model + tokenizer to `out_dir`; returns a summary."""
+                log_every: int = 10, device: str = "cpu", save_every: int = 0, all_tokens: bool = True) -> dict:
+    """Next-token pretraining on the docs' target spans; saves model + tokenizer to `out_dir`; returns a summary."""
     spec = spec or LMSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
-    data = pack(tokenizer, texts, block)
-    model = LlamaForCausalLM(lm_config(spec, tokenizer)).train()
+    data, targets = pack(tokenizer, docs, block, all_tokens)
+    model = LlamaForCausalLM(lm_config(spec, tokenizer)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     gen = torch.Generator().manual_seed(seed)
@@ -61,11 +78,12 @@ def pretrain_lm(texts: list[str], tokenizer: PreTrainedTokenizerBase, out_dir: s
     for step in range(steps):
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        batch = data[order[pos:pos + batch_size]]
+        rows = order[pos:pos + batch_size]
+        batch, labels = data[rows].to(device), targets[rows].to(device)
         pos += batch_size
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -73,7 +91,10 @@ def pretrain_lm(texts: list[str], tokenizer: PreTrainedTokenizerBase, out_dir: s
         if step % log_every == 0 or step == steps - 1:
             log.write(step=step + 1, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
                       seconds=round(time.perf_counter() - t0, 2))
-    model.save_pretrained(out_dir)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            model.save_pretrained(os.path.join(out_dir, f"step-{step + 1}"))
+            tokenizer.save_pretrained(os.path.join(out_dir, f"step-{step + 1}"))
+    model.cpu().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"steps": steps, "first_loss": log.rows[0]["loss"], "final_loss": log.rows[-1]["loss"],
             "seconds": time.perf_counter() - t0, "blocks": n, "tokens": n * block}

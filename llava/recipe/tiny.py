@@ -20,7 +20,7 @@ import torch
 from llava.checkpoint import load_tokenizer
 from llava.recipe.common import read_losses
 from llava.recipe.text import LMSpec, pretrain_lm
-from llava.recipe.tokenizer import chat_texts, train_tokenizer
+from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import VisionSpec, pretrain_vision
 
 
@@ -37,6 +37,7 @@ class RecipeSize:
     vision_batch: int
     lm_steps: int
     lm_batch: int
+    lm_scenes: int  # scenes whose descriptions + chats the LM reads in stage 0 (>= n; text only beyond n)
     s1_epochs: int
     s1_batch: int
     s1_lr: float
@@ -51,14 +52,14 @@ class RecipeSize:
 
 
 SIZES: dict[str, RecipeSize] = {
-    "full": RecipeSize(n=1500, eval_n=350, vocab=1024, vision=VisionSpec(), lm=LMSpec(),
-                       vision_steps=150, vision_batch=64, lm_steps=100, lm_batch=16,
-                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=1, s2_batch=16, s2_lr=5e-4),
+    "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(), lm=LMSpec(),
+                       vision_steps=300, vision_batch=64, lm_steps=400, lm_batch=16, lm_scenes=6000,
+                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
                                           embed_dim=64),
                         lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
-                        vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8,
+                        vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
                         s1_max_steps=60, s2_max_steps=120, eval_batch=35),
 }
@@ -82,7 +83,7 @@ class _Timer:
 
 def _train(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
            max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
-           **model: str) -> dict[str, Any]:
+           device: str = "cpu", **model: str) -> dict[str, Any]:
     """One `llava train` run through the trainer's own config and loop."""
     from llava.train.config import TrainConfig
     from llava.train.loop import train
@@ -90,7 +91,7 @@ def _train(stage: str, out: str, data: str, image_folder: str, epochs: int, batc
     cfg = TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
                       max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
                       lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
-                      device="cpu", progress=False, logging_steps=5, overwrite=True, template=template,
+                      device=device, progress=False, logging_steps=5, overwrite=True, template=template,
                       unfreeze_vision_tower=unfreeze_vision_tower, **model)
     result = train(cfg)
     return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s}
@@ -98,7 +99,7 @@ def _train(stage: str, out: str, data: str, image_folder: str, epochs: int, batc
 
 def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
                   seed: int, max_steps: int | None, template: str | None = None,
-                  unfreeze_vision_tower: bool = False, **model: str) -> str:
+                  unfreeze_vision_tower: bool = False, device: str = "cpu", **model: str) -> str:
     """The equivalent shell command (for the model card)."""
     parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
     parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
@@ -109,29 +110,52 @@ def train_command(stage: str, out: str, data: str, image_folder: str, epochs: in
         parts.append("--unfreeze-vision-tower")
     if max_steps:
         parts.append(f"--max-steps {max_steps}")
+    if device != "cpu":
+        parts.append(f"--device {device}")
     return " ".join(parts + [f"--seed {seed}"])
 
 
-def evaluate_model(model_dir: str, data_dir: str, batch_size: int = 32) -> dict[str, Any]:
+def evaluate_model(model_dir: str, data_dir: str, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Held-out scores with real images and with blank ones (the grounding check)."""
     import llava
     from llava.eval.synth import evaluate
 
-    pipe = llava.load(model_dir, device="cpu")
+    pipe = llava.load(model_dir, device=device)
     eval_file = os.path.join(data_dir, "eval.jsonl")
     real = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, model_id="tiny-llava")
     blank = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True, model_id="tiny-llava")
     return {"real": real, "blank": blank}
 
 
+def eval_seed(seed: int) -> int:
+    """The held-out set's seed: never the training seed."""
+    return seed + 1
+
+
+def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
+    """`eval_results.json` beside the model: the card's numbers in a form tests re-check."""
+    m = summary["metrics"]
+    results = {"eval_seed": summary["eval_seed"], "eval_n": summary["spec"]["eval_n"],
+               "eval_sha256": summary.get("eval_sha"),
+               "real": {"accuracy": m["real"]["accuracy"], "overall": m["real"]["overall"],
+                        "exist_f1": m["real"]["exist"]["f1"]},
+               "blank": {"accuracy": m["blank"]["accuracy"], "overall": m["blank"]["overall"]},
+               "chance": m["real"]["chance"]}
+    path = os.path.join(model_dir, "eval_results.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    return path
+
+
 def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "full", workers: int = 1,
                echo: Callable[[str], None] = print, keep_data: bool = True,
-               threads: int | None = None, reuse: bool = False) -> dict[str, Any]:
+               threads: int | None = None, reuse: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Run every stage into `out` (data/, stage0/, stage1/, stage2/ = the model); returns the summary.
 
     `threads`: torch intra-op threads; on a loaded machine 1 is often several times faster than 2
     (oversubscribed threads spin), so the default leaves torch's choice only when asked to.
-    `reuse`: keep the data, tokenizer and vision tower already in `out` (a restarted run)."""
+    `reuse`: keep the data, tokenizer and vision tower already in `out` (a restarted run).
+    `device`: where every stage trains ("cuda" makes the full recipe a matter of minutes)."""
     from llava.data.synth import generate
     from llava.recipe.card import write_card
 
@@ -140,7 +164,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     if threads:
         torch.set_num_threads(threads)
     out = os.path.abspath(out)
-    data, s0 = os.path.join(out, "data"), os.path.join(out, "stage0")
+    data, s0, eval_dir = os.path.join(out, "data"), os.path.join(out, "stage0"), os.path.join(out, "eval")
     tok_dir, tower, lm = os.path.join(s0, "tokenizer"), os.path.join(s0, "vision"), os.path.join(s0, "lm")
     s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
     os.makedirs(out, exist_ok=True)
@@ -152,11 +176,13 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         if reuse and os.path.isfile(meta_file):
             with open(meta_file, encoding="utf-8") as f:
                 meta = json.load(f)
-            if (meta.get("seed"), meta.get("n"), meta.get("eval_n")) == (seed, spec.n, spec.eval_n):
+            if (meta.get("seed"), meta.get("n"), meta.get("eval_n")) == (seed, spec.n, 0):
                 return meta
-        return generate(data, seed=seed, n=spec.n, eval_n=spec.eval_n, workers=workers)
+        return generate(data, seed=seed, n=spec.n, eval_n=0, workers=workers)
 
     meta = timer.run("data", _data)
+    # held out twice over: its own seed, and the eval stream of that seed
+    eval_meta = timer.run("eval_data", lambda: generate(eval_dir, seed=eval_seed(seed), n=0, eval_n=spec.eval_n))
     corpus = [os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")]
 
     def _tok():
@@ -174,27 +200,30 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     else:
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
             corpus[0], data, tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
-            seed=seed))
+            seed=seed, device=device))
+    lm_docs = grounded_docs(seed, max(spec.n, spec.lm_scenes), n_text=max(spec.n, spec.lm_scenes) // 10)
     summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
-        chat_texts(corpus), tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed))
+        lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed, device=device))
 
     s1_args = dict(stage="pretrain", out=s1, data=corpus[0], image_folder=data, epochs=spec.s1_epochs,
                    batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
-                   language_model=lm, vision_tower=tower)
+                   device=device, language_model=lm, vision_tower=tower)
     summary["stages"]["stage1"] = timer.run("stage1", lambda: _train(**s1_args))
     # template: else the stage-1 checkpoint's own template (plain) would be kept
     s2_args = dict(stage="finetune", out=s2, data=corpus[1], image_folder=data, epochs=spec.s2_epochs,
                    batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps, model=s1,
-                   template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower)
+                   template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
     summary["stages"]["stage2"] = timer.run("stage2", lambda: _train(**s2_args))
-    metrics = timer.run("eval", lambda: evaluate_model(s2, data, spec.eval_batch))
+    metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device))
 
     summary.update(times=timer.times, total_seconds=round(time.perf_counter() - t_all, 1),
-                   data_sha=meta.get("files", {}), images_sha=meta.get("images", {}),
+                   data_sha=meta.get("files", {}), images_sha=meta.get("images", {}), eval_seed=eval_seed(seed),
+                   eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
                    commands=[train_command(**a).replace(out, "$OUT") for a in (s1_args, s2_args)], metrics=metrics)
     with open(os.path.join(out, "recipe_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=str)
     write_card(s2, summary)
+    write_eval_results(s2, summary)
     if not keep_data:
         shutil.rmtree(os.path.join(data, "images"), ignore_errors=True)
     echo(f"[recipe] model: {s2}")

@@ -118,14 +118,14 @@ def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str], m
 
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
                     spec: VisionSpec | None = None, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
-                    seed: int = 0, log_every: int = 10) -> dict:
+                    seed: int = 0, log_every: int = 10, device: str = "cpu") -> dict:
     """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder); returns a summary."""
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
     images, captions = load_pairs(pretrain_json, image_folder)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
-    model = DualEncoder(len(tokenizer), spec).train()
+    model = DualEncoder(len(tokenizer), spec).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     gen = torch.Generator().manual_seed(seed)
@@ -139,7 +139,7 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
         keep = int(mask[idx].sum(1).max())
-        loss = model(to_pixels(images[idx.numpy()]), ids[idx, :keep], mask[idx, :keep])
+        loss = model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device), mask[idx, :keep].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -147,6 +147,6 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
         if step % log_every == 0 or step == steps - 1:
             log.write(step=step + 1, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
                       seconds=round(time.perf_counter() - t0, 2))
-    model.vision.save_pretrained(out_dir)
+    model.vision.cpu().save_pretrained(out_dir)
     return {"steps": steps, "first_loss": log.rows[0]["loss"], "final_loss": log.rows[-1]["loss"],
             "seconds": time.perf_counter() - t0, "pairs": n}

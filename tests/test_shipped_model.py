@@ -1,0 +1,81 @@
+"""The shipped tiny model (llava/assets/tiny-llava): it sees, and its card tells the truth."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import llava
+from llava.api import DEFAULT_MODEL
+from llava.data.synth import answer_vocab, generate
+from llava.eval.synth import evaluate, normalize_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = json.loads((DEFAULT_MODEL / "eval_results.json").read_text())
+TOLERANCE = 4.0  # percentage points: another Pillow can rasterise the printed words a little differently
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return llava.load(device="cpu")  # no path: the bundled model
+
+
+def _ask_examples(pipe):
+    rows = [json.loads(line) for line in (ROOT / "examples" / "synth_questions.jsonl").read_text().splitlines()]
+    answers = pipe.generate([r["text"] for r in rows], images=[str(ROOT / r["image"]) for r in rows],
+                            temperature=0, max_new_tokens=8)
+    return rows, answers
+
+
+def test_answers_example_questions_in_each_category_s_vocabulary(pipe):
+    rows, answers = _ask_examples(pipe)
+    for r, a in zip(rows, answers):
+        vocab = {normalize_answer(v, r["category"]) for v in answer_vocab(r["category"])}
+        assert normalize_answer(a, r["category"]) in vocab, (r["image"], r["text"], a)
+
+
+@pytest.mark.xfail(strict=False, reason="the shipped model is still below the issue's targets (colour 42%, "
+                                        "count 30%, ...; see its card): exact answers wait for a better recipe")
+def test_answers_example_questions_correctly(pipe):
+    rows, answers = _ask_examples(pipe)
+    got = {r["image"]: normalize_answer(a, r["category"]) for r, a in zip(rows, answers)}
+    assert got == {r["image"]: normalize_answer(r["answer"], r["category"]) for r in rows}
+
+
+def test_grounding_check_of_the_card():
+    """With blank images the card's scores sit near chance (so answers come from the image)."""
+    chance = RESULTS["chance"]
+    for category, acc in RESULTS["blank"]["accuracy"].items():
+        assert abs(acc - chance[category]) <= 10, (category, acc, chance[category])
+    assert RESULTS["real"]["overall"] > RESULTS["blank"]["overall"] + 5
+
+
+def test_card_records_the_numbers_of_eval_results():
+    card = (DEFAULT_MODEL / "README.md").read_text()
+    for category, acc in RESULTS["real"]["accuracy"].items():
+        assert f"| {category} |" in card and f"{acc:.1f}" in card
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir()) <= 20e6
+
+
+@pytest.fixture(scope="module")
+def fresh(pipe, tmp_path_factory):
+    """The card's held-out set, regenerated from its seed, answered again by the shipped weights."""
+    root = tmp_path_factory.mktemp("heldout")
+    generate(root, seed=RESULTS["eval_seed"], n=0, eval_n=RESULTS["eval_n"])
+    sha = hashlib.sha256((root / "eval.jsonl").read_bytes()).hexdigest()
+    assert sha == RESULTS["eval_sha256"], "the synthetic eval questions changed since the card was written"
+    real = evaluate(pipe, root / "eval.jsonl", root, batch_size=50)
+    blank = evaluate(pipe, root / "eval.jsonl", root, batch_size=50, blank_images=True)
+    return real, blank
+
+
+@pytest.mark.slow
+def test_card_metrics_match_a_fresh_evaluation(fresh):
+    real, blank = fresh
+    for category, acc in RESULTS["real"]["accuracy"].items():
+        assert abs(real["accuracy"][category] - acc) <= TOLERANCE, (category, real["accuracy"][category], acc)
+    for category, acc in RESULTS["blank"]["accuracy"].items():
+        assert abs(blank["accuracy"][category] - acc) <= TOLERANCE, (category, blank["accuracy"][category], acc)
