@@ -139,7 +139,9 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
     """Write the dataset (see the module docstring) and return its meta.json contents.
 
     `text_only`: number of image-free instruct chats (default n // 10); `workers`: processes
-    that render images (the output does not depend on it).
+    that render images (the output does not depend on it). They are started with "spawn",
+    so a script that calls this with workers > 1 needs the usual `if __name__ == "__main__":`
+    guard (without it every worker re-runs the script and the pool never starts).
     """
     if n < 0 or eval_n < 0:
         raise ValueError("n and eval_n must be >= 0")

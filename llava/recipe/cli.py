@@ -32,7 +32,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     tiny.add_argument("--threads", type=int, default=None,
                       help="torch threads (default: torch's; 1 is faster on a busy machine)")
     tiny.add_argument("--reuse", action="store_true",
-                      help="keep the data, tokenizer and vision tower already in OUT (restarting a run)")
+                      help="keep the data, tokenizer, vision tower and LM already in OUT (restarting a run)")
     tiny.add_argument("--device", default="cpu", help="cpu (the shipped model's), cuda, mps")
     tiny.set_defaults(func=cmd_recipe_tiny)
 

@@ -154,7 +154,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     `threads`: torch intra-op threads; on a loaded machine 1 is often several times faster than 2
     (oversubscribed threads spin), so the default leaves torch's choice only when asked to.
-    `reuse`: keep the data, tokenizer and vision tower already in `out` (a restarted run).
+    `reuse`: keep the data, tokenizer, vision tower and LM already in `out` (a restarted run).
     `device`: where every stage trains ("cuda" makes the full recipe a matter of minutes)."""
     from llava.data.synth import generate
     from llava.recipe.card import write_card
@@ -201,9 +201,14 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
             corpus[0], data, tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
             seed=seed, device=device))
-    lm_docs = grounded_docs(seed, max(spec.n, spec.lm_scenes), n_text=max(spec.n, spec.lm_scenes) // 10)
-    summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
-        lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed, device=device))
+    if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
+        losses = read_losses(os.path.join(lm, "metrics.jsonl"))
+        summary["stages"]["stage0_lm"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1]}
+    else:
+        lm_docs = grounded_docs(seed, max(spec.n, spec.lm_scenes), n_text=max(spec.n, spec.lm_scenes) // 10)
+        summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
+            lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed,
+            device=device))
 
     s1_args = dict(stage="pretrain", out=s1, data=corpus[0], image_folder=data, epochs=spec.s1_epochs,
                    batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
