@@ -61,8 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def chat_loop(pipe, images: Sequence[str], sampling: dict, read: Callable[[str], str] = input,
-              write: Callable[[str], None] = None) -> None:
-    """The original CLI's loop: the image(s) go with the first message; empty input or EOF ends it."""
+              write: Callable[[str], None] = None, debug: bool = False) -> None:
+    """The original CLI's loop: the image(s) go with the first message; empty input or EOF ends it.
+
+    `debug`: after each reply, print the rendered prompt and the reply, as the original's --debug does."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     user_role, assistant_role = pipe.template.roles
     user_role = user_role.strip() or "USER"
@@ -92,6 +94,8 @@ def chat_loop(pipe, images: Sequence[str], sampling: dict, read: Callable[[str],
             messages.pop()
             continue
         write("\n")
+        if debug:
+            write(f"\n{ {'prompt': pipe.prepare_chat(messages).prompt, 'outputs': reply} }\n\n")
         messages.append({"role": "assistant", "content": reply.strip()})
 
 

@@ -139,3 +139,13 @@ def test_im_start_end_checkpoints_wrap_each_image(ckpt_dir):
     first, last = ids.index(image), len(ids) - 1 - ids[::-1].index(image)
     assert ids[first - 1] == start and ids[last + 1] == end
     assert isinstance(pipe.generate("What is shown?", images=IMAGE, **GREEDY), str)
+
+
+def test_chat_loop_debug_prints_prompt_and_outputs(pipe):
+    from llava.cli import chat_loop
+
+    inputs, written = iter(["What is shown?", ""]), []
+    chat_loop(pipe, [IMAGE], dict(GREEDY), read=lambda _: next(inputs), write=written.append, debug=True)
+    text = "".join(written)
+    assert "{'prompt': " in text and "'outputs': " in text and r"USER: <image>\nWhat is shown? ASSISTANT:" in text
+    assert text.rstrip().endswith("exit...")

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         pipe = load(args.model_path, model_base=args.model_base, device=args.device, template=args.conv_mode,
                     quantize=quantize, vision_tower=args.vision_tower)
         chat_loop(pipe, [args.image_file] if args.image_file else [],
-                  dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+                  dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens), debug=args.debug)
     except USER_ERRORS as err:
         print(f"llava.serve.cli: error: {err}", file=sys.stderr)
         return 2
