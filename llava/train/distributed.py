@@ -19,9 +19,10 @@ against the single-process `Strategy` on the same global batch):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -158,6 +159,12 @@ class DDPStrategy(_ProcessGroupStrategy):
 
     def unwrap(self, wrapped: nn.Module) -> nn.Module:
         return getattr(wrapped, "module", wrapped)
+
+    def gradient_sync(self, wrapped: nn.Module, sync: bool) -> ContextManager:
+        """DDP's `no_sync` for all but the last micro-batch: one all-reduce per optimizer step,
+        not one per micro-batch (with find_unused_parameters, DDP also syncs what only an
+        earlier micro-batch used)."""
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
 
 
 class FSDPStrategy(_ProcessGroupStrategy):

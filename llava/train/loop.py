@@ -238,13 +238,14 @@ class _Run:
         n_targets, n_tokens = self.strategy.all_reduce_sum(local).tolist()
         scale = world / max(n_targets, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             labels = batch["labels"].to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.wrapped(**self._to_device(batch), use_cache=False).logits
-            token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
-            (token_loss * scale).backward()
+            with self.strategy.gradient_sync(self.wrapped, sync=i == len(batches) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logits = self.wrapped(**self._to_device(batch), use_cache=False).logits
+                token_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+                (token_loss * scale).backward()
             loss_sum += token_loss.detach().double()
         # A step without images leaves the projector without a gradient. Give it a zero one, as the
         # original does (its text-only rows carry a blank image) and FSDP2 does: AdamW's momentum then

@@ -7,8 +7,9 @@ within float tolerance).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -60,6 +61,11 @@ class Strategy:
     def clip_grad_norm(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
         params = [p for p in wrapped.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def gradient_sync(self, wrapped: nn.Module, sync: bool) -> ContextManager:
+        """Context for one micro-batch's backward; `sync=False` (all but the last micro-batch of
+        an accumulated step) lets gradients accumulate locally without communication."""
+        return contextlib.nullcontext()
 
     # Data --------------------------------------------------------------------------------------
     def shard(self, global_batch: list[int]) -> list[int]:
