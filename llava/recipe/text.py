@@ -64,7 +64,8 @@ def pack(tokenizer: PreTrainedTokenizerBase, docs: list[Doc], block: int, all_to
 def pretrain_lm(docs: list[Doc], tokenizer: PreTrainedTokenizerBase, out_dir: str, spec: LMSpec | None = None,
                 steps: int = 300, batch_size: int = 16, block: int = 256, lr: float = 2e-3, seed: int = 0,
                 log_every: int = 10, device: str = "cpu", save_every: int = 0, all_tokens: bool = True) -> dict:
-    """Next-token pretraining on the docs' target spans; saves model + tokenizer to `out_dir`; returns a summary."""
+    """Next-token pretraining (on every token, or only the docs' target spans with `all_tokens=False`:
+    measured worse here); saves model + tokenizer to `out_dir`; returns a summary."""
     spec = spec or LMSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
