@@ -6,7 +6,8 @@ import json
 import math
 import os
 import random
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,3 +51,33 @@ def read_losses(path: str | os.PathLike) -> list[float]:
             if isinstance(row.get("loss"), (int, float)):
                 out.append(float(row["loss"]))
     return out
+
+
+def train_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, steps: int, batch_size: int,
+               peak_lr: float, seed: int, log: JsonlLog, loss_of: Callable[[torch.Tensor], torch.Tensor],
+               log_every: int = 10, after_step: Callable[[int], None] | None = None,
+               t0: float | None = None) -> None:
+    """The stage-0 loop: reshuffled epochs of row indices (seeded), cosine schedule with 5% warmup,
+    clip at 1.0, a metrics row every `log_every` steps (seconds since `t0`); `loss_of(indices)` is the
+    batch's loss."""
+    t0 = time.perf_counter() if t0 is None else t0
+    gen = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(n, generator=gen), 0
+    batch_size = min(batch_size, n)
+    for step in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, peak_lr, max(1, steps // 20))
+        loss = loss_of(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            log.write(step=step + 1, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
+                      seconds=round(time.perf_counter() - t0, 2))
+        if after_step is not None:
+            after_step(step + 1)

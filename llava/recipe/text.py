@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llava.recipe.common import JsonlLog, cosine_lr, seed_everything
+from llava.recipe.common import JsonlLog, seed_everything, train_loop
 from llava.recipe.tokenizer import Doc
 
 
@@ -73,29 +73,16 @@ def pretrain_lm(docs: list[Doc], tokenizer: PreTrainedTokenizerBase, out_dir: st
     model = LlamaForCausalLM(lm_config(spec, tokenizer)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
-    gen = torch.Generator().manual_seed(seed)
-    n, order, pos = len(data), torch.randperm(len(data), generator=gen), 0
-    batch_size = min(batch_size, n)
-    for step in range(steps):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        rows = order[pos:pos + batch_size]
-        batch, labels = data[rows].to(device), targets[rows].to(device)
-        pos += batch_size
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
-        loss = model(input_ids=batch, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            log.write(step=step + 1, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
-                      seconds=round(time.perf_counter() - t0, 2))
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            model.save_pretrained(os.path.join(out_dir, f"step-{step + 1}"))
-            tokenizer.save_pretrained(os.path.join(out_dir, f"step-{step + 1}"))
+
+    def save_snapshot(step: int) -> None:
+        if save_every and step % save_every == 0 and step < steps:
+            model.save_pretrained(os.path.join(out_dir, f"step-{step}"))
+            tokenizer.save_pretrained(os.path.join(out_dir, f"step-{step}"))
+
+    train_loop(model, opt, len(data), steps, batch_size, lr, seed, log,
+               lambda idx: model(input_ids=data[idx].to(device), labels=targets[idx].to(device)).loss,
+               log_every, save_snapshot, t0=t0)
     model.cpu().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"steps": steps, "first_loss": log.rows[0]["loss"], "final_loss": log.rows[-1]["loss"],
-            "seconds": time.perf_counter() - t0, "blocks": n, "tokens": n * block}
+            "seconds": time.perf_counter() - t0, "blocks": len(data), "tokens": len(data) * block}

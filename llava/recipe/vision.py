@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
-from llava.recipe.common import JsonlLog, cosine_lr, seed_everything
+from llava.recipe.common import JsonlLog, seed_everything, train_loop
 from llava.recipe.tokenizer import IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -128,25 +128,13 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     model = DualEncoder(len(tokenizer), spec).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
-    gen = torch.Generator().manual_seed(seed)
-    n, order, pos = len(images), torch.randperm(len(images), generator=gen), 0
-    batch_size = min(batch_size, n)
-    for step in range(steps):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         keep = int(mask[idx].sum(1).max())
-        loss = model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device), mask[idx, :keep].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            log.write(step=step + 1, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
-                      seconds=round(time.perf_counter() - t0, 2))
+        return model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device),
+                     mask[idx, :keep].to(device))
+
+    train_loop(model, opt, len(images), steps, batch_size, lr, seed, log, loss_of, log_every, t0=t0)
     model.vision.cpu().save_pretrained(out_dir)
     return {"steps": steps, "first_loss": log.rows[0]["loss"], "final_loss": log.rows[-1]["loss"],
-            "seconds": time.perf_counter() - t0, "pairs": n}
+            "seconds": time.perf_counter() - t0, "pairs": len(images)}
