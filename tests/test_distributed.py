@@ -9,17 +9,13 @@ checks that the resumed last step equals the continued one.
 
 from __future__ import annotations
 
-import os
 import runpy
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import run_command, torchrun_command
 
 # Weights after 3 steps (lr 1e-3: each moves up to 3e-3) vs one process, measured for DDP and FSDP2
 # alike: max |diff| 1.9e-6, and only ~11 of 182k elements differ by more than 1e-7 (float32
@@ -150,27 +146,8 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], timeout: float = TIMEOUT_S) -> str:
-    """Run `torchrun --nproc_per_node 2 args...`; kill the whole process group if it overruns."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {timeout}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{output[-4000:]}"
-    return output
+    return run_command(torchrun_command(args), timeout)
 
 
 def _abs_diffs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,8 @@ from llava.data.synth import generate
 from llava.recipe.common import read_losses
 from llava.recipe.text import LMSpec, pack, pretrain_lm
 from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
-from llava.recipe.vision import DualEncoder, VisionSpec, clip_loss, load_pairs, pretrain_vision, to_pixels
+from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, hard_negatives, load_pairs, perturb_caption,
+                                 pretrain_vision, read_binding, to_pixels)
 
 SMALL_VISION = VisionSpec(patch_size=16, width=32, layers=1, heads=2, text_width=32, text_layers=1, embed_dim=32)
 SMALL_LM = LMSpec(width=32, layers=1, heads=2, intermediate=64, max_positions=256)
@@ -48,6 +49,43 @@ def test_clip_loss_is_low_for_matching_pairs():
     assert clip_loss(x, x, 50.0) < 0.1 < clip_loss(x, x.roll(1, 0), 50.0)
 
 
+def test_hard_negatives_count_in_the_image_side_of_the_loss():
+    x = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    far = -x
+    # a negative caption identical to the true one makes the true one half as likely
+    assert clip_loss(x, x, 50.0, far) < 0.1 < clip_loss(x, x, 50.0, x)
+
+
+CAPTION = "two red diamonds, a gray star and a blue circle on a light green background with the word 'bird'"
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "count"])
+def test_perturb_caption_changes_one_object_attribute(kind):
+    import random
+
+    tail = " on a light green background with the word 'bird'"
+    seen = set()
+    for seed in range(40):
+        neg = perturb_caption(CAPTION, random.Random(seed), kind)
+        assert neg != CAPTION and neg.endswith(tail)  # never the background or the word
+        changed = [(a, b) for a, b in zip(CAPTION.split(), neg.split()) if a != b]
+        assert len(changed) == 1 and len(neg.split()) == len(CAPTION.split()), neg
+        old, new = (w.strip(",") for w in changed[0])
+        seen.add(old)
+        if old == "diamonds":  # a group stays a group
+            assert new.endswith("s") and new != old
+    expected = {"color": {"red", "gray", "blue"}, "shape": {"diamonds", "star", "circle"}, "count": {"two"}}[kind]
+    assert seen == expected
+    assert perturb_caption("a red circle on a white background", random.Random(0), "count") is None
+
+
+def test_hard_negatives_cover_each_kind_per_caption():
+    negs = hard_negatives([CAPTION, "a red circle on a white background"], seed=0, per_caption=4)
+    assert len(negs) == 8 and CAPTION not in negs
+    # no number word to change in the second caption: its count negative changes something else
+    assert all(n != "a red circle on a white background" for n in negs[4:])
+
+
 def test_contrastive_loss_falls_on_a_tiny_batch(synth, tokenizer):
     torch.manual_seed(0)
     images, captions = load_pairs(str(synth / "pretrain.json"), str(synth), limit=8)
@@ -72,6 +110,9 @@ def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
     t = pretrain_lm(grounded_docs(0, 24, 2), tokenizer, str(lm), SMALL_LM, steps=3, batch_size=4,
                     block=64)
     assert v["steps"] == t["steps"] == 3 and len(read_losses(tower / "metrics.jsonl")) >= 2
+    # the held-out binding check is logged (and read back when a restarted recipe reuses the tower)
+    assert read_binding(str(tower / "metrics.jsonl")) == v["binding_heldout"]
+    assert set(v["binding_heldout"]) == {"color", "shape", "count"} and v["hard_negatives_per_image"] == 4
     clip = CLIPVisionModel.from_pretrained(tower)
     assert clip.config.image_size == 96 and clip.config.patch_size == 16
     out = clip(pixel_values=torch.zeros(1, 3, 96, 96), output_hidden_states=True)
@@ -142,6 +183,7 @@ def test_small_recipe_end_to_end(small_run):
     assert sum(os.path.getsize(model / f) for f in os.listdir(model)) < 20e6
     card = (model / "README.md").read_text()
     assert "llava recipe tiny --size small --seed 0" in card and "blank-image" in card
+    assert "hard\n  negative captions per image" in card and "shape " in card
     saved = json.loads((out / "recipe_summary.json").read_text())
     assert set(saved["times"]) >= {"data", "eval_data", "stage0_vision", "stage0_lm", "stage1", "stage2", "eval"}
     assert saved["eval_seed"] != saved["seed"]

@@ -15,44 +15,18 @@ CPUs' rounding while still catching that by a factor of ~20.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from train_helpers import make_sources, weights, write_data
+from train_helpers import make_sources, run_command, torchrun_command, weights, write_data
 
 MAX_TOL = 5e-5
 TIMEOUT_S = 120
 STEPS, LR = 3, 1e-3
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str], timeout: float = TIMEOUT_S) -> str:
-    """Run a command in its own process group; kill the whole group if it overruns."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)}\nexited {proc.returncode}:\n{output[-4000:]}"
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +49,14 @@ def _train_args(setup: dict[str, Path], out: Path, strategy: str, micro: int) ->
 @pytest.fixture(scope="module")
 def single(setup) -> dict[str, torch.Tensor]:
     out = setup["root"] / "out_single"
-    _run([sys.executable, *_train_args(setup, out, "single", micro=2)])  # micro 2 x accumulation 2
+    run_command([sys.executable, *_train_args(setup, out, "single", micro=2)], TIMEOUT_S)  # micro 2 x accumulation 2
     return weights(out)
 
 
 def _torchrun(setup, strategy: str) -> tuple[dict[str, torch.Tensor], str]:
     out = setup["root"] / f"out_{strategy}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *_train_args(setup, out, strategy, micro=1)]  # 1 x 2 procs x accum 2
-    output = _run(cmd)
+    # micro 1 x 2 processes x accumulation 2
+    output = run_command(torchrun_command(_train_args(setup, out, strategy, micro=1)), TIMEOUT_S)
     return weights(out), output
 
 

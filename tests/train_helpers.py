@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import PIL.Image
 import PIL.ImageDraw
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -69,3 +75,34 @@ def make_sources(root: Path, preset: str = "tiny", seed: int = 0) -> dict[str, s
 
 def weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+# -- processes: `torchrun` and CLI runs that must never hang the suite ---------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_command(cmd: list[str], timeout: float) -> str:
+    """Run a command in its own process group (one thread per process, offline); kill the whole group
+    if it overruns; fail with the output's tail on timeout or a non-zero exit. Returns the output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... timed out after {timeout}s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nexited {proc.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node N args...` on loopback with a free port, via this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), *args]

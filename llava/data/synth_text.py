@@ -286,6 +286,8 @@ def conversation(rng: random.Random, scene: Scene, min_qa: int = 3, max_qa: int 
         if category == "exist":
             yes_no[qa.answer] += 1
         turns.append((qa.text, qa.answer))
+    if not turns:  # a scene too uniform for any unambiguous question still has a description
+        turns.append((rng.choice(DETAIL_PROMPTS), description(scene)))
     return turns
 
 

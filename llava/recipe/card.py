@@ -42,6 +42,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     hashes = "\n".join(f"- `{k}`: `{v}`" for k, v in files.items())
     images = summary.get("images_sha", {})
     v, lm = spec["vision"], spec["lm"]
+    s0 = summary.get("stages", {}).get("stage0_vision", {})
+    binding = ", ".join(f"{k} {a:.1f}%" for k, a in s0.get("binding_heldout", {}).items()) or "not measured"
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -64,7 +66,9 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 ## Model
 
 - vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide
-  (contrastively pretrained on the captions, {spec['vision_steps']} steps)
+  (contrastively pretrained on the captions, {spec['vision_steps']} steps, {spec.get('vision_negatives', 0)} hard
+  negative captions per image: the caption with one colour, shape or count changed). How often a held-out
+  image is closer to its caption than to such a negative (50% = blind to it): {binding}
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}
   ({spec['lm_steps']} steps of next-token pretraining on the dataset's chats and captions, each image
   replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes)
