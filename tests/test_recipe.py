@@ -14,7 +14,7 @@ from llava.recipe.common import read_losses
 from llava.recipe.text import LMSpec, pack, pretrain_lm
 from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, hard_negatives, load_pairs, perturb_caption,
-                                 pretrain_vision, read_binding, to_pixels)
+                                 pretrain_vision, read_binding, scene_pairs, to_pixels)
 
 SMALL_VISION = VisionSpec(patch_size=16, width=32, layers=1, heads=2, text_width=32, text_layers=1, embed_dim=32)
 SMALL_LM = LMSpec(width=32, layers=1, heads=2, intermediate=64, max_positions=256)
@@ -103,16 +103,24 @@ def test_contrastive_loss_falls_on_a_tiny_batch(synth, tokenizer):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_scene_pairs_caption_scenes_as_the_pretraining_set_does(synth):
+    images, captions = load_pairs(str(synth / "pretrain.json"), str(synth))
+    train_images, train_captions = scene_pairs(str(synth), split="train")
+    assert train_captions == captions and (train_images == images).all()
+    eval_images, eval_captions = scene_pairs(str(synth))
+    assert len(eval_captions) == len(eval_images) == 7 and not set(eval_captions) & set(captions)
+
+
 def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
     tower, lm = tmp_path / "tower", tmp_path / "lm"
     v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tower), SMALL_VISION, steps=3,
-                        batch_size=8)
+                        batch_size=8, hard_negatives_per_image=2, check_pairs=scene_pairs(str(synth)))
     t = pretrain_lm(grounded_docs(0, 24, 2), tokenizer, str(lm), SMALL_LM, steps=3, batch_size=4,
                     block=64)
     assert v["steps"] == t["steps"] == 3 and len(read_losses(tower / "metrics.jsonl")) >= 2
     # the held-out binding check is logged (and read back when a restarted recipe reuses the tower)
     assert read_binding(str(tower / "metrics.jsonl")) == v["binding_heldout"]
-    assert set(v["binding_heldout"]) == {"color", "shape", "count"} and v["hard_negatives_per_image"] == 4
+    assert set(v["binding_heldout"]) == {"color", "shape", "count"} and v["pairs"] == 24
     clip = CLIPVisionModel.from_pretrained(tower)
     assert clip.config.image_size == 96 and clip.config.patch_size == 16
     out = clip(pixel_values=torch.zeros(1, 3, 96, 96), output_hidden_states=True)
@@ -183,7 +191,7 @@ def test_small_recipe_end_to_end(small_run):
     assert sum(os.path.getsize(model / f) for f in os.listdir(model)) < 20e6
     card = (model / "README.md").read_text()
     assert "llava recipe tiny --size small --seed 0" in card and "blank-image" in card
-    assert "hard\n  negative captions per image" in card and "shape " in card
+    assert "Binding check on\n  held-out scenes" in card and "shape " in card
     saved = json.loads((out / "recipe_summary.json").read_text())
     assert set(saved["times"]) >= {"data", "eval_data", "stage0_vision", "stage0_lm", "stage1", "stage2", "eval"}
     assert saved["eval_seed"] != saved["seed"]

@@ -44,6 +44,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     v, lm = spec["vision"], spec["lm"]
     s0 = summary.get("stages", {}).get("stage0_vision", {})
     binding = ", ".join(f"{k} {a:.1f}%" for k, a in s0.get("binding_heldout", {}).items()) or "not measured"
+    k_neg = spec.get("vision_negatives", 0)
+    negatives = f", {k_neg} hard negative captions per image" if k_neg else ""
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -66,9 +68,9 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 ## Model
 
 - vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide
-  (contrastively pretrained on the captions, {spec['vision_steps']} steps, {spec.get('vision_negatives', 0)} hard
-  negative captions per image: the caption with one colour, shape or count changed). How often a held-out
-  image is closer to its caption than to such a negative (50% = blind to it): {binding}
+  (contrastively pretrained on the captions, {spec['vision_steps']} steps{negatives}). Binding check on
+  held-out scenes, how often an image is closer to its caption than to that caption with one colour,
+  shape or count changed (50% = blind to it): {binding}
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}
   ({spec['lm_steps']} steps of next-token pretraining on the dataset's chats and captions, each image
   replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes)

@@ -21,7 +21,7 @@ from llava.checkpoint import load_tokenizer
 from llava.recipe.common import read_losses
 from llava.recipe.text import LMSpec, pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
-from llava.recipe.vision import VisionSpec, pretrain_vision, read_binding
+from llava.recipe.vision import VisionSpec, pretrain_vision, read_binding, scene_pairs
 
 
 @dataclass
@@ -47,14 +47,14 @@ class RecipeSize:
     s1_max_steps: int | None = None
     s2_max_steps: int | None = None
     s2_unfreeze_tower: bool = False  # LLaVA-1.6 style: the tower learns in stage 2 too
-    vision_negatives: int = 4  # hard negative captions per image in stage 0 (0: plain CLIP)
+    vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 SIZES: dict[str, RecipeSize] = {
     "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(), lm=LMSpec(),
-                       vision_steps=400, vision_batch=64, lm_steps=400, lm_batch=16, lm_scenes=6000,
+                       vision_steps=300, vision_batch=64, lm_steps=400, lm_batch=16, lm_scenes=6000,
                        s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=6, s2_batch=16, s2_lr=1e-3),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
@@ -202,7 +202,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     else:
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
             corpus[0], data, tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
-            seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives))
+            seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives,
+            check_pairs=scene_pairs(eval_dir)))
     if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
         losses = read_losses(os.path.join(lm, "metrics.jsonl"))
         summary["stages"]["stage0_lm"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1]}
