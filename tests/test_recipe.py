@@ -82,6 +82,9 @@ def test_perturb_caption_changes_one_object_attribute(kind):
 def test_hard_negatives_cover_each_kind_per_caption():
     negs = hard_negatives([CAPTION, "a red circle on a white background"], seed=0, per_caption=4)
     assert len(negs) == 8 and CAPTION not in negs
+    changed = [next(a.strip(",") for a, b in zip(CAPTION.split(), n.split()) if a != b) for n in negs[:4]]
+    kinds = ["count" if w == "two" else "color" if w in ("red", "gray", "blue") else "shape" for w in changed]
+    assert kinds == ["shape", "color", "count", "shape"]
     # no number word to change in the second caption: its count negative changes something else
     assert all(n != "a red circle on a white background" for n in negs[4:])
 
