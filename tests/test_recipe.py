@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from llava.data.synth import generate
-from llava.recipe.common import read_losses
+from llava.recipe.common import read_binding, read_losses
 from llava.recipe.text import LMSpec, pack, pretrain_lm
 from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, hard_negatives, load_pairs, perturb_caption,
-                                 pretrain_vision, read_binding, scene_pairs, to_pixels)
+                                 pretrain_vision, scene_pairs, to_pixels)
 
 SMALL_VISION = VisionSpec(patch_size=16, width=32, layers=1, heads=2, text_width=32, text_layers=1, embed_dim=32)
 SMALL_LM = LMSpec(width=32, layers=1, heads=2, intermediate=64, max_positions=256)

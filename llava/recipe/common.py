@@ -53,6 +53,13 @@ def read_losses(path: str | os.PathLike) -> list[float]:
     return out
 
 
+def read_binding(metrics_jsonl: str | os.PathLike) -> dict[str, float]:
+    """The binding accuracy the vision tower's stage 0 logged last (empty if none)."""
+    with open(metrics_jsonl, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return next((r["binding"] for r in reversed(rows) if "binding" in r), {})
+
+
 def train_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, steps: int, batch_size: int,
                peak_lr: float, seed: int, log: JsonlLog, loss_of: Callable[[torch.Tensor], torch.Tensor],
                log_every: int = 10, after_step: Callable[[int], None] | None = None,

@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 
 from llava.checkpoint import load_tokenizer
-from llava.recipe.common import read_losses
+from llava.recipe.common import read_binding, read_losses
 from llava.recipe.text import LMSpec, pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
-from llava.recipe.vision import VisionSpec, pretrain_vision, read_binding, scene_pairs
+from llava.recipe.vision import VisionSpec, pretrain_vision, scene_pairs
 
 
 @dataclass

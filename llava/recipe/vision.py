@@ -184,13 +184,6 @@ def binding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[str]
     return result
 
 
-def read_binding(metrics_jsonl: str) -> dict[str, float]:
-    """The binding accuracy a stage-0 run logged last (empty if none)."""
-    with open(metrics_jsonl, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return next((r["binding"] for r in reversed(rows) if "binding" in r), {})
-
-
 def _to(t: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return t[0].to(device), t[1].to(device)
 
@@ -199,12 +192,17 @@ def load_pairs(pretrain_json: str, image_folder: str, limit: int | None = None) 
     """All (image, caption) pairs of a LLaVA-Pretrain file: uint8 images (N, H, W, 3) and captions."""
     with open(pretrain_json, encoding="utf-8") as f:
         records = json.load(f)[:limit]
-    images, captions = [], []
-    for rec in records:
-        with PIL.Image.open(os.path.join(image_folder, rec["image"])) as im:
+    captions = [rec["conversations"][-1]["value"].replace(IMAGE_TOKEN, "").strip() for rec in records]
+    return read_images(image_folder, [rec["image"] for rec in records]), captions
+
+
+def read_images(folder: str, names: list[str]) -> np.ndarray:
+    """uint8 RGB images (N, H, W, 3) from files under `folder`."""
+    images = []
+    for name in names:
+        with PIL.Image.open(os.path.join(folder, name)) as im:
             images.append(np.asarray(im.convert("RGB")))
-        captions.append(rec["conversations"][-1]["value"].replace(IMAGE_TOKEN, "").strip())
-    return np.stack(images), captions
+    return np.stack(images)
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -228,11 +226,7 @@ def scene_pairs(data_dir: str, split: str = "eval") -> tuple[np.ndarray, list[st
 
     with open(os.path.join(data_dir, "scenes.jsonl"), encoding="utf-8") as f:
         rows = [r for r in map(json.loads, f) if r["split"] == split]
-    images = []
-    for r in rows:
-        with PIL.Image.open(os.path.join(data_dir, r["image"])) as im:
-            images.append(np.asarray(im.convert("RGB")))
-    return np.stack(images), [caption(Scene.from_dict(r["scene"])) for r in rows]
+    return read_images(data_dir, [r["image"] for r in rows]), [caption(Scene.from_dict(r["scene"])) for r in rows]
 
 
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
