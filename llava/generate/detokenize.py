@@ -11,7 +11,7 @@ streaming until it is clear it is not one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 # A partial UTF-8 character spans at most 4 bytes, so after this many undecodable tokens the
@@ -31,9 +31,7 @@ class RowText:
         self.stopped = False  # a stop string was found
         self._prefix_offset = 0  # window start: ids decoded only to measure the already-emitted text
         self._read_offset = 0  # ids before this are reflected in `text`
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        self._decode = fast_decoder(tokenizer)
 
     def add(self, token_id: int) -> bool:
         """Append one id; True when a stop string now appears (the text is then cut before it)."""
@@ -92,3 +90,13 @@ class RowText:
                     longest = k
                     break
         return longest
+
+
+def fast_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, straight from the Rust tokenizer when that is
+    the same thing (a fast tokenizer without space clean-up): ~1.6 us a call instead of ~8, twice
+    per token per row."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

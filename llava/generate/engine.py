@@ -1,10 +1,12 @@
 """Batched LLaVA generation: one prefill over merged image+text embeddings, then a lean decode loop.
 
 The shape follows gpt-fast: `prefill` and `decode_step` are separate functions, and the
-per-token work outside the model is kept to one sampled-id read per step. The language
-model is driven only through transformers' public forward (`inputs_embeds`,
-`attention_mask`, `position_ids`, `cache`, `logits_to_keep`), so a bf16, int8 or
-`torch.compile`d forward can be swapped in without touching the loop.
+per-token work outside the model is kept to one sampled-id read per step. Two forwards are
+swappable under the loop: the lean one (`llava.generate.decoder`: the model's own modules
+over a preallocated KV cache, for Llama, Mistral and Qwen2) and transformers' public
+forward (`inputs_embeds`, `attention_mask`, `position_ids`, `cache`, `logits_to_keep`),
+which serves every other causal LM. Both run in any dtype and with int8 or bitsandbytes
+linears; `compile=True` compiles transformers' decode step.
 
 Batching uses left padding: every row's last prompt token sits in the same column, so one
 `logits_to_keep=1` prefill gives each row's next-token logits, and position ids come from
@@ -21,6 +23,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
+from llava.generate.decoder import KVCache, LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.generate.sampling import SamplingParams, make_generator, sample
 from llava.model.llava import LlavaModel, positions_from_mask
@@ -28,6 +31,7 @@ from llava.model.llava import LlavaModel, positions_from_mask
 __all__ = ["SamplingParams", "Request", "Completion", "ContextTooLong", "DecodeState", "Engine"]
 
 CACHE_KINDS = ("dynamic", "static")
+FORWARDS = ("auto", "lean", "transformers")
 
 
 @dataclass
@@ -67,12 +71,13 @@ class DecodeState:
     already set to 1, so each step passes a view of it instead of building a new mask.
     """
 
-    cache: Cache
+    cache: Cache | KVCache  # KVCache on the lean forward
     attention_mask: torch.Tensor  # [B, capacity] long
     position_ids: torch.Tensor  # [B, 1] position of each row's next token
     length: int  # cache columns filled so far (same for every row: left padding)
     logits: torch.Tensor  # [B, V] next-token logits
     rows: list[int]  # request index of each batch row; rows leave as they finish (dynamic cache)
+    padded: bool = True  # whether any row has padding columns (the lean forward skips the mask if not)
 
 
 def cache_argument(lm: torch.nn.Module) -> str:
@@ -85,18 +90,23 @@ def cache_argument(lm: torch.nn.Module) -> str:
 class Engine:
     """Generates for batches of `Request`s with a LLaVA model on whatever device/dtype it lives on.
 
-    cache="static" preallocates the KV cache (no per-step growth); compile=True additionally
-    runs the decode forward through `torch.compile` (implies the static cache, whose fixed
-    shapes avoid recompiles). Both are opt-in: on a 2-core CPU (benchmarks/README.md) the
-    static cache was no faster than the dynamic one in eager mode, and compiling (15-45 s
-    up front) made tiny-model decoding ~2.6x faster but a 200M model's, bound by matmuls,
-    only 1.3x at batch 1 and not at all at batch 8.
+    forward="auto" uses the lean forward when the language model is a Llama, Mistral or Qwen2
+    (and the batch fits any sliding window), transformers' forward otherwise; "lean" insists
+    (ValueError with the reason when it cannot), "transformers" never uses it. The cache
+    options belong to transformers' forward: cache="static" preallocates its KV cache, and
+    compile=True runs its decode step through `torch.compile` with the static cache (fixed
+    shapes avoid recompiles). The lean forward always preallocates. On a 2-core CPU
+    (benchmarks/README.md) it decodes the tiny model ~2.5x as fast as transformers'
+    `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 15-45 s up front.
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
-                 context_length: int | None = None, cache: str = "dynamic", compile: bool = False) -> None:
+                 context_length: int | None = None, cache: str = "dynamic", compile: bool = False,
+                 forward: str = "auto") -> None:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; valid: {', '.join(CACHE_KINDS)}")
+        if forward not in FORWARDS:
+            raise ValueError(f"unknown forward {forward!r}; valid: {', '.join(FORWARDS)}")
         self.model = model
         self.lm = model.language_model
         self.tokenizer = tokenizer
@@ -106,7 +116,15 @@ class Engine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None or pad == model.config.image_token_index else int(pad)
         self.compiled = compile
+        self.forward_kind = forward
         self._cache_arg = cache_argument(self.lm)
+        self.lean: LlamaFamilyDecoder | None = None
+        if forward == "lean" or (forward == "auto" and cache == "dynamic" and not compile):
+            reason = unsupported_reason(self.lm, capacity=1)
+            if reason is None:
+                self.lean = LlamaFamilyDecoder(self.lm)
+            elif forward == "lean":
+                raise ValueError(f"the lean forward cannot run this language model: {reason}; use forward='auto'")
         self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
         if compile:
             # torch's default shape policy: the first shape compiles static, a second one compiles a
@@ -154,12 +172,27 @@ class Engine:
         features = [f for r in requests for f in r.image_features]  # placeholders are in row-major order
         embeds = self.model.embed(ids, features)
         positions = positions_from_mask(mask[:, :prompt_len])
+        if self._lean_fits(capacity):
+            cache = self.lean.new_cache(len(requests), capacity, dev, embeds.dtype)
+            padded = min(lengths) < prompt_len
+            logits = self.lean.forward(embeds, positions, mask if padded else None, cache, 0)
+            return DecodeState(cache=cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
+                               length=prompt_len, logits=logits, rows=list(range(len(requests))), padded=padded)
         cache = self._new_cache(capacity)
         out = self.lm(inputs_embeds=embeds, attention_mask=self._mask_view(mask, prompt_len),
                       position_ids=positions, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         # The cache object is filled in place; keeping our own reference works on every transformers 5.x.
         return DecodeState(cache=cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
                            length=prompt_len, logits=out.logits[:, -1], rows=list(range(len(requests))))
+
+    def _lean_fits(self, capacity: int) -> bool:
+        """Whether this batch runs on the lean forward (a sliding window may be too short for it)."""
+        if self.lean is None:
+            return False
+        reason = unsupported_reason(self.lm, capacity)
+        if reason is not None and self.forward_kind == "lean":
+            raise ValueError(f"the lean forward cannot run this batch: {reason}; use forward='auto'")
+        return reason is None
 
     def _capacity(self, needed: int) -> int:
         """Exact size, except that compiled decoding uses power-of-two static caches (few distinct shapes).
@@ -191,22 +224,31 @@ class Engine:
     def decode_step(self, state: DecodeState, next_tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B] ids), advance the state in place, return [B, V] logits."""
         state.length += 1
-        logits = self._decode_forward(next_tokens.view(-1, 1), self._mask_view(state.attention_mask, state.length),
-                                      state.position_ids, state.cache)
+        if isinstance(state.cache, KVCache):
+            logits = self.lean.forward(self.lean.embed(next_tokens.view(-1, 1)), state.position_ids,
+                                       state.attention_mask if state.padded else None, state.cache, state.length - 1)
+        else:
+            logits = self._decode_forward(next_tokens.view(-1, 1), self._mask_view(state.attention_mask, state.length),
+                                          state.position_ids, state.cache)
         state.position_ids += 1
         state.logits = logits
         return logits
 
-    def keep_rows(self, state: DecodeState, keep: list[int]) -> None:
-        """Drop finished rows from the batch (dynamic cache); a static cache keeps its shape."""
-        if self.cache_kind == "static" or len(keep) == len(state.rows):
-            return
+    def keep_rows(self, state: DecodeState, keep: list[int]) -> bool:
+        """Drop finished rows from the batch; False when it keeps its shape (transformers' static cache)."""
+        lean = isinstance(state.cache, KVCache)
+        if (self.cache_kind == "static" and not lean) or len(keep) == len(state.rows):
+            return False
         index = torch.tensor(keep, device=state.attention_mask.device)
-        state.cache.batch_select_indices(index)
+        if lean:
+            state.cache.select_rows(index)
+        else:
+            state.cache.batch_select_indices(index)
         state.attention_mask = state.attention_mask.index_select(0, index)
         state.position_ids = state.position_ids.index_select(0, index)
         state.logits = state.logits.index_select(0, index)
         state.rows = [state.rows[i] for i in keep]
+        return True
 
     # Generation ----------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], params: SamplingParams | None = None,
@@ -258,8 +300,7 @@ class Engine:
                     yield row, delta
             if not keep:
                 return
-            if self.cache_kind != "static" and len(keep) < len(state.rows):
-                self.keep_rows(state, keep)
+            if len(keep) < len(state.rows) and self.keep_rows(state, keep):
                 tokens = tokens[torch.tensor(keep, device=tokens.device)]
             logits = self.decode_step(state, tokens)
 

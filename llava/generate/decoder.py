@@ -1,0 +1,248 @@
+"""A lean forward for Llama-family language models (Llama, Mistral, Qwen2) with a preallocated KV cache.
+
+Why it exists: on a small model each decode step costs Python and dispatch time, and
+transformers' forward spends most of it on work a left-padded decode loop does not need
+(mask construction for every layout, cache-class bookkeeping, output containers). This
+forward keeps only the arithmetic. It runs the model's own submodules (norms, projections,
+the rotary embedding), so its weights, dtype and quantized linears are the model's, and only
+the attention plumbing and the cache are ours. Like gpt-fast it writes keys and values into
+a cache allocated once per batch, and a step attends over the filled columns only.
+
+One CPU-specific choice: for a few rows, `W @ x.T` is several times faster than `x @ W.T`
+with MKL on AVX2 machines (lm_head, 32064x768, at 8 rows: 11 ms against 42 ms;
+benchmarks/README.md), so plain `nn.Linear`s on CPU take that route for up to 16 rows.
+
+`unsupported_reason` says when a model needs transformers' own forward instead (another
+architecture, or a sliding window shorter than the context the batch needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2")
+SKINNY_ROWS = 16  # up to this many rows ...
+SKINNY_MIN_WEIGHT = 1 << 18  # ... of a weight this large (elements), CPU linears compute W @ x.T
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value tensors [B, kv_heads, capacity, head_dim]; columns fill left to right."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only these batch rows (finished rows leave the batch)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+def unsupported_reason(lm: nn.Module, capacity: int | None = None) -> str | None:
+    """None when `LlamaFamilyDecoder` computes exactly what `lm`'s own forward does, else why not."""
+    config = lm.config
+    if config.model_type not in FAMILIES:
+        return f"model_type {config.model_type!r} is not one of {', '.join(FAMILIES)}"
+    body = getattr(lm, "model", None)
+    if body is None or not all(hasattr(body, a) for a in ("layers", "norm", "rotary_emb")):
+        return "the language model does not have the model.layers / model.norm / model.rotary_emb layout"
+    window = _sliding_window(config)
+    if window is not None and (capacity is None or capacity > window):
+        return f"a sliding window of {window} tokens is shorter than the {capacity or 'unbounded'} tokens needed"
+    return None
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window in tokens, or None: Mistral's `sliding_window`, Qwen2's when enabled."""
+    window = getattr(config, "sliding_window", None)
+    if not window or (config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False)):
+        return None
+    return int(window)
+
+
+Linear = tuple[torch.Tensor, torch.Tensor | None] | nn.Module  # see LayerPlan
+
+
+@dataclass(slots=True)
+class LayerPlan:
+    """One decoder layer's parts, read off the model at prefill so a decode step does no module lookups.
+
+    A plain nn.Linear is kept as its (weight, bias); anything else (int8, bitsandbytes, LoRA)
+    as the module, whose own forward then runs.
+    """
+
+    input_norm: nn.Module
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    post_norm: nn.Module
+    gate: Linear
+    up: Linear
+    down: Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _linear_part(module: nn.Module) -> Linear:
+    return (module.weight, module.bias) if type(module) is nn.Linear else module
+
+
+def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return F.silu if type(module).__name__ in ("SiLU", "SiLUActivation") else module
+
+
+def plan_layers(lm: nn.Module) -> list[LayerPlan]:
+    plans = []
+    for layer in lm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        plans.append(LayerPlan(layer.input_layernorm, _linear_part(attn.q_proj), _linear_part(attn.k_proj),
+                               _linear_part(attn.v_proj), _linear_part(attn.o_proj), layer.post_attention_layernorm,
+                               _linear_part(mlp.gate_proj), _linear_part(mlp.up_proj), _linear_part(mlp.down_proj),
+                               _activation(mlp.act_fn)))
+    return plans
+
+
+def _linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
+    """x through a planned linear; few CPU rows of a large plain weight go as W @ x.T (module docstring)."""
+    if not isinstance(part, tuple):
+        return part(x)
+    weight, bias = part
+    rows = x.numel() // x.shape[-1]
+    if 1 < rows <= SKINNY_ROWS and x.device.type == "cpu" and weight.numel() >= SKINNY_MIN_WEIGHT:
+        out = torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
+def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm. In fp32 (where HF's upcast is a no-op) it is rewritten as five ops:
+    the module's eight cost ~3x as much on a tiny model, where every op is dispatch time."""
+    eps = getattr(module, "variance_epsilon", None)
+    if x.dtype != torch.float32 or eps is None:
+        return module(x)
+    inverse_rms = torch.rsqrt(torch.add(_scalar(eps, x), (x * x).sum(-1, keepdim=True), alpha=1.0 / x.shape[-1]))
+    return x * inverse_rms * module.weight
+
+
+_SCALARS: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-d fp32 tensor (adding a Python float wraps it in a new tensor on every call)."""
+    key = (value, like.device)
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.tensor(value, dtype=torch.float32, device=like.device)
+    return _SCALARS[key]
+
+
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin), [B, 1, T, D] each, so that `rotate(x)` equals transformers'
+    `x * cos + rotate_half(x) * sin`: rotate_half(x) * sin = swap_halves(x) * cat(-sin1, sin2).
+    The sign is folded in once per forward instead of a negation per layer."""
+    half = cos.shape[-1] // 2
+    return cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
+class LlamaFamilyDecoder:
+    """Forward passes of a Llama/Mistral/Qwen2 causal LM over a `KVCache`, returning last-position logits."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        reason = unsupported_reason(lm, capacity=1)
+        if reason is not None:
+            raise ValueError(f"LlamaFamilyDecoder cannot run this model: {reason}")
+        config = lm.config
+        self.lm = lm
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.scale = self.head_dim**-0.5
+        self.layers = plan_layers(lm)
+
+    def new_cache(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch, self.n_kv_heads, capacity, self.head_dim)
+        return KVCache([torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+                       [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers])
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(token_ids)
+
+    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None,
+                cache: KVCache, start: int) -> torch.Tensor:
+        """Run T new positions (embeds [B, T, H]) written at cache columns start..start+T-1.
+
+        `key_mask` [B, >= start+T] marks real (1) and padding (0) columns, None when no row is
+        padded (the mask then costs nothing); position ids [B, T] are the rows' rotary
+        positions. Returns the last position's logits, [B, V]. A forward from column 0 (a
+        prefill) first re-reads the layers, so a model cast, moved, quantized or given
+        adapters since the last prefill is seen as it is now.
+        """
+        if start == 0:
+            self.layers = plan_layers(self.lm)
+        body = self.lm.model
+        length = embeds.shape[1]
+        end = start + length
+        rotary = rotary_tables(*body.rotary_emb(embeds, position_ids))
+        mask = self._attention_mask(key_mask, start, length, embeds)
+        hidden = embeds
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(layer.input_norm, hidden)
+            hidden = hidden + self._attention(layer, x, rotary, mask, cache, i, start, end)
+            x = _rms_norm(layer.post_norm, hidden)
+            hidden = hidden + _linear(layer.down, layer.act(_linear(layer.gate, x)) * _linear(layer.up, x))
+        last = _rms_norm(body.norm, hidden[:, -1])
+        return _linear(_linear_part(self.lm.get_output_embeddings()), last)
+
+    @staticmethod
+    def _attention_mask(key_mask: torch.Tensor | None, start: int, length: int,
+                        like: torch.Tensor) -> torch.Tensor | None:
+        """Additive [B, 1, T, start+T] mask (0 or -inf), or None for causal attention without padding.
+
+        Real keys at or before each query are visible; a padding query also sees itself (an
+        all-masked row would make softmax NaN, and NaN keys poison later layers even when
+        masked). Decoding without padding and a prefill from column 0 need no mask at all.
+        """
+        end = start + length
+        if key_mask is None and (length == 1 or start == 0):
+            return None
+        device = like.device
+        keys = (key_mask[:, :end].bool() if key_mask is not None
+                else torch.ones((1, end), dtype=torch.bool, device=device))[:, None, None, :]
+        if length > 1:
+            q = torch.arange(start, end, device=device)[:, None]
+            k = torch.arange(end, device=device)[None, :]
+            keys = (keys & (k <= q)) | (k == q)
+        return torch.zeros(keys.shape, dtype=like.dtype, device=device).masked_fill_(~keys, float("-inf"))
+
+    def _attention(self, layer: LayerPlan, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                   cache: KVCache, i: int, start: int, end: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
+        qk = torch.cat((_linear(layer.q, x), _linear(layer.k, x)), dim=-1).view(batch, length, heads + kv_heads, dim)
+        qk = rotate(qk.transpose(1, 2), *rotary)  # [B, H+KV, T, D]
+        cache.keys[i][:, :, start:end] = qk[:, heads:]
+        cache.values[i][:, :, start:end] = _linear(layer.v, x).view(batch, length, kv_heads, dim).transpose(1, 2)
+        keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
+        q = qk[:, :heads]
+        group = heads // kv_heads
+        if length == 1 and group > 1:
+            # One query per row: fold the heads that share a KV head into the query axis (no repeat).
+            out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), keys, values,
+                                                 attn_mask=mask, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                 is_causal=mask is None and length > 1, enable_gqa=group > 1)
+        return _linear(layer.o, out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1))

@@ -1,0 +1,175 @@
+"""The lean Llama-family forward (llava.generate.decoder) against transformers' forward on identical weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from llava.generate import Engine, Request, SamplingParams
+from llava.generate.decoder import LlamaFamilyDecoder, unsupported_reason
+from llava.generate.detokenize import RowText
+from llava.model.llava import LlavaModel
+from llava.model.quantize import quantize_language_model
+from llava.tiny import tiny_model
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
+LMS = {
+    "llama-mha": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0)),
+    "mistral-gqa": (MistralConfig, dict(num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2-bias": (Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=1)),  # q/k/v biases
+}
+
+
+def _lm(name: str, dtype: torch.dtype = torch.float32):
+    cls, extra = LMS[name]
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cls(**SMALL, **extra)).eval().to(dtype)
+    with torch.no_grad():  # non-zero biases, so a dropped bias shows
+        for name_, p in lm.named_parameters():
+            if name_.endswith("bias"):
+                p.normal_(0, 0.5)
+    return lm
+
+
+def _left_padded(batch: int = 3, length: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("name", sorted(LMS))
+def test_prefill_and_decode_logits_match_transformers(name):
+    lm = _lm(name)
+    assert unsupported_reason(lm, capacity=64) is None
+    ids, mask, pos = _left_padded()
+    with torch.no_grad():
+        reference = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        decoder = LlamaFamilyDecoder(lm)
+        cache = decoder.new_cache(3, 12, ids.device, torch.float32)
+        key_mask = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], dim=1)
+        steps = [decoder.forward(decoder.embed(ids[:, :6]), pos[:, :6], key_mask, cache, 0)]
+        for t in range(6, 9):  # one token at a time through the cache
+            steps.append(decoder.forward(decoder.embed(ids[:, t:t + 1]), pos[:, t:t + 1], key_mask, cache, t))
+    for t, logits in zip(range(5, 9), steps):
+        assert (logits - reference[:, t]).abs().max().item() <= 1e-5, t
+
+
+def test_unpadded_batch_needs_no_mask():
+    lm = _lm("llama-gqa")
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(7).expand(2, 7)
+    with torch.no_grad():
+        reference = lm(input_ids=ids).logits
+        decoder = LlamaFamilyDecoder(lm)
+        cache = decoder.new_cache(2, 8, ids.device, torch.float32)
+        first = decoder.forward(decoder.embed(ids[:, :6]), pos[:, :6], None, cache, 0)
+        second = decoder.forward(decoder.embed(ids[:, 6:]), pos[:, 6:], None, cache, 6)
+    assert (first - reference[:, 5]).abs().max().item() <= 1e-5
+    assert (second - reference[:, 6]).abs().max().item() <= 1e-5
+
+
+def test_bf16_follows_transformers():
+    """bf16 keeps the model's own RMSNorm (its fp32 upcast); logits agree to bf16 precision."""
+    lm = _lm("qwen2-bias", torch.bfloat16)
+    ids, mask, pos = _left_padded()
+    with torch.no_grad():
+        reference = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        decoder = LlamaFamilyDecoder(lm)
+        ours = decoder.forward(decoder.embed(ids), pos, mask, decoder.new_cache(3, 9, ids.device, torch.bfloat16), 0)
+    assert (ours.float() - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
+
+
+def test_what_the_lean_forward_declines():
+    assert "sliding window of 8" in unsupported_reason(_mistral_window(8), capacity=20)
+    assert unsupported_reason(_mistral_window(8), capacity=8) is None  # a window the batch never exceeds is moot
+    qwen = AutoModelForCausalLM.from_config(Qwen2Config(**SMALL, num_attention_heads=4, sliding_window=4,
+                                                        use_sliding_window=False))
+    assert unsupported_reason(qwen, capacity=100) is None
+    gpt2 = AutoModelForCausalLM.from_config(__import__("transformers").GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    assert "not one of llama, mistral, qwen2" in unsupported_reason(gpt2)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        LlamaFamilyDecoder(gpt2)
+
+
+def _mistral_window(window: int):
+    return AutoModelForCausalLM.from_config(MistralConfig(**SMALL, num_attention_heads=4, sliding_window=window))
+
+
+# Through the engine ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_tok):
+    return tiny_model("tiny", tokenizer=tiny_tok)
+
+
+def _requests(model: LlavaModel) -> list[Request]:
+    g = torch.Generator().manual_seed(5)
+    n = model.image_token_count((28, 28))
+    with torch.inference_mode():
+        feats = model.encode_images([torch.randn(1, 3, 28, 28, generator=g)], [(28, 28)])
+    long = [1] + [model.config.image_token_index] * n + torch.randint(10, 500, (11,), generator=g).tolist()
+    return [Request(long, feats), Request([1] + torch.randint(10, 500, (3,), generator=g).tolist())]
+
+
+def _tokens(engine: Engine, requests, **params) -> list[list[int]]:
+    done = engine.generate(requests, SamplingParams(max_new_tokens=10, **params))
+    return [c.token_ids for c in done]
+
+
+def test_engine_forwards_agree(tiny):
+    model, tok = tiny
+    lean, hf = Engine(model, tok, eos_token_ids=[]), Engine(model, tok, eos_token_ids=[], forward="transformers")
+    assert lean.lean is not None and hf.lean is None
+    reqs = _requests(model)
+    assert _tokens(lean, reqs) == _tokens(hf, reqs)
+    assert _tokens(lean, reqs, temperature=0.8, top_p=0.9, seed=3) == _tokens(hf, reqs, temperature=0.8, top_p=0.9,
+                                                                               seed=3)
+
+
+def test_engine_falls_back_where_the_window_is_short(tiny):
+    model, tok = tiny
+    text = model.config.text_config.to_dict() | dict(model_type="mistral", sliding_window=8)
+    for key in ("architectures", "transformers_version"):
+        text.pop(key, None)
+    mistral = LlavaModel(model.config.replace(text_config=text)).eval()
+    reqs = _requests(mistral)
+    auto = Engine(mistral, tok, eos_token_ids=[])
+    assert _tokens(auto, reqs) == _tokens(Engine(mistral, tok, eos_token_ids=[], forward="transformers"), reqs)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        Engine(mistral, tok, eos_token_ids=[], forward="lean").generate(reqs)
+    with pytest.raises(ValueError, match="valid: auto, lean, transformers"):
+        Engine(model, tok, forward="fast")
+
+
+def test_engine_sees_the_model_as_it_is_at_each_call(tiny):
+    """Weights changed in place, and linears swapped for quantized ones, after the engine was built."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    engine = Engine(model, tok, eos_token_ids=[])
+    reqs = _requests(model)
+    before = _tokens(engine, reqs)
+    with torch.no_grad():
+        model.language_model.lm_head.weight.mul_(-1)
+    flipped = _tokens(engine, reqs)
+    assert flipped != before
+    assert flipped == _tokens(Engine(model, tok, eos_token_ids=[], forward="transformers"), reqs)
+    quantize_language_model(model, "int8-dynamic")
+    quantized = _tokens(engine, reqs)
+    assert not isinstance(engine.lean.layers[0].q, tuple)  # the quantized module runs, not the old weight
+    assert quantized == _tokens(Engine(model, tok, eos_token_ids=[], forward="transformers"), reqs)
+
+
+def test_fast_detokenizer_matches_tokenizer_decode(tiny):
+    _, tok = tiny
+    ids = tok("A red circle, two squares. Answer: 3!")["input_ids"] + [tok.eos_token_id, 300, 301]
+    row = RowText(tok)
+    for i in ids:
+        row.add(i)
+    row.flush()
+    assert row.text == tok.decode(ids, skip_special_tokens=True)
