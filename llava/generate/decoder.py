@@ -8,9 +8,10 @@ the rotary embedding), so its weights, dtype and quantized linears are the model
 the attention plumbing and the cache are ours. Like gpt-fast it writes keys and values into
 a cache allocated once per batch, and a step attends over the filled columns only.
 
-One CPU-specific choice: for a few rows, `W @ x.T` is several times faster than `x @ W.T`
-with MKL on AVX2 machines (lm_head, 32064x768, at 8 rows: 11 ms against 42 ms;
-benchmarks/README.md), so plain `nn.Linear`s on CPU take that route for up to 16 rows.
+One CPU-specific choice: for a few rows in fp32, `W @ x.T` is several times faster than
+`x @ W.T` with MKL on AVX2 machines (lm_head, 32064x768, at 8 rows: 11 ms against 42 ms;
+benchmarks/README.md), so large plain fp32 `nn.Linear`s on CPU take that route for 2 to 16
+rows. In bf16/fp16 both orders cost the same there, so those keep `F.linear`.
 
 `unsupported_reason` says when a model needs transformers' own forward instead (another
 architecture, or a sliding window shorter than the context the batch needs).
@@ -117,7 +118,8 @@ def _linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
         return part(x)
     weight, bias = part
     rows = x.numel() // x.shape[-1]
-    if 1 < rows <= SKINNY_ROWS and x.device.type == "cpu" and weight.numel() >= SKINNY_MIN_WEIGHT:
+    if (1 < rows <= SKINNY_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.numel() >= SKINNY_MIN_WEIGHT):
         out = torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
