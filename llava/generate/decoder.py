@@ -38,10 +38,6 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
