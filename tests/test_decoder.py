@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from llava.generate import Engine, Request, SamplingParams
 from llava.generate.decoder import LlamaFamilyDecoder, unsupported_reason
@@ -92,7 +92,7 @@ def test_what_the_lean_forward_declines():
     qwen = AutoModelForCausalLM.from_config(Qwen2Config(**SMALL, num_attention_heads=4, sliding_window=4,
                                                         use_sliding_window=False))
     assert unsupported_reason(qwen, capacity=100) is None
-    gpt2 = AutoModelForCausalLM.from_config(__import__("transformers").GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2))
     assert "not one of llama, mistral, qwen2" in unsupported_reason(gpt2)
     with pytest.raises(ValueError, match="cannot run this model"):
         LlamaFamilyDecoder(gpt2)
