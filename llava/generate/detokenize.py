@@ -23,7 +23,6 @@ class RowText:
     """Token ids and text of one generated sequence, grown one token at a time."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
         self.stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
         self.token_ids: list[int] = []
         self.text = ""  # decoded text so far (stop string trimmed once found)

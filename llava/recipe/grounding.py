@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES
+from llava.data.synth_text import NUMBER_WORDS
 
 MAX_COUNT = 5  # count phrases run "no circle" .. "five circles" (5 stands for five or more)
-_NUMBER = {"a": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+_NUMBER = {"a": 1, **{w: k for k, w in enumerate(NUMBER_WORDS) if k}}  # how captions write group sizes
 _SHAPE_OF = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
 _GROUP = re.compile(r"\b({})\s+({})\s+({})\b".format("|".join(_NUMBER), "|".join(COLORS), "|".join(_SHAPE_OF)))
 _COUNT_WORDS = ("no", "one", "two", "three", "four", "five")

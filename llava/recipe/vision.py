@@ -262,8 +262,9 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     images, captions = load_pairs(pretrain_json, image_folder)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
     model = DualEncoder(len(tokenizer), spec, grounding=phrase_weight > 0).to(device).train()
-    phrase_ids, phrase_mask = _to(tokenize_captions(tokenizer, list(PHRASES), spec.max_text_len), device)
-    labels = phrase_labels(captions)
+    if phrase_weight > 0:
+        phrase_ids, phrase_mask = _to(tokenize_captions(tokenizer, list(PHRASES), spec.max_text_len), device)
+        labels = phrase_labels(captions)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     neg_seed = [seed]  # a new seed per step: fresh perturbations every time a caption comes round
