@@ -106,36 +106,34 @@ def test_contrastive_loss_falls_on_a_tiny_batch(synth, tokenizer):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_phrase_labels_read_from_captions_match_the_scenes():
-    """Pair and shape-count phrases parsed from each caption equal what the scene itself holds."""
+def test_grounding_targets_read_from_captions_match_the_scenes():
+    """Pairs and shape counts parsed from each caption equal what the scene itself holds."""
     from llava.data.synth import train_scene
+    from llava.data.synth_scene import SHAPES
     from llava.data.synth_text import caption
-    from llava.data.synth_scene import PLURALS, SHAPES
-    from llava.recipe.grounding import COUNT_PHRASES, MAX_COUNT, PAIR_PHRASES, PHRASES, phrase_labels
+    from llava.recipe.grounding import MAX_COUNT, PAIRS, grounding_targets
 
-    assert len(set(PHRASES)) == len(PHRASES) == 7 * 6 + 6 * (MAX_COUNT + 1)
+    assert len(set(PAIRS)) == len(PAIRS) == 7 * 6
     scenes = [train_scene(0, i)[1] for i in range(200)]
-    labels = phrase_labels([caption(s) for s in scenes])
-    for scene, row in zip(scenes, labels):
-        true = {f"{o.color} {o.shape}" for o in scene.objects}
-        for shape in SHAPES:
-            k = min(scene.count(shape=shape), MAX_COUNT)
-            true.add(("no", "one", "two", "three", "four", "five")[k] + " " + (shape if k == 1 else PLURALS[shape]))
-        assert {PHRASES[i] for i in row.nonzero().flatten().tolist()} == true
-    assert set(COUNT_PHRASES) >= {"no circles", "one cross", "five diamonds"}
-    assert labels[:, len(PAIR_PHRASES):].sum() == 200 * len(SHAPES)  # one count phrase per shape and scene
+    pairs, counts = grounding_targets([caption(s) for s in scenes])
+    for scene, pair_row, count_row in zip(scenes, pairs, counts):
+        assert {PAIRS[i] for i in pair_row.nonzero().flatten().tolist()} == {f"{o.color} {o.shape}" for o in scene.objects}
+        assert count_row.tolist() == [min(scene.count(shape=s), MAX_COUNT) for s in SHAPES]
+    assert counts.max() > 1 and (counts == 0).any()  # the scenes cover groups and absent shapes
 
 
 def test_grounding_loss_falls_and_is_checked_on_held_out_scenes(synth, tokenizer, tmp_path):
     v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "tower"), SMALL_VISION,
-                        steps=24, batch_size=8, lr=3e-3, check_pairs=scene_pairs(str(synth)), phrase_weight=1.0,
-                        log_every=1)
+                        steps=24, batch_size=8, lr=3e-3, check_pairs=scene_pairs(str(synth)), grounding_weight=1.0,
+                        log_every=1, check_every=10)
     losses = read_losses(tmp_path / "tower" / "metrics.jsonl")
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
     assert set(v["grounding_heldout"]) == {"pair_recall", "pair_accuracy", "count_accuracy"}
-    assert v["phrase_weight"] == 1.0
-    # the saved tower is a plain CLIP vision folder: the phrase head is training-only
-    assert not any("phrase" in k for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
+    assert v["grounding_weight"] == 1.0
+    rows = [json.loads(line) for line in open(tmp_path / "tower" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "grounding" in r] == [10, 20, 24]  # periodic checks, then the final one
+    # the saved tower is a plain CLIP vision folder: the grounding head is training-only
+    assert not any("grounding" in k for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
 
 
 def test_scene_pairs_caption_scenes_as_the_pretraining_set_does(synth):

@@ -46,6 +46,13 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     binding = ", ".join(f"{k} {a:.1f}%" for k, a in s0.get("binding_heldout", {}).items()) or "not measured"
     k_neg = spec.get("vision_negatives", 0)
     negatives = f", {k_neg} hard negative captions per image" if k_neg else ""
+    scenes = max(spec.get("vision_scenes", 0), spec["n"])
+    g_weight = spec.get("grounding_weight", 0.0)
+    grounded = s0.get("grounding_heldout", {})
+    grounding = (f" plus the caption-grounding loss (weight {g_weight}: for each colour-shape pair \"is it there?\", "
+                 f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
+                 f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "
+                 f"{grounded.get('count_accuracy', float('nan')):.1f}%)") if g_weight else ""
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -68,7 +75,8 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 ## Model
 
 - vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide
-  (contrastively pretrained on the captions, {spec['vision_steps']} steps{negatives}). Binding check on
+  (contrastively pretrained on the captions of {scenes} scenes, {spec['vision_steps']} steps of batch
+  {spec['vision_batch']}{negatives}{grounding}). Binding check on
   held-out scenes, how often an image is closer to its caption than to that caption with one colour,
   shape or count changed (50% = blind to it): {binding}
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}

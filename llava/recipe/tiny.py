@@ -48,6 +48,9 @@ class RecipeSize:
     s2_max_steps: int | None = None
     s2_unfreeze_tower: bool = False  # LLaVA-1.6 style: the tower learns in stage 2 too
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
+    vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
+    vision_lr: float = 1e-3
+    grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -62,8 +65,13 @@ SIZES: dict[str, RecipeSize] = {
                         lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
                         vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
-                        s1_max_steps=60, s2_max_steps=120, eval_batch=35),
+                        s1_max_steps=60, s2_max_steps=120, eval_batch=35, vision_scenes=300, grounding_weight=1.0),
 }
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 class _Timer:
@@ -175,8 +183,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
         if reuse and os.path.isfile(meta_file):
-            with open(meta_file, encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = _read_json(meta_file)
             if (meta.get("seed"), meta.get("n"), meta.get("eval_n")) == (seed, spec.n, 0):
                 return meta
         return generate(data, seed=seed, n=spec.n, eval_n=0, workers=workers)
@@ -194,6 +201,17 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         return tok
 
     tokenizer = timer.run("stage0_tokenizer", _tok)
+
+    def _vision_scenes() -> tuple[str, str]:
+        """(pretrain.json, image folder) of the tower's scenes: the recipe's own, or more of the same seed
+        (scene i is the same whichever n is asked for, so the extra scenes extend the n)."""
+        if spec.vision_scenes <= spec.n:
+            return corpus[0], data
+        folder = os.path.join(s0, "scenes")
+        meta_file = os.path.join(folder, "meta.json")
+        if not (reuse and os.path.isfile(meta_file) and _read_json(meta_file).get("n") == spec.vision_scenes):
+            generate(folder, seed=seed, n=spec.vision_scenes, eval_n=0, text_only=0, workers=workers)
+        return os.path.join(folder, "pretrain.json"), folder
     summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
     if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
         losses = read_losses(os.path.join(tower, "metrics.jsonl"))
@@ -201,9 +219,10 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                                               "binding_heldout": read_binding(os.path.join(tower, "metrics.jsonl"))}
     else:
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
-            corpus[0], data, tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
-            seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives,
-            check_pairs=scene_pairs(eval_dir)))
+            *_vision_scenes(), tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
+            lr=spec.vision_lr, seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives,
+            check_pairs=scene_pairs(eval_dir), grounding_weight=spec.grounding_weight,
+            check_every=max(1, spec.vision_steps // 6)))
     if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
         losses = read_losses(os.path.join(lm, "metrics.jsonl"))
         summary["stages"]["stage0_lm"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1]}

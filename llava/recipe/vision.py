@@ -11,9 +11,8 @@ apart fastest (the printed word, the background); on held-out scenes it prefers 
 to one with a colour changed 92% of the time, a count 67%, a shape 48% (chance). 4 hard negatives
 per image (300 steps) lift counts to 98% (the count negatives are answered by counting colours)
 but leave shapes at 51%, and a stage-2 model on such a tower answered no better, so the shipped
-recipe keeps plain CLIP. Shapes are what the tower has yet to learn: `phrase_weight` adds the
-phrase-grounding loss (llava.recipe.grounding), which teaches them given enough steps (~2000 at
-batch 128 on a GPU; 400 at batch 64 on a CPU were not yet enough).
+recipe adds the caption-grounding loss instead (`grounding_weight`, llava.recipe.grounding): for
+every colour-shape pair "is it there?", for every shape "how many?", read from the caption.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerB
 
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
-from llava.recipe.grounding import PHRASES, PhraseHead, phrase_accuracy, phrase_labels, phrase_loss
+from llava.recipe.grounding import GroundingHead, grounding_loss, grounding_scores, grounding_targets
 from llava.recipe.tokenizer import IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -88,36 +87,33 @@ class DualEncoder(nn.Module):
         self.image_proj = nn.Linear(spec.width, spec.embed_dim, bias=False)
         self.text_proj = nn.Linear(spec.text_width, spec.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-        self.phrase_head = PhraseHead(spec.width, spec.text_width) if grounding else None
+        self.grounding_head = GroundingHead(spec.width) if grounding else None
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._encode(pixels)[0]
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(normalised image embeddings, patch tokens at LLaVA's feature layer -2 when grounding)."""
-        out = self.vision(pixel_values=pixels, output_hidden_states=self.phrase_head is not None)
+        out = self.vision(pixel_values=pixels, output_hidden_states=self.grounding_head is not None)
         # CLS (pooled) plus mean of patches: the patch tokens are what LLaVA reads, so train them too.
         img = out.pooler_output + out.last_hidden_state[:, 1:].mean(1)
-        tokens = out.hidden_states[-2][:, 1:] if self.phrase_head is not None else None
+        tokens = out.hidden_states[-2][:, 1:] if self.grounding_head is not None else None
         return F.normalize(self.image_proj(img), dim=-1), tokens
-
-    def phrase_logits(self, tokens: torch.Tensor, phrase_ids: torch.Tensor, phrase_mask: torch.Tensor) -> torch.Tensor:
-        return self.phrase_head(tokens, self.text(phrase_ids, phrase_mask))
 
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(ids, mask)), dim=-1)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 neg_ids: torch.Tensor | None = None, neg_mask: torch.Tensor | None = None,
-                phrases: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-        """CLIP loss; plus `weight` x the phrase-grounding loss when `phrases` = (ids, mask, labels, weight)."""
+                grounding: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """CLIP loss; plus `weight` x the grounding loss when `grounding` = (pairs, counts, weight)."""
         img, tokens = self._encode(pixels)
         txt = self.embed_texts(ids, mask)
         neg = self.embed_texts(neg_ids, neg_mask) if neg_ids is not None else None
         loss = clip_loss(img, txt, self.logit_scale.clamp(max=np.log(100.0)).exp(), neg)
-        if phrases is not None:
-            phrase_ids, phrase_mask, labels, weight = phrases
-            loss = loss + weight * phrase_loss(self.phrase_logits(tokens, phrase_ids, phrase_mask), labels)
+        if grounding is not None:
+            pairs, counts, weight = grounding
+            loss = loss + weight * grounding_loss(*self.grounding_head(tokens), pairs, counts)
         return loss
 
 
@@ -251,20 +247,20 @@ def scene_pairs(data_dir: str, split: str = "eval") -> tuple[np.ndarray, list[st
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
                     spec: VisionSpec | None = None, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                     seed: int = 0, log_every: int = 10, device: str = "cpu", hard_negatives_per_image: int = 0,
-                    check_pairs: tuple[np.ndarray, list[str]] | None = None, phrase_weight: float = 0.0) -> dict:
+                    check_pairs: tuple[np.ndarray, list[str]] | None = None, grounding_weight: float = 0.0,
+                    check_every: int = 0) -> dict:
     """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder); returns a summary,
     with the binding accuracy on `check_pairs` (held-out images and captions) when given.
 
-    phrase_weight > 0 adds the phrase-grounding loss (llava.recipe.grounding) with that weight."""
+    grounding_weight > 0 adds the caption-grounding loss (llava.recipe.grounding) with that weight;
+    its held-out scores are logged every `check_every` steps (0: at the end only)."""
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
     images, captions = load_pairs(pretrain_json, image_folder)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
-    model = DualEncoder(len(tokenizer), spec, grounding=phrase_weight > 0).to(device).train()
-    if phrase_weight > 0:
-        phrase_ids, phrase_mask = _to(tokenize_captions(tokenizer, list(PHRASES), spec.max_text_len), device)
-        labels = phrase_labels(captions)
+    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0).to(device).train()
+    targets = grounding_targets(captions) if grounding_weight > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     neg_seed = [seed]  # a new seed per step: fresh perturbations every time a caption comes round
@@ -276,32 +272,38 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
             neg_seed[0] += 1
             negs = hard_negatives([captions[i] for i in idx], neg_seed[0], hard_negatives_per_image)
             neg = _to(tokenize_captions(tokenizer, negs, spec.max_text_len), device)
-        phrases = (phrase_ids, phrase_mask, labels[idx].to(device), phrase_weight) if phrase_weight > 0 else None
+        grounding = (targets[0][idx].to(device), targets[1][idx].to(device), grounding_weight) if targets else None
         return model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device),
-                     mask[idx, :keep].to(device), *neg, phrases=phrases)
+                     mask[idx, :keep].to(device), *neg, grounding=grounding)
 
-    train_loop(model, opt, len(images), steps, batch_size, lr, seed, log, loss_of, log_every, t0=t0)
+    def check(step: int) -> None:
+        if check_pairs and targets and check_every and step % check_every == 0 and step < steps:
+            log.write(step=step, grounding=grounding_accuracy(model, *check_pairs, device),
+                      seconds=round(time.perf_counter() - t0, 2))
+
+    train_loop(model, opt, len(images), steps, batch_size, lr, seed, log, loss_of, log_every, after_step=check, t0=t0)
     binding = binding_accuracy(model, *check_pairs, tokenizer, spec, device, seed) if check_pairs else {}
     if binding:
         log.write(step=steps, binding=binding)
     grounding = {}
-    if check_pairs and phrase_weight > 0:
-        grounding = grounding_accuracy(model, *check_pairs, phrase_ids, phrase_mask, device)
+    if check_pairs and targets:
+        grounding = grounding_accuracy(model, *check_pairs, device)
         log.write(step=steps, grounding=grounding)
     model.vision.cpu().save_pretrained(out_dir)
     losses = [r["loss"] for r in log.rows if "loss" in r]
     return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "pairs": len(images),
             "hard_negatives_per_image": hard_negatives_per_image, "binding_heldout": binding,
-            "phrase_weight": phrase_weight, "grounding_heldout": grounding}
+            "grounding_weight": grounding_weight, "grounding_heldout": grounding}
 
 
 @torch.no_grad()
-def grounding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[str], phrase_ids: torch.Tensor,
-                       phrase_mask: torch.Tensor, device: str = "cpu") -> dict[str, float]:
-    """The phrase head on held-out scenes (`phrase_accuracy`): what the tower's patch tokens carry."""
+def grounding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[str], device: str = "cpu"
+                       ) -> dict[str, float]:
+    """The grounding head on held-out scenes (`grounding_scores`): what the tower's patch tokens carry."""
     model.eval()
-    logits = torch.cat([model.phrase_logits(model._encode(to_pixels(images[i:i + 128]).to(device))[1], phrase_ids,
-                                            phrase_mask).cpu() for i in range(0, len(images), 128)])
+    outs = [model.grounding_head(model._encode(to_pixels(images[i:i + 128]).to(device))[1])
+            for i in range(0, len(images), 128)]
     model.train()
-    return phrase_accuracy(logits, phrase_labels(captions))
+    pair_logits, count_logits = (torch.cat([o[k].cpu() for o in outs]) for k in (0, 1))
+    return grounding_scores(pair_logits, count_logits, *grounding_targets(captions))
