@@ -56,9 +56,10 @@ class RecipeSize:
 
 
 SIZES: dict[str, RecipeSize] = {
-    "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(), lm=LMSpec(),
-                       vision_steps=300, vision_batch=64, lm_steps=400, lm_batch=16, lm_scenes=6000,
-                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=6, s2_batch=16, s2_lr=1e-3),
+    "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16), lm=LMSpec(),
+                       vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
+                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=6, s2_batch=16, s2_lr=1e-3,
+                       vision_scenes=12000, grounding_weight=1.0),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
                                           embed_dim=64),
