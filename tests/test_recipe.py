@@ -132,6 +132,7 @@ def test_grounding_loss_falls_and_is_checked_on_held_out_scenes(synth, tokenizer
     assert v["grounding_weight"] == 1.0
     rows = [json.loads(line) for line in open(tmp_path / "tower" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "grounding" in r] == [10, 20, 24]  # periodic checks, then the final one
+    assert read_binding(tmp_path / "tower" / "metrics.jsonl", "grounding") == v["grounding_heldout"]
     # the saved tower is a plain CLIP vision folder: the grounding head is training-only
     assert not any("grounding" in k for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
 

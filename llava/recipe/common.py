@@ -53,11 +53,11 @@ def read_losses(path: str | os.PathLike) -> list[float]:
     return out
 
 
-def read_binding(metrics_jsonl: str | os.PathLike) -> dict[str, float]:
-    """The binding accuracy the vision tower's stage 0 logged last (empty if none)."""
+def read_binding(metrics_jsonl: str | os.PathLike, key: str = "binding") -> dict[str, float]:
+    """The held-out check (`binding` or `grounding`) the vision tower's stage 0 logged last (empty if none)."""
     with open(metrics_jsonl, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return next((r["binding"] for r in reversed(rows) if "binding" in r), {})
+    return next((r[key] for r in reversed(rows) if key in r), {})
 
 
 def train_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, steps: int, batch_size: int,

@@ -213,11 +213,14 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         if not (reuse and os.path.isfile(meta_file) and _read_json(meta_file).get("n") == spec.vision_scenes):
             generate(folder, seed=seed, n=spec.vision_scenes, eval_n=0, text_only=0, workers=workers)
         return os.path.join(folder, "pretrain.json"), folder
+
     summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
     if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
         losses = read_losses(os.path.join(tower, "metrics.jsonl"))
         summary["stages"]["stage0_vision"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
-                                              "binding_heldout": read_binding(os.path.join(tower, "metrics.jsonl"))}
+                                              "binding_heldout": read_binding(os.path.join(tower, "metrics.jsonl")),
+                                              "grounding_heldout": read_binding(os.path.join(tower, "metrics.jsonl"),
+                                                                                "grounding")}
     else:
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
             *_vision_scenes(), tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
