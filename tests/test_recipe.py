@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from llava.data.synth import generate
-from llava.recipe.common import read_binding, read_losses
+from llava.recipe.common import read_check, read_losses
 from llava.recipe.text import LMSpec, pack, pretrain_lm
 from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, hard_negatives, load_pairs, perturb_caption,
@@ -132,7 +132,7 @@ def test_grounding_loss_falls_and_is_checked_on_held_out_scenes(synth, tokenizer
     assert v["grounding_weight"] == 1.0
     rows = [json.loads(line) for line in open(tmp_path / "tower" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "grounding" in r] == [10, 20, 24]  # periodic checks, then the final one
-    assert read_binding(tmp_path / "tower" / "metrics.jsonl", "grounding") == v["grounding_heldout"]
+    assert read_check(tmp_path / "tower" / "metrics.jsonl", "grounding") == v["grounding_heldout"]
     # the saved tower is a plain CLIP vision folder: the grounding head is training-only
     assert not any("grounding" in k for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
 
@@ -153,7 +153,7 @@ def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
                     block=64)
     assert v["steps"] == t["steps"] == 3 and len(read_losses(tower / "metrics.jsonl")) >= 2
     # the held-out binding check is logged (and read back when a restarted recipe reuses the tower)
-    assert read_binding(str(tower / "metrics.jsonl")) == v["binding_heldout"]
+    assert read_check(str(tower / "metrics.jsonl"), "binding") == v["binding_heldout"]
     assert set(v["binding_heldout"]) == {"color", "shape", "count"} and v["pairs"] == 24
     clip = CLIPVisionModel.from_pretrained(tower)
     assert clip.config.image_size == 96 and clip.config.patch_size == 16

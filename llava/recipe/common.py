@@ -53,7 +53,7 @@ def read_losses(path: str | os.PathLike) -> list[float]:
     return out
 
 
-def read_binding(metrics_jsonl: str | os.PathLike, key: str = "binding") -> dict[str, float]:
+def read_check(metrics_jsonl: str | os.PathLike, key: str) -> dict[str, float]:
     """The held-out check (`binding` or `grounding`) the vision tower's stage 0 logged last (empty if none)."""
     with open(metrics_jsonl, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]

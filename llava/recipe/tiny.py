@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from llava.checkpoint import load_tokenizer
-from llava.recipe.common import read_binding, read_losses
+from llava.recipe.common import read_check, read_losses
 from llava.recipe.text import LMSpec, pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import VisionSpec, pretrain_vision, scene_pairs
@@ -216,11 +216,11 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
     if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
-        losses = read_losses(os.path.join(tower, "metrics.jsonl"))
+        tower_log = os.path.join(tower, "metrics.jsonl")
+        losses = read_losses(tower_log)
         summary["stages"]["stage0_vision"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
-                                              "binding_heldout": read_binding(os.path.join(tower, "metrics.jsonl")),
-                                              "grounding_heldout": read_binding(os.path.join(tower, "metrics.jsonl"),
-                                                                                "grounding")}
+                                              "binding_heldout": read_check(tower_log, "binding"),
+                                              "grounding_heldout": read_check(tower_log, "grounding")}
     else:
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
             *_vision_scenes(), tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
