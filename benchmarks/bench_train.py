@@ -3,10 +3,11 @@
     python benchmarks/bench_train.py --quick      # stage 2 only, 2 steps: ~6-7 min on 2 busy CPU cores
     python benchmarks/bench_train.py              # all stages, micro 4 x accum 4, 6 steps (hours on CPU)
 
-Model: the "bench-200m" preset (CLIP ViT-B/16 224 px + 12-layer 768-wide Llama), random
-weights, vocabulary sized to `llava.tiny.tiny_tokenizer()` (512 ids, as `llava.tiny.tiny_model`
-does), saved once as a llava-hf folder that both sides load (ours with `--model`, the baseline
-with `transformers.LlavaForConditionalGeneration.from_pretrained`).
+Model: the "bench-200m" preset (CLIP ViT-B/16 224 px + 12-layer 768-wide Llama with the
+preset's 32064-row vocabulary, ~220M parameters), random weights, the tiny tokenizer (its 512
+ids are the first rows of the vocabulary; the LM head costs what a Llama tokenizer's would),
+saved once as a llava-hf folder that both sides load (ours with `--model`, the baseline with
+`transformers.LlavaForConditionalGeneration.from_pretrained`).
 
 Data: synthetic conversations, one 224-px PNG per row, answers of variable length (32-256 text
 tokens), identical rows for both sides (the baseline tokenises them with our `SupervisedDataset`,
@@ -14,10 +15,12 @@ so the input ids, labels and pixels are the same).
 
 Per stage (pretrain: projector; finetune: LM + projector; lora: peft LoRA r=128 on the LM's
 linear layers + projector) both sides train the same parameters with AdamW, fp32, no gradient
-checkpointing, the same micro batch x accumulation. Ours groups rows by length within each
-global batch (`group_by_modality_length`, the stage-2 recipe default; forced on for stage 1
-too); the baseline takes a seeded random order, right-padded, no grouping, the vision tower
-run (frozen) in every forward.
+checkpointing, the same micro batch x accumulation. Both sides train the same global batches
+(the rows of ours' `group_by_modality_length` order, the stage-2 recipe default; forced on for
+stage 1 too), so every measured step sees the same rows and tokens. Ours sorts a global batch's
+rows by length before cutting micro batches; the baseline takes them in a seeded random order
+(what a random sampler gives), right-padded, the vision tower run (frozen) in every forward,
+logits and loss by the model's own `labels=` path.
 
 Throughput is per optimizer step (data loading included), the median over the measured steps
 after the first (warm-up) one. tokens/s counts non-pad tokens (attention mask), image
@@ -40,10 +43,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from llava.config import preset
+
 STAGES = ("pretrain", "finetune", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 128, 256, 0.05
 LR = {"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4}
+VOCAB = preset("bench-200m").text_config.vocab_size  # 32064
 WORDS = ("red green blue yellow circle square triangle star the a is on of and in image shows picture left right "
          "top bottom small large two three four color shape white background above below next to").split()
 
@@ -62,7 +68,7 @@ def prepare(root: Path, n_rows: int, seed: int = 0) -> dict[str, str]:
     from llava.checkpoint.build import image_processor_for
     from llava.tiny import tiny_model
 
-    model, tok = tiny_model("bench-200m", seed=seed)
+    model, tok = tiny_model("bench-200m", seed=seed, vocab_size=VOCAB)
     folder = root / "model"
     save_checkpoint(model, tok, image_processor_for(model.config), folder, layout="hf")
     rng = random.Random(seed)
@@ -110,6 +116,7 @@ def run_baseline(stage: str, paths: dict[str, str], micro: int, accum: int, step
     from llava.checkpoint.hf import read_hf
     from llava.train.build import DEFAULT_TEMPLATE
     from llava.train.data import SupervisedDataset, collate
+    from llava.train.sampler import epoch_batches
 
     model = LlavaForConditionalGeneration.from_pretrained(paths["model"], dtype=torch.float32)
     model.train()
@@ -136,16 +143,16 @@ def run_baseline(stage: str, paths: dict[str, str], micro: int, accum: int, step
     ds = SupervisedDataset(paths["data"], tok, template, image_token_index=config.image_token_index,
                            image_token_count=lambda size: n_img, image_processor=image_processor_for(config),
                            image_folder=paths["images"], convention="hf", max_length=2048)
-    order = list(range(len(ds)))
-    random.Random(0).shuffle(order)
-    pos = 0
+    # The global batches ours trains (same seed, lengths and size), each in a random order.
+    shuffle = random.Random(0)
+    global_batches = [shuffle.sample(b, len(b)) for b in
+                      epoch_batches(len(ds), micro * accum, seed=0, epoch=0, modality_lengths=ds.modality_lengths)]
     secs, tokens = [], []
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         n_tok = 0
-        for _ in range(accum):
-            idx = [order[(pos + j) % len(order)] for j in range(micro)]
-            pos += micro
+        for k in range(accum):
+            idx = global_batches[step % len(global_batches)][k * micro:(k + 1) * micro]
             b = collate([ds[i] for i in idx], pad_token_id=tok.pad_token_id)
             n_tok += int(b["attention_mask"].sum())
             pv = b["pixel_values"]
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         paths = prepare(root, n_rows=micro * accum * steps)
-        print(f"# bench-200m (vocab 512), {micro * accum * steps} rows, micro {micro} x accum {accum}, {steps} steps "
+        print(f"# bench-200m (vocab {VOCAB}), {micro * accum * steps} rows, micro {micro} x accum {accum}, {steps} steps "
               f"(first not measured), {args.threads} threads; setup {time.perf_counter() - t0:.0f}s", flush=True)
         for stage in stages:
             for impl in ("ours", "baseline"):
@@ -224,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                     sys.exit(f"{impl} {stage} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
                 results[(stage, impl)] = summarize(json.loads(line[-1][7:]))
                 print(f"  {stage:8s} {impl:8s} {results[(stage, impl)]}", file=sys.stderr, flush=True)
-    print(f"\n| config | ours samples/s | base samples/s | ours tokens/s | base tokens/s | tokens/s ratio "
-          f"| ours peak MB | base peak MB |")
+    print("\n| config | ours samples/s | base samples/s | ours tokens/s | base tokens/s | tokens/s ratio "
+          "| ours peak MB | base peak MB |")
     print("|---|---|---|---|---|---|---|---|")
     for stage in stages:
         o, b = results[(stage, "ours")], results[(stage, "baseline")]

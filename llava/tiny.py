@@ -46,13 +46,19 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(name: str = "tiny", seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None,
-               **overrides) -> tuple[LlavaModel, PreTrainedTokenizerFast]:
-    """A random-weight LLaVA of a named preset, sized to the tiny tokenizer's vocabulary."""
+               vocab_size: int | None = None, **overrides) -> tuple[LlavaModel, PreTrainedTokenizerFast]:
+    """A random-weight LLaVA of a named preset, sized to the tiny tokenizer's vocabulary.
+
+    `vocab_size` larger than the tokenizer gives the embedding and LM head unused rows, as real
+    checkpoints pad theirs; benchmarks use it to pay a real model's head cost with the tiny tokenizer.
+    """
     tokenizer = tokenizer or tiny_tokenizer()
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({len(tokenizer)} ids)")
     config: LlavaConfig = preset(name)
     text = config.text_config.to_dict()
-    text.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    text.update(vocab_size=vocab_size or len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config = config.replace(text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                             **overrides)
     torch.manual_seed(seed)

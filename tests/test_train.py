@@ -246,6 +246,44 @@ def test_loss_normalisation_does_not_depend_on_the_split(src, data, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_first_step_loss_equals_transformers_full_logit_loss(src, data, tmp_path):
+    """The loop computes logits only where a target follows (`logits_to_keep`); the step's loss must
+    still be the mean token loss transformers' own model gives over full logits, row by row."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava.checkpoint.build import image_processor_for
+    from llava.train.data import SupervisedDataset
+    from llava.train.loop import predicting_positions
+
+    out = tmp_path / "one"
+    run("finetune", data["chat"], out, data["folder"], model=src["llava"], learning_rate=1e-3, max_steps=1,
+        micro_batch_size=4, global_batch_size=8, group_by_modality_length=False)
+    ours = losses(out)[0]
+
+    ckpt = load_checkpoint(src["llava"])
+    hf = LlavaForConditionalGeneration.from_pretrained(src["llava"]).eval()
+    ds = SupervisedDataset(data["chat"], ckpt.tokenizer, "vicuna_v1",
+                           image_token_index=ckpt.model.config.image_token_index,
+                           image_token_count=ckpt.model.image_token_count,
+                           image_processor=image_processor_for(ckpt.model.config),
+                           image_folder=data["folder"], convention="hf")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            row = ds[i]
+            ids, labels = torch.as_tensor(row["input_ids"])[None], torch.as_tensor(row["labels"])[None]
+            pixels = row["pixel_values"][0] if row["pixel_values"] else None
+            full = hf(input_ids=ids, pixel_values=pixels).logits
+            total += float(torch.nn.functional.cross_entropy(full[0, :-1], labels[0, 1:], ignore_index=-100,
+                                                             reduction="sum"))
+            count += int((labels[0, 1:] != -100).sum())
+    assert count > 0 and abs(ours - total / count) < 1e-4 * max(1.0, total / count)
+
+    # The kept positions are exactly those followed by a target in some row.
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
+    assert predicting_positions(labels).tolist() == [0, 1, 2]
+
+
 # Configuration ---------------------------------------------------------------------------------------
 def test_stage_recipes_are_the_v15_hyperparameters():
     def resolved(stage):
