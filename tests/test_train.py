@@ -246,6 +246,24 @@ def test_loss_normalisation_does_not_depend_on_the_split(src, data, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_unpadded_rows_train_the_same_weights_as_padded_batches(src, data, tmp_path):
+    """Each row alone, cut to its length (the CPU default for big models), is the same step as the
+    padded micro-batch; mixed image and text-only rows keep their own images."""
+    from llava.train.loop import _use_unpadded
+
+    kw = dict(model=src["llava"], learning_rate=1e-3, max_steps=2, group_by_modality_length=False,
+              micro_batch_size=4, global_batch_size=8)
+    padded = run("finetune", data["chat"], tmp_path / "padded", data["folder"], unpadded=False, **kw)
+    unpadded = run("finetune", data["chat"], tmp_path / "unpadded", data["folder"], unpadded=True, **kw)
+    assert (padded.state["unpadded"], unpadded.state["unpadded"]) == (False, True)
+    a, b = weights(tmp_path / "padded"), weights(tmp_path / "unpadded")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # Adam steps are ~1e-3: a wrong row shows
+    assert losses(tmp_path / "padded") == pytest.approx(losses(tmp_path / "unpadded"), rel=1e-5)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _use_unpadded(None, cpu, 768) and not _use_unpadded(None, cpu, 64)
+    assert not _use_unpadded(None, cuda, 4096) and _use_unpadded(True, cuda, 64)
+
+
 def test_first_step_loss_equals_transformers_full_logit_loss(src, data, tmp_path):
     """The loop computes logits only where a target follows (`logits_to_keep`); the step's loss must
     still be the mean token loss transformers' own model gives over full logits, row by row."""

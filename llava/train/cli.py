@@ -78,7 +78,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-max-length", type=int, default=None)
     bools = ((("--group-by-modality-length",), "group_by_modality_length", "single-modality, length-grouped steps"),
              (("--gradient-checkpointing",), "gradient_checkpointing", "recompute activations in backward"),
-             (("--bf16",), "bf16", "bf16 autocast (default: on where the GPU has it)"))
+             (("--bf16",), "bf16", "bf16 autocast (default: on where the GPU has it)"),
+             (("--unpadded",), "unpadded", "run each row of a micro batch alone, unpadded (default: on CPU "
+              "for language models at least 512 wide)"))
     for flags, dest, text in bools:
         g.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
     g.add_argument("--seed", type=int, default=42)
@@ -119,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.micro_batch_size,
         grad_accum=args.grad_accum, global_batch_size=args.global_batch_size, model_max_length=args.model_max_length,
         group_by_modality_length=args.group_by_modality_length, gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16, seed=args.seed, strategy=args.strategy, device=args.device, num_workers=args.num_workers,
+        bf16=args.bf16, unpadded=args.unpadded, seed=args.seed, strategy=args.strategy, device=args.device, num_workers=args.num_workers,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, save_layout=args.save_layout,
         logging_steps=args.logging_steps, report_to=report, resume=args.resume, overwrite=args.overwrite,
         progress=args.progress, step_delay=args.step_delay,

@@ -107,6 +107,7 @@ class TrainConfig:
     group_by_modality_length: bool | None = None
     gradient_checkpointing: bool | None = None
     bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA), fp32 elsewhere
+    unpadded: bool | None = None  # one forward per row, no padding; None: on CPU for LMs >= 512 wide (loop.py)
     seed: int = 42
 
     # Running and outputs.

@@ -293,7 +293,24 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int, max_length: int 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": [p for item in batch for p in item["pixel_values"]],
             "image_sizes": [s for item in batch for s in item["image_sizes"]],
+            "images_per_row": [len(item["pixel_values"]) for item in batch],
             "ids": [item.get("id") for item in batch]}
+
+
+def unpad_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """A collated (right-padded) batch as one batch per row, each cut to the row's own length."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    first = [0]
+    for n in batch["images_per_row"]:
+        first.append(first[-1] + n)
+    rows = []
+    for b, n in enumerate(lengths):
+        images = slice(first[b], first[b + 1])
+        rows.append({"input_ids": batch["input_ids"][b:b + 1, :n], "labels": batch["labels"][b:b + 1, :n],
+                     "attention_mask": batch["attention_mask"][b:b + 1, :n],
+                     "pixel_values": batch["pixel_values"][images], "image_sizes": batch["image_sizes"][images],
+                     "images_per_row": batch["images_per_row"][b:b + 1], "ids": batch["ids"][b:b + 1]})
+    return rows
 
 
 # -- checking a whole file -------------------------------------------------------------------

@@ -30,7 +30,7 @@ from llava.processing.labels import IGNORE_INDEX
 from llava.train import checkpointing as ckpt
 from llava.train.build import Built, build_model, make_scheduler, param_groups, prepare_for_stage
 from llava.train.config import RESUME_MUST_MATCH, TrainConfig
-from llava.train.data import DataError, SupervisedDataset, collate, parse_record
+from llava.train.data import DataError, SupervisedDataset, collate, parse_record, unpad_rows
 from llava.train.progress import Progress, truncate_metrics
 from llava.train.sampler import epoch_batches, micro_batches, steps_per_epoch
 from llava.train.strategy import Strategy, make_strategy
@@ -64,6 +64,23 @@ def _use_bf16(flag: bool | None, device: torch.device) -> bool:
         return cuda_bf16
     if flag and device.type == "cuda" and not cuda_bf16:
         raise ValueError("this GPU has no bf16 support; drop --bf16 (fp32 is used)")
+    return bool(flag)
+
+
+UNPADDED_MIN_HIDDEN = 512
+
+
+def _use_unpadded(flag: bool | None, device: torch.device, hidden_size: int) -> bool:
+    """Whether to run each row of a micro-batch alone, cut to its own length.
+
+    On a CPU a matmul over one row's few hundred tokens already runs as fast per token as over
+    a batch (measured on the 200M benchmark model: 4 equal rows batched 19.3 s, one by one
+    18.9 s), so padding is pure waste there: 4 rows of 300-420 tokens took 18.5 s padded and
+    14.8 s unpadded. Small models are bound by per-call overhead instead, and GPUs need the
+    batch to fill, so the default keeps padded batches for those.
+    """
+    if flag is None:
+        return device.type == "cpu" and hidden_size >= UNPADDED_MIN_HIDDEN
     return bool(flag)
 
 
@@ -179,6 +196,7 @@ class _Run:
         resume_dir = self._resume_dir()
         self.built: Built = build_model(cfg)
         model = self.built.model
+        self.unpadded = _use_unpadded(cfg.unpadded, self.device, model.config.text_config.hidden_size)
         compute = torch.bfloat16 if self.bf16 else torch.float32
         self.trainable = prepare_for_stage(model, cfg, compute_dtype=compute)
         self.dataset = SupervisedDataset(
@@ -250,6 +268,8 @@ class _Run:
         n_targets, n_tokens = self.strategy.all_reduce_sum(local).tolist()
         scale = world / max(n_targets, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.unpadded:
+            batches = [row for batch in batches for row in unpad_rows(batch)]
         for i, batch in enumerate(batches):
             labels = batch["labels"].to(self.device)
             keep = predicting_positions(labels)
@@ -312,7 +332,7 @@ class _Run:
             "loss": loss, "wall_time_s": seconds, "data": os.path.abspath(self.cfg.data),
             "data_sha256": self.data_hash, "rows": len(self.dataset), "world_size": self.strategy.world_size,
             "strategy": self.strategy.name, "micro_batch": self.micro, "grad_accum": self.accum,
-            "global_batch": self.global_batch, "bf16": self.bf16, "config": self.cfg.to_dict(),
+            "global_batch": self.global_batch, "bf16": self.bf16, "unpadded": self.unpadded, "config": self.cfg.to_dict(),
             "versions": ckpt.library_versions(),
         }
 
