@@ -106,8 +106,8 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     """Sequence positions whose next token is a target in some row of the micro-batch.
 
     Only these go through the LM head (`logits_to_keep`): image, prompt and padding positions
-    would cost a [tokens x vocabulary] product and its backward for nothing (with a 32k
-    vocabulary that is ~20% of a 200M model's step). It is one index list for the whole
+    would cost a [tokens x vocabulary] product and its backward for nothing (~10% of a step of
+    the 200M benchmark model with its 32k vocabulary). It is one index list for the whole
     micro-batch, so a row can carry positions that are targets only in another row; their
     labels are ignored like any other non-target.
     """
@@ -335,7 +335,8 @@ class _Run:
             "loss": loss, "wall_time_s": seconds, "data": os.path.abspath(self.cfg.data),
             "data_sha256": self.data_hash, "rows": len(self.dataset), "world_size": self.strategy.world_size,
             "strategy": self.strategy.name, "micro_batch": self.micro, "grad_accum": self.accum,
-            "global_batch": self.global_batch, "bf16": self.bf16, "unpadded": self.unpadded, "config": self.cfg.to_dict(),
+            "global_batch": self.global_batch, "bf16": self.bf16, "unpadded": self.unpadded,
+            "config": self.cfg.to_dict(),
             "versions": ckpt.library_versions(),
         }
 
