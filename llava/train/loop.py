@@ -274,14 +274,16 @@ class _Run:
         if self.unpadded:
             batches = [row for batch in batches for row in unpad_rows(batch)]
         for i, batch in enumerate(batches):
-            labels = batch["labels"].to(self.device)
-            keep = predicting_positions(labels)
+            # Positions and targets from the host copy of the labels: `nonzero` on a GPU would wait for it.
+            keep = predicting_positions(batch["labels"])
+            targets = batch["labels"][:, keep + 1].to(self.device)
+            keep = keep.to(self.device)
             with self.strategy.gradient_sync(self.wrapped, sync=i == len(batches) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     logits = self.wrapped(**self._to_device(batch), use_cache=False, logits_to_keep=keep).logits
                 if logits.shape[1] != keep.numel():  # a language model that ignores logits_to_keep
                     logits = logits[:, keep]
-                token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(),
+                token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
                 (token_loss * scale).backward()
             loss_sum += token_loss.detach().double()
