@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
+from llava.checkpoint import load_tokenizer
 from llava.data.synth import generate
+from llava.eval.synth import CATEGORIES
 from llava.recipe.common import read_check, read_losses
-from llava.recipe.text import LMSpec, pack, pretrain_lm
+from llava.recipe.text import LMSpec, pack, pretrain_lm, text_answer_accuracy
 from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, hard_negatives, load_pairs, perturb_caption,
                                  pretrain_vision, scene_pairs, to_pixels)
@@ -233,6 +236,45 @@ def test_small_recipe_end_to_end(small_run):
     assert results["eval_seed"] == saved["eval_seed"] and results["real"]["accuracy"] == saved["metrics"]["real"][
         "accuracy"]
     assert saved["metrics"]["real"]["n"] == 140 and saved["metrics"]["blank"]["blank_images"]
+    # stages 1-2 train on a superset of the n scenes: the same scenes and chats, then more
+    assert "--data $OUT/train_data/instruct.json" in saved["commands"][1]
+    own, more = (json.loads((out / d / "instruct.json").read_text()) for d in ("data", "train_data"))
+    assert len([r for r in more if "image" in r]) == 300 and more[:240] == own[:240]
+    assert "stages 1 and 2\ntrain on the captions and chats of the first 300" in card
+    lm_answers = saved["stages"]["stage0_lm"]["text_answers_heldout"]
+    assert set(lm_answers) == set(CATEGORIES) and all(0 <= a <= 100 for a in lm_answers.values())
+    assert read_check(out / "stage0" / "lm" / "metrics.jsonl", "text_answers") == lm_answers
+    assert "The LM alone,\n  answering the held-out questions" in card
+
+
+@pytest.mark.slow
+def test_lm_text_check_scores_batched_as_one_by_one(small_run):
+    """Left padding in the batched check must not change any answer."""
+    out, summary = small_run
+    lm = AutoModelForCausalLM.from_pretrained(out / "stage0" / "lm")
+    tokenizer = load_tokenizer(str(out / "stage0" / "tokenizer"))
+    one_by_one = text_answer_accuracy(lm, tokenizer, str(out / "eval"), batch_size=1)
+    assert one_by_one == text_answer_accuracy(lm, tokenizer, str(out / "eval"), batch_size=64)
+    assert one_by_one == summary["stages"]["stage0_lm"]["text_answers_heldout"]
+
+
+@pytest.mark.slow
+def test_restarted_recipe_reuses_stage0_and_reports_its_times(small_run, tmp_path):
+    from llava.recipe import run_recipe
+
+    out, first = small_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage1", "stage2"))
+    summary = run_recipe(str(copy), seed=0, size="small", threads=1, reuse=True, echo=lambda _: None)
+    assert summary["reused_stages"] == ["data", "stage0_lm", "stage0_tokenizer", "stage0_vision", "train_data"]
+    for stage in summary["reused_stages"]:
+        assert summary["times"][stage] == first["times"][stage]
+    lm_check = summary["stages"]["stage0_lm"]
+    assert lm_check["reused"] and lm_check["text_answers_heldout"] == first["stages"]["stage0_lm"][
+        "text_answers_heldout"]
+    assert summary["total_seconds"] == round(sum(summary["times"].values()), 1) > summary["this_run_seconds"]
+    card = (copy / "stage2" / "README.md").read_text()
+    assert "were reused from an earlier run" in card
 
 
 @pytest.mark.slow

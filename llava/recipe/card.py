@@ -40,6 +40,13 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in times.items())
     files = summary.get("data_sha", {})
     hashes = "\n".join(f"- `{k}`: `{v}`" for k, v in files.items())
+    n_train = max(spec.get("train_scenes", 0), spec["n"])
+    train_files = summary.get("train_data_sha", {}) if n_train > spec["n"] else {}
+    train_hashes = "".join(f"\n- `train_data/{k}`: `{v}`" for k, v in train_files.items())
+    reused = summary.get("reused_stages", [])
+    reused_note = (f"\nStages {', '.join(reused)} were reused from an earlier run of the same recipe in the same folder "
+                   f"(`--reuse`); their times are that run's. This run took {summary.get('this_run_seconds', 0):.1f} s.\n"
+                   if reused else "")
     images = summary.get("images_sha", {})
     v, lm = spec["vision"], spec["lm"]
     s0 = summary.get("stages", {}).get("stage0_vision", {})
@@ -53,6 +60,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
                  f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
                  f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "
                  f"{grounded.get('count_accuracy', float('nan')):.1f}%)") if g_weight else ""
+    lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
+    lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -81,19 +90,22 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
   shape or count changed (50% = blind to it): {binding}
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}
   ({spec['lm_steps']} steps of next-token pretraining on the dataset's chats and captions, each image
-  replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes)
+  replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes). The LM alone,
+  answering the held-out questions from each scene's description in words: {lm_answers}
 - projector: mlp2x_gelu; stage 1 `plain` ({spec['s1_epochs']} epoch(s), lr {spec['s1_lr']}),
   stage 2 `vicuna_v1` ({spec['s2_epochs']} epoch(s), lr {spec['s2_lr']})
 - size on disk: {_size_mb(model_dir):.1f} MB (llava-hf layout, safetensors)
 
 ## Data
 
-Seed {summary['seed']}, {spec['n']} training scenes; {spec['eval_n']} held-out questions generated with
+Seed {summary['seed']}: the tokenizer is fitted to the text of the first {spec['n']} scenes, stages 1 and 2
+train on the captions and chats of the first {n_train} (scene i is the same in every such set);
+{spec['eval_n']} held-out questions generated with
 seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
 in `eval_results.json`).
 SHA-256 of the generated files (from `meta.json`):
 
-{hashes}
+{hashes}{train_hashes}
 - images: {images.get('count', '?')} files, digest `{images.get('sha256', '?')}`
 
 ## Held-out results
@@ -109,7 +121,7 @@ about chance.
 |---|---|
 {timing}
 | total | {summary['total_seconds']:.1f} |
-"""
+{reused_note}"""
 
 
 def write_card(model_dir: str, summary: Mapping[str, Any]) -> str:

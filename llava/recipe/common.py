@@ -54,7 +54,8 @@ def read_losses(path: str | os.PathLike) -> list[float]:
 
 
 def read_check(metrics_jsonl: str | os.PathLike, key: str) -> dict[str, float]:
-    """The held-out check (`binding` or `grounding`) the vision tower's stage 0 logged last (empty if none)."""
+    """The held-out check a stage-0 model logged last (empty if none): the tower's `binding` or
+    `grounding`, the LM's `text_answers`."""
     with open(metrics_jsonl, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return next((r[key] for r in reversed(rows) if key in r), {})

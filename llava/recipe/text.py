@@ -8,8 +8,10 @@ tokenizer, i.e. what `llava train --language-model` expects (like lmsys/vicuna-7
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +65,13 @@ def pack(tokenizer: PreTrainedTokenizerBase, docs: list[Doc], block: int, all_to
 
 def pretrain_lm(docs: list[Doc], tokenizer: PreTrainedTokenizerBase, out_dir: str, spec: LMSpec | None = None,
                 steps: int = 300, batch_size: int = 16, block: int = 256, lr: float = 2e-3, seed: int = 0,
-                log_every: int = 10, device: str = "cpu", save_every: int = 0, all_tokens: bool = True) -> dict:
+                log_every: int = 10, device: str = "cpu", save_every: int = 0, all_tokens: bool = True,
+                check_dir: str | None = None) -> dict:
     """Next-token pretraining (on every token, or only the docs' target spans with `all_tokens=False`:
-    measured worse here); saves model + tokenizer to `out_dir`; returns a summary."""
+    measured worse here); saves model + tokenizer to `out_dir`; returns a summary.
+
+    `check_dir`: a held-out set (`eval.jsonl` + `scenes.jsonl`) the trained LM then answers from
+    the scenes' descriptions in words (`text_answer_accuracy`), logged as `text_answers`."""
     spec = spec or LMSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
@@ -82,7 +88,54 @@ def pretrain_lm(docs: list[Doc], tokenizer: PreTrainedTokenizerBase, out_dir: st
     train_loop(model, opt, len(data), steps, batch_size, lr, seed, log,
                lambda idx: model(input_ids=data[idx].to(device), labels=targets[idx].to(device)).loss,
                log_every, save_snapshot, t0=t0)
+    answers = text_answer_accuracy(model, tokenizer, check_dir, device) if check_dir else {}
+    if answers:
+        log.write(step=steps, text_answers=answers)
     model.cpu().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {"steps": steps, "first_loss": log.rows[0]["loss"], "final_loss": log.rows[-1]["loss"],
-            "seconds": time.perf_counter() - t0, "blocks": len(data), "tokens": len(data) * block}
+    losses = [r["loss"] for r in log.rows if "loss" in r]
+    return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1], "seconds": time.perf_counter() - t0,
+            "blocks": len(data), "tokens": len(data) * block, "text_answers_heldout": answers}
+
+
+@torch.no_grad()
+def text_answer_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, eval_dir: str,
+                         device: str = "cpu", batch_size: int = 50, template: str = "vicuna_v1") -> dict[str, float]:
+    """Per-category accuracy (%) of the LM alone on held-out questions, each image replaced by its
+    scene's description in words, as in its pretraining docs.
+
+    The LM's half of what the VLM must do: if it cannot answer "What color is the star?" after
+    "... a large red star ...", stage 2 has to teach that lookup from scratch over image tokens.
+    """
+    from llava.data.synth_scene import Scene
+    from llava.data.synth_text import description
+    from llava.eval.synth import normalize_answer
+    from llava.processing.templates import get_template
+
+    with open(os.path.join(eval_dir, "scenes.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    scenes = {r["image"]: Scene.from_dict(r["scene"]) for r in rows}
+    with open(os.path.join(eval_dir, "eval.jsonl"), encoding="utf-8") as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    tmpl = get_template(template)
+    prompts = [tmpl.render([f"{description(scenes[q['image']])}\n{q['text']}", None]) for q in questions]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    was_training = model.training
+    model.eval()
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for q, text in zip(questions[i:i + batch_size], texts):
+                total[q["category"]] += 1
+                right[q["category"]] += (normalize_answer(text, q["category"])
+                                         == normalize_answer(q["answer"], q["category"]))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return {c: round(100.0 * right[c] / total[c], 1) for c in total}

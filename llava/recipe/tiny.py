@@ -49,6 +49,7 @@ class RecipeSize:
     s2_unfreeze_tower: bool = False  # LLaVA-1.6 style: the tower learns in stage 2 too
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
+    train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)
     vision_lr: float = 1e-3
     grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
     eval_batch: int = 32
@@ -58,15 +59,16 @@ class RecipeSize:
 SIZES: dict[str, RecipeSize] = {
     "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16), lm=LMSpec(),
                        vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
-                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=6, s2_batch=16, s2_lr=1e-3,
-                       vision_scenes=12000, grounding_weight=1.0),
+                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3,
+                       vision_scenes=12000, train_scenes=9000, grounding_weight=1.0),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
                                           embed_dim=64),
                         lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
                         vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
-                        s1_max_steps=60, s2_max_steps=120, eval_batch=35, vision_scenes=300, grounding_weight=1.0),
+                        s1_max_steps=60, s2_max_steps=120, eval_batch=35, vision_scenes=300, train_scenes=300,
+                        grounding_weight=1.0),
 }
 
 
@@ -180,12 +182,17 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     os.makedirs(out, exist_ok=True)
     timer = _Timer(echo)
     t_all = time.perf_counter()
+    summary_file = os.path.join(out, "recipe_summary.json")
+    # a restarted run reports the reused stages' times from the run that made them
+    earlier_times = _read_json(summary_file).get("times", {}) if reuse and os.path.isfile(summary_file) else {}
+    reused: set[str] = set()
 
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
         if reuse and os.path.isfile(meta_file):
             meta = _read_json(meta_file)
             if (meta.get("seed"), meta.get("n"), meta.get("eval_n")) == (seed, spec.n, 0):
+                reused.add("data")
                 return meta
         return generate(data, seed=seed, n=spec.n, eval_n=0, workers=workers)
 
@@ -196,6 +203,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     def _tok():
         if reuse and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+            reused.add("stage0_tokenizer")
             return load_tokenizer(tok_dir)
         tok = train_tokenizer(chat_texts(corpus), vocab_size=spec.vocab)
         tok.save_pretrained(tok_dir)
@@ -203,19 +211,28 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     tokenizer = timer.run("stage0_tokenizer", _tok)
 
-    def _vision_scenes() -> tuple[str, str]:
-        """(pretrain.json, image folder) of the tower's scenes: the recipe's own, or more of the same seed
-        (scene i is the same whichever n is asked for, so the extra scenes extend the n)."""
-        if spec.vision_scenes <= spec.n:
-            return corpus[0], data
-        folder = os.path.join(s0, "scenes")
+    def _superset(folder: str, n: int, text_only: int | None, name: str | None = None) -> str:
+        """A folder of the first `n` scenes of the same seed: the recipe's own data when n <= spec.n,
+        else more of it (scene i and its chat are the same whichever n is asked for, so extra scenes
+        extend the n; the tokenizer and the LM keep reading the n)."""
+        if n <= spec.n:
+            return data
         meta_file = os.path.join(folder, "meta.json")
-        if not (reuse and os.path.isfile(meta_file) and _read_json(meta_file).get("n") == spec.vision_scenes):
-            generate(folder, seed=seed, n=spec.vision_scenes, eval_n=0, text_only=0, workers=workers)
+        if reuse and os.path.isfile(meta_file) and _read_json(meta_file).get("n") == n:
+            if name:
+                reused.add(name)
+        else:
+            generate(folder, seed=seed, n=n, eval_n=0, text_only=text_only, workers=workers)
+        return folder
+
+    def _vision_scenes() -> tuple[str, str]:
+        """(pretrain.json, image folder) of the tower's scenes (captions only)."""
+        folder = _superset(os.path.join(s0, "scenes"), spec.vision_scenes, text_only=0)
         return os.path.join(folder, "pretrain.json"), folder
 
     summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
     if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
+        reused.add("stage0_vision")
         tower_log = os.path.join(tower, "metrics.jsonl")
         losses = read_losses(tower_log)
         summary["stages"]["stage0_vision"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
@@ -228,35 +245,49 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             check_pairs=scene_pairs(eval_dir), grounding_weight=spec.grounding_weight,
             check_every=max(1, spec.vision_steps // 6)))
     if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
-        losses = read_losses(os.path.join(lm, "metrics.jsonl"))
-        summary["stages"]["stage0_lm"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1]}
+        reused.add("stage0_lm")
+        lm_log = os.path.join(lm, "metrics.jsonl")
+        losses = read_losses(lm_log)
+        summary["stages"]["stage0_lm"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
+                                          "text_answers_heldout": read_check(lm_log, "text_answers")}
     else:
         lm_docs = grounded_docs(seed, max(spec.n, spec.lm_scenes), n_text=max(spec.n, spec.lm_scenes) // 10)
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
             lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed,
-            device=device))
+            device=device, check_dir=eval_dir))
 
-    s1_args = dict(stage="pretrain", out=s1, data=corpus[0], image_folder=data, epochs=spec.s1_epochs,
-                   batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
+    train_data = timer.run("train_data", lambda: _superset(os.path.join(out, "train_data"), spec.train_scenes,
+                                                           text_only=None, name="train_data"))
+    s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"), image_folder=train_data,
+                   epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
                    device=device, language_model=lm, vision_tower=tower)
     summary["stages"]["stage1"] = timer.run("stage1", lambda: _train(**s1_args))
     # template: else the stage-1 checkpoint's own template (plain) would be kept
-    s2_args = dict(stage="finetune", out=s2, data=corpus[1], image_folder=data, epochs=spec.s2_epochs,
-                   batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps, model=s1,
+    s2_args = dict(stage="finetune", out=s2, data=os.path.join(train_data, "instruct.json"), image_folder=train_data,
+                   epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps, model=s1,
                    template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
     summary["stages"]["stage2"] = timer.run("stage2", lambda: _train(**s2_args))
     metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device))
 
-    summary.update(times=timer.times, total_seconds=round(time.perf_counter() - t_all, 1),
+    this_run = round(time.perf_counter() - t_all, 1)
+    carried = {k: earlier_times[k] for k in sorted(reused) if k in earlier_times}
+    times = {**timer.times, **carried}
+    order = ["data", "eval_data", "stage0_tokenizer", "stage0_vision", "stage0_lm", "train_data", "stage1", "stage2",
+             "eval"]
+    times = {k: times[k] for k in sorted(times, key=lambda k: order.index(k) if k in order else len(order))}
+    summary.update(times=times, this_run_seconds=this_run, reused_stages=sorted(carried),
+                   total_seconds=round(sum(times.values()), 1) if carried else this_run,
                    data_sha=meta.get("files", {}), images_sha=meta.get("images", {}), eval_seed=eval_seed(seed),
+                   train_data_sha=_read_json(os.path.join(train_data, "meta.json")).get("files", {}),
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
                    commands=[train_command(**a).replace(out, "$OUT") for a in (s1_args, s2_args)], metrics=metrics)
-    with open(os.path.join(out, "recipe_summary.json"), "w", encoding="utf-8") as f:
+    with open(summary_file, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=str)
     write_card(s2, summary)
     write_eval_results(s2, summary)
     if not keep_data:
-        shutil.rmtree(os.path.join(data, "images"), ignore_errors=True)
+        for folder in (data, train_data):
+            shutil.rmtree(os.path.join(folder, "images"), ignore_errors=True)
     echo(f"[recipe] model: {s2}")
     echo("[recipe] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timer.times.items())
          + f"; total {summary['total_seconds']:.1f}s")
