@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,16 @@ def test_card_metrics_match_a_fresh_evaluation(fresh):
         assert abs(real["accuracy"][category] - acc) <= TOLERANCE, (category, real["accuracy"][category], acc)
     for category, acc in RESULTS["blank"]["accuracy"].items():
         assert abs(blank["accuracy"][category] - acc) <= TOLERANCE, (category, blank["accuracy"][category], acc)
+
+
+def test_readme_first_command_answers_its_question():
+    """The quick start's `llava run ...` (as bash runs it) answers the example's question correctly."""
+    line = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if "&& llava run " in ln)
+    command = line[line.index("llava run "):].replace("llava run ", "", 1)
+    script = f"{sys.executable} -c 'import sys; from llava.cli import main; sys.exit(main())' run {command}"
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = next(json.loads(ln) for ln in (ROOT / "examples" / "synth_questions.jsonl").read_text().splitlines()
+               if "circles.png" in ln)
+    assert row["text"] in command.replace("\\n", "\n")
+    assert normalize_answer(out.stdout.strip().splitlines()[-1], "count") == row["answer"]
