@@ -41,7 +41,8 @@ FORMAT_VERSION = 1
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_EVAL_N = 1400  # 200 per category
 
-__all__ = ["generate", "eval_items", "train_scene", "answer_vocab", "png_bytes", "DEFAULT_IMAGE_SIZE", "DEFAULT_EVAL_N"]
+__all__ = ["generate", "load_scenes", "eval_items", "train_scene", "answer_vocab", "png_bytes", "DEFAULT_IMAGE_SIZE",
+           "DEFAULT_EVAL_N"]
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -89,6 +90,14 @@ def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE) -> 
                 break
         else:  # pragma: no cover - every target is reachable; this guards future vocabulary edits
             raise RuntimeError(f"eval question {i}: no scene found for {category}={target!r}")
+
+
+def load_scenes(folder: str | os.PathLike, split: str | None = None) -> dict[str, Scene]:
+    """The scenes of a generated folder (`scenes.jsonl`), by image path, in file order; `split`:
+    only "train" or only "eval" scenes."""
+    with open(os.path.join(folder, "scenes.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["image"]: Scene.from_dict(r["scene"]) for r in rows if split in (None, r["split"])}
 
 
 def png_bytes(scene: Scene) -> bytes:

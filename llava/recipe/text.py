@@ -8,7 +8,6 @@ tokenizer, i.e. what `llava train --language-model` expects (like lmsys/vicuna-7
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -107,16 +106,13 @@ def text_answer_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizer
     The LM's half of what the VLM must do: if it cannot answer "What color is the star?" after
     "... a large red star ...", stage 2 has to teach that lookup from scratch over image tokens.
     """
-    from llava.data.synth_scene import Scene
+    from llava.data.synth import load_scenes
     from llava.data.synth_text import description
-    from llava.eval.synth import normalize_answer
+    from llava.eval.synth import load_questions, normalize_answer
     from llava.processing.templates import get_template
 
-    with open(os.path.join(eval_dir, "scenes.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    scenes = {r["image"]: Scene.from_dict(r["scene"]) for r in rows}
-    with open(os.path.join(eval_dir, "eval.jsonl"), encoding="utf-8") as f:
-        questions = [json.loads(line) for line in f if line.strip()]
+    scenes = load_scenes(eval_dir)
+    questions = load_questions(os.path.join(eval_dir, "eval.jsonl"))
     tmpl = get_template(template)
     prompts = [tmpl.render([f"{description(scenes[q['image']])}\n{q['text']}", None]) for q in questions]
     side = tokenizer.padding_side

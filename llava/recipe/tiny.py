@@ -230,14 +230,18 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         folder = _superset(os.path.join(s0, "scenes"), spec.vision_scenes, text_only=0)
         return os.path.join(folder, "pretrain.json"), folder
 
+    def _reused_stage(name: str, folder: str, checks: tuple[str, ...]) -> dict[str, Any]:
+        """A stage-0 model already in `out`: its losses and held-out checks, read back from its log."""
+        reused.add(name)
+        log_file = os.path.join(folder, "metrics.jsonl")
+        losses = read_losses(log_file)
+        return {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
+                **{f"{check}_heldout": read_check(log_file, check) for check in checks}}
+
     summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
     if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
-        reused.add("stage0_vision")
-        tower_log = os.path.join(tower, "metrics.jsonl")
-        losses = read_losses(tower_log)
-        summary["stages"]["stage0_vision"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
-                                              "binding_heldout": read_check(tower_log, "binding"),
-                                              "grounding_heldout": read_check(tower_log, "grounding")}
+        summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: _reused_stage(
+            "stage0_vision", tower, ("binding", "grounding")))
     else:
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
             *_vision_scenes(), tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
@@ -245,11 +249,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             check_pairs=scene_pairs(eval_dir), grounding_weight=spec.grounding_weight,
             check_every=max(1, spec.vision_steps // 6)))
     if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
-        reused.add("stage0_lm")
-        lm_log = os.path.join(lm, "metrics.jsonl")
-        losses = read_losses(lm_log)
-        summary["stages"]["stage0_lm"] = {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
-                                          "text_answers_heldout": read_check(lm_log, "text_answers")}
+        summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: _reused_stage(
+            "stage0_lm", lm, ("text_answers",)))
     else:
         lm_docs = grounded_docs(seed, max(spec.n, spec.lm_scenes), n_text=max(spec.n, spec.lm_scenes) // 10)
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
@@ -264,17 +265,14 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     summary["stages"]["stage1"] = timer.run("stage1", lambda: _train(**s1_args))
     # template: else the stage-1 checkpoint's own template (plain) would be kept
     s2_args = dict(stage="finetune", out=s2, data=os.path.join(train_data, "instruct.json"), image_folder=train_data,
-                   epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps, model=s1,
-                   template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
+                   epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps,
+                   model=s1, template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
     summary["stages"]["stage2"] = timer.run("stage2", lambda: _train(**s2_args))
     metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device))
 
     this_run = round(time.perf_counter() - t_all, 1)
     carried = {k: earlier_times[k] for k in sorted(reused) if k in earlier_times}
-    times = {**timer.times, **carried}
-    order = ["data", "eval_data", "stage0_tokenizer", "stage0_vision", "stage0_lm", "train_data", "stage1", "stage2",
-             "eval"]
-    times = {k: times[k] for k in sorted(times, key=lambda k: order.index(k) if k in order else len(order))}
+    times = {k: carried.get(k, v) for k, v in timer.times.items()}
     summary.update(times=times, this_run_seconds=this_run, reused_stages=sorted(carried),
                    total_seconds=round(sum(times.values()), 1) if carried else this_run,
                    data_sha=meta.get("files", {}), images_sha=meta.get("images", {}), eval_seed=eval_seed(seed),
@@ -289,7 +287,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         for folder in (data, train_data):
             shutil.rmtree(os.path.join(folder, "images"), ignore_errors=True)
     echo(f"[recipe] model: {s2}")
-    echo("[recipe] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timer.times.items())
-         + f"; total {summary['total_seconds']:.1f}s")
+    echo("[recipe] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
+         + f"; total {summary['total_seconds']:.1f}s" + (f" (reused: {', '.join(carried)})" if carried else ""))
     return summary
 

@@ -236,12 +236,11 @@ def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str], m
 def scene_pairs(data_dir: str, split: str = "eval") -> tuple[np.ndarray, list[str]]:
     """(images, captions) of a synth folder's `split` scenes, captioned as the pretraining set is: the
     held-out pairs of the binding check (the eval seed's scenes, never trained on)."""
-    from llava.data.synth_scene import Scene
+    from llava.data.synth import load_scenes
     from llava.data.synth_text import caption
 
-    with open(os.path.join(data_dir, "scenes.jsonl"), encoding="utf-8") as f:
-        rows = [r for r in map(json.loads, f) if r["split"] == split]
-    return read_images(data_dir, [r["image"] for r in rows]), [caption(Scene.from_dict(r["scene"])) for r in rows]
+    scenes = load_scenes(data_dir, split)
+    return read_images(data_dir, list(scenes)), [caption(scene) for scene in scenes.values()]
 
 
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
