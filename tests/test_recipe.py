@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -220,7 +221,7 @@ def small_run(tmp_path_factory):
 @pytest.mark.slow
 def test_small_recipe_end_to_end(small_run):
     out, summary = small_run
-    for metrics in ("stage0/vision", "stage0/lm", "stage1", "stage2"):
+    for metrics in ("stage0/vision", "stage0/lm", "stage1", "stage2_phase1", "stage2"):
         losses = read_losses(out / metrics / "metrics.jsonl")
         assert len(losses) >= 2 and losses[-1] < losses[0], (metrics, losses)
     model = out / "stage2"
@@ -230,7 +231,8 @@ def test_small_recipe_end_to_end(small_run):
     assert "llava recipe tiny --size small --seed 0" in card and "blank-image" in card
     assert "Binding check on\n  held-out scenes" in card and "shape " in card
     saved = json.loads((out / "recipe_summary.json").read_text())
-    assert set(saved["times"]) >= {"data", "eval_data", "stage0_vision", "stage0_lm", "stage1", "stage2", "eval"}
+    assert set(saved["times"]) >= {"data", "eval_data", "stage0_vision", "stage0_lm", "stage1", "stage2_phase1",
+                                   "stage2", "eval"}
     assert saved["eval_seed"] != saved["seed"]
     results = json.loads((model / "eval_results.json").read_text())
     assert results["eval_seed"] == saved["eval_seed"] and results["real"]["accuracy"] == saved["metrics"]["real"][
@@ -238,6 +240,11 @@ def test_small_recipe_end_to_end(small_run):
     assert saved["metrics"]["real"]["n"] == 140 and saved["metrics"]["blank"]["blank_images"]
     # stages 1-2 train on a superset of the n scenes: the same scenes and chats, then more
     assert "--data $OUT/train_data/instruct.json" in saved["commands"][1]
+    # stage 2's low-lr tail goes on from the first phase's last step and ends in OUT/stage2
+    tail = saved["commands"][2]
+    assert "--model $OUT/stage2_phase1" in tail and "--out $OUT/stage2 " in tail and "--lr 0.0006" in tail
+    assert json.loads((model / "trainer_state.json").read_text())["config"]["model"] == str(out / "stage2_phase1")
+    assert "then 1 more from its last step at lr 0.0006" in card
     own, more = (json.loads((out / d / "instruct.json").read_text()) for d in ("data", "train_data"))
     assert len([r for r in more if "image" in r]) == 300 and more[:240] == own[:240]
     assert "stages 1 and 2\ntrain on the captions and chats of the first 300" in card
@@ -264,7 +271,7 @@ def test_restarted_recipe_reuses_stage0_and_reports_its_times(small_run, tmp_pat
 
     out, first = small_run
     copy = tmp_path / "tiny"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage1", "stage2"))
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage1", "stage2*"))
     summary = run_recipe(str(copy), seed=0, size="small", threads=1, reuse=True, echo=lambda _: None)
     assert summary["reused_stages"] == ["data", "stage0_lm", "stage0_tokenizer", "stage0_vision", "train_data"]
     for stage in summary["reused_stages"]:
@@ -275,6 +282,32 @@ def test_restarted_recipe_reuses_stage0_and_reports_its_times(small_run, tmp_pat
     assert summary["total_seconds"] == round(sum(summary["times"].values()), 1) > summary["this_run_seconds"]
     card = (copy / "stage2" / "README.md").read_text()
     assert "were reused from an earlier run" in card
+
+
+@pytest.mark.slow
+def test_restarted_recipe_keeps_finished_training_stages_of_the_same_config(small_run, tmp_path):
+    """A killed run restarts at the stage it lost; a stage whose config changed trains again, and so
+    does every stage after it."""
+    from llava.recipe import SIZES, run_recipe
+
+    out, first = small_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage2"))  # killed during the tail
+    summary = run_recipe(str(copy), seed=0, size="small", threads=1, reuse=True, echo=lambda _: None)
+    assert {"stage1", "stage2_phase1"} <= set(summary["reused_stages"]) and "stage2" not in summary["reused_stages"]
+    for stage in ("stage1", "stage2_phase1"):
+        # a kept training stage reports the time its trainer took (its trainer_state.json's)
+        assert summary["stages"][stage]["reused"]
+        assert summary["times"][stage] == round(first["stages"][stage]["seconds"], 1) <= first["times"][stage]
+        assert summary["stages"][stage]["final_loss"] == first["stages"][stage]["final_loss"]
+    assert (copy / "stage2" / "model.safetensors").is_file() and not summary["stages"]["stage2"].get("reused")
+
+    changed = dataclasses.replace(SIZES["small"], s2_lr=1e-3)
+    again = run_recipe(str(copy), seed=0, size=changed, threads=1, reuse=True, echo=lambda _: None)
+    assert "stage1" in again["reused_stages"]
+    assert not {"stage2_phase1", "stage2"} & set(again["reused_stages"])
+    state = json.loads((copy / "stage2_phase1" / "trainer_state.json").read_text())
+    assert state["config"]["learning_rate"] == 1e-3
 
 
 @pytest.mark.slow

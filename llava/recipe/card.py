@@ -62,6 +62,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
                  f"{grounded.get('count_accuracy', float('nan')):.1f}%)") if g_weight else ""
     lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
     lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
+    tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"
+            if spec.get("s2_tail_epochs") else "")
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -93,7 +95,7 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
   replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes). The LM alone,
   answering the held-out questions from each scene's description in words: {lm_answers}
 - projector: mlp2x_gelu; stage 1 `plain` ({spec['s1_epochs']} epoch(s), lr {spec['s1_lr']}),
-  stage 2 `vicuna_v1` ({spec['s2_epochs']} epoch(s), lr {spec['s2_lr']})
+  stage 2 `vicuna_v1` ({spec['s2_epochs']} epoch(s), lr {spec['s2_lr']}{tail})
 - size on disk: {_size_mb(model_dir):.1f} MB (llava-hf layout, safetensors)
 
 ## Data

@@ -26,14 +26,15 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     tiny.add_argument("--out", default="runs/tiny", help="output folder (the model ends up in OUT/stage2)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=["full", "small"], default="full",
-                      help="full: the shipped model (~2 h on 2 cores); small: a few-minute smoke run")
+                      help="full: the shipped model (~2.5 h on 2 cores); small: a few-minute smoke run")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,
                       help="torch threads (default: torch's; 1 is faster on a busy machine)")
     tiny.add_argument("--reuse", action="store_true",
-                      help="keep the data, tokenizer, vision tower and LM already in OUT (restarting a run; "
-                           "the card reports their earlier times)")
+                      help="keep what is already in OUT: the data, tokenizer, vision tower and LM, and each "
+                           "finished training stage whose config is unchanged (restarting a run; the card "
+                           "reports their earlier times)")
     tiny.add_argument("--device", default="cpu", help="cpu (the shipped model's), cuda, mps")
     tiny.set_defaults(func=cmd_recipe_tiny)
 

@@ -22,6 +22,7 @@ from llava.recipe.common import read_check, read_losses
 from llava.recipe.text import LMSpec, pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import VisionSpec, pretrain_vision, scene_pairs
+from llava.train.config import TrainConfig
 
 
 @dataclass
@@ -47,6 +48,11 @@ class RecipeSize:
     s1_max_steps: int | None = None
     s2_max_steps: int | None = None
     s2_unfreeze_tower: bool = False  # LLaVA-1.6 style: the tower learns in stage 2 too
+    s2_tail_epochs: int = 0  # stage 2 goes on from its last step at a lower lr (0: one phase)
+    s2_tail_lr: float = 3e-4
+    s2_tail_max_steps: int | None = None
+    s2_tail_unfreeze_tower: bool = False  # the tower learns in the tail (at s2_tail_tower_lr)
+    s2_tail_tower_lr: float | None = None  # None: the tail's lr
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
     train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)
@@ -60,15 +66,16 @@ SIZES: dict[str, RecipeSize] = {
     "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16), lm=LMSpec(),
                        vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
                        s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3,
-                       vision_scenes=12000, train_scenes=9000, grounding_weight=1.0),
+                       s2_tail_epochs=2, s2_tail_lr=3e-4, vision_scenes=12000, train_scenes=9000,
+                       grounding_weight=1.0),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
                                           embed_dim=64),
                         lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
                         vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
-                        s1_max_steps=60, s2_max_steps=120, eval_batch=35, vision_scenes=300, train_scenes=300,
-                        grounding_weight=1.0),
+                        s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
+                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0),
 }
 
 
@@ -93,25 +100,61 @@ class _Timer:
         return result
 
 
-def _train(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
-           max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
-           device: str = "cpu", **model: str) -> dict[str, Any]:
-    """One `llava train` run through the trainer's own config and loop."""
-    from llava.train.config import TrainConfig
+# where and how a run ran, not what it learnt: a finished run may be reused whatever these were
+_RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device"})
+
+
+def _train_config(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
+                  max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
+                  vision_tower_lr: float | None = None, device: str = "cpu", **model: str) -> TrainConfig:
+    """One `llava train` run as the trainer's own config."""
+    return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
+                       max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
+                       lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
+                       device=device, progress=False, logging_steps=5, overwrite=True, template=template,
+                       unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr, **model)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from llava.train.loop import train
 
-    cfg = TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
-                      max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
-                      lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
-                      device=device, progress=False, logging_steps=5, overwrite=True, template=template,
-                      unfreeze_vision_tower=unfreeze_vision_tower, **model)
     result = train(cfg)
     return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s}
 
 
+def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
+    """What a finished run of this very config (same data file) left in `cfg.out`, else None.
+
+    A restarted recipe keeps such a stage instead of training it again. Paths inside the run
+    folder `root` compare relative to it, so a moved or copied run folder restarts too."""
+    from llava.train.checkpointing import sha256_file
+
+    state_file = os.path.join(cfg.out, "trainer_state.json")
+    if not (os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.out, "model.safetensors"))):
+        return None
+    state = _read_json(state_file)
+    saved = state.get("config", {})
+    rel, saved_out = os.path.relpath(cfg.out, root), str(saved.get("out", ""))
+    old_root = saved_out[:-len(rel) - 1] if saved_out.endswith(os.sep + rel) else ""
+
+    def moved(value: Any) -> Any:
+        if old_root and isinstance(value, str) and value.startswith(old_root + os.sep):
+            return root + value[len(old_root):]
+        return value
+
+    now = json.loads(json.dumps(cfg.resolved().to_dict()))  # as the trainer saved it: defaults filled in
+    if any(moved(saved.get(k)) != v for k, v in now.items() if k not in _RUN_ONLY_KEYS):
+        return None
+    if state.get("global_step") != state.get("total_steps") or state.get("data_sha256") != sha256_file(cfg.data):
+        return None
+    return {"reused": True, "steps": state["global_step"], "final_loss": state["loss"],
+            "seconds": state["wall_time_s"]}
+
+
 def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
                   seed: int, max_steps: int | None, template: str | None = None,
-                  unfreeze_vision_tower: bool = False, device: str = "cpu", **model: str) -> str:
+                  unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
+                  **model: str) -> str:
     """The equivalent shell command (for the model card)."""
     parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
     parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
@@ -120,6 +163,8 @@ def train_command(stage: str, out: str, data: str, image_folder: str, epochs: in
         parts.append(f"--template {template}")
     if unfreeze_vision_tower:
         parts.append("--unfreeze-vision-tower")
+    if vision_tower_lr is not None:
+        parts.append(f"--vision-tower-lr {vision_tower_lr}")
     if max_steps:
         parts.append(f"--max-steps {max_steps}")
     if device != "cpu":
@@ -166,7 +211,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     `threads`: torch intra-op threads; on a loaded machine 1 is often several times faster than 2
     (oversubscribed threads spin), so the default leaves torch's choice only when asked to.
-    `reuse`: keep the data, tokenizer, vision tower and LM already in `out` (a restarted run).
+    `reuse`: keep the data, tokenizer, vision tower and LM already in `out`, and each finished
+    training stage whose config is unchanged while every stage before it was kept (a restarted run).
     `device`: where every stage trains ("cuda" makes the full recipe a matter of minutes)."""
     from llava.data.synth import generate
     from llava.recipe.card import write_card
@@ -186,6 +232,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     # a restarted run reports the reused stages' times from the run that made them
     earlier_times = _read_json(summary_file).get("times", {}) if reuse and os.path.isfile(summary_file) else {}
     reused: set[str] = set()
+    trained_seconds: dict[str, float] = {}  # kept training stages' own wall time
 
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
@@ -262,23 +309,41 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"), image_folder=train_data,
                    epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
                    device=device, language_model=lm, vision_tower=tower)
-    summary["stages"]["stage1"] = timer.run("stage1", lambda: _train(**s1_args))
+    # with a tail, stage 2's first phase trains into its own folder and the tail ends in OUT/stage2
+    s2_first = os.path.join(out, "stage2_phase1") if spec.s2_tail_epochs else s2
     # template: else the stage-1 checkpoint's own template (plain) would be kept
-    s2_args = dict(stage="finetune", out=s2, data=os.path.join(train_data, "instruct.json"), image_folder=train_data,
-                   epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr, seed=seed, max_steps=spec.s2_max_steps,
-                   model=s1, template="vicuna_v1", unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
-    summary["stages"]["stage2"] = timer.run("stage2", lambda: _train(**s2_args))
+    s2_args = dict(stage="finetune", out=s2_first, data=os.path.join(train_data, "instruct.json"),
+                   image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr, seed=seed,
+                   max_steps=spec.s2_max_steps, model=s1, template="vicuna_v1",
+                   unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
+    runs = [("stage1", s1_args), ("stage2_phase1" if spec.s2_tail_epochs else "stage2", s2_args)]
+    if spec.s2_tail_epochs:
+        runs.append(("stage2", {**s2_args, "out": s2, "model": s2_first, "epochs": spec.s2_tail_epochs,
+                                "lr": spec.s2_tail_lr, "max_steps": spec.s2_tail_max_steps,
+                                "unfreeze_vision_tower": spec.s2_unfreeze_tower or spec.s2_tail_unfreeze_tower,
+                                "vision_tower_lr": spec.s2_tail_tower_lr}))
+    reusable = reuse and {"stage0_vision", "stage0_lm"} <= reused
+    for name, args in runs:
+        cfg = _train_config(**args)
+        done = finished_run(cfg, out) if reusable else None
+        reusable = done is not None  # a stage is kept only when every stage before it was
+        if done:
+            reused.add(name)
+            trained_seconds[name] = round(done["seconds"], 1)
+        summary["stages"][name] = timer.run(name, lambda done=done, cfg=cfg: done or _train(cfg))
     metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device))
 
     this_run = round(time.perf_counter() - t_all, 1)
-    carried = {k: earlier_times[k] for k in sorted(reused) if k in earlier_times}
+    # a kept training stage's own trainer_state says how long it took (an earlier summary may predate it)
+    carried = {k: trained_seconds.get(k, earlier_times.get(k)) for k in sorted(reused)
+               if k in earlier_times or k in trained_seconds}
     times = {k: carried.get(k, v) for k, v in timer.times.items()}
     summary.update(times=times, this_run_seconds=this_run, reused_stages=sorted(carried),
                    total_seconds=round(sum(times.values()), 1) if carried else this_run,
                    data_sha=meta.get("files", {}), images_sha=meta.get("images", {}), eval_seed=eval_seed(seed),
                    train_data_sha=_read_json(os.path.join(train_data, "meta.json")).get("files", {}),
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
-                   commands=[train_command(**a).replace(out, "$OUT") for a in (s1_args, s2_args)], metrics=metrics)
+                   commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
     with open(summary_file, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=str)
     write_card(s2, summary)
