@@ -126,6 +126,43 @@ def test_grounding_targets_read_from_captions_match_the_scenes():
     assert counts.max() > 1 and (counts == 0).any()  # the scenes cover groups and absent shapes
 
 
+def test_caption_order_ranks_each_pair_by_its_leftmost_object():
+    """The order targets follow the scene: a group listed earlier has its leftmost object further left."""
+    from llava.data.synth import train_scene
+    from llava.data.synth_text import caption
+    from llava.recipe.grounding import PAIRS, caption_order, order_loss
+
+    scenes = [train_scene(0, i)[1] for i in range(200)]
+    order = caption_order([caption(s) for s in scenes])
+    compared = 0
+    for scene, row in zip(scenes, order):
+        left = {}
+        for o in scene.objects:
+            key = f"{o.color} {o.shape}"
+            left[key] = min(left.get(key, (o.x, o.y)), (o.x, o.y))
+        listed = {PAIRS[i]: int(p) for i, p in enumerate(row) if p >= 0}
+        assert set(listed) == set(left) and sorted(listed.values()) == list(range(len(left)))
+        for a in left:
+            for b in left:
+                if listed[a] < listed[b]:
+                    assert left[a] < left[b]
+                    compared += 1
+    assert compared > 100
+    # the ranking loss is small when scores follow the caption's order, large when they reverse it
+    right, wrong = order.float(), -order.float()
+    assert order_loss(10 * right, order) < 0.01 < 5 < order_loss(10 * wrong, order)
+
+
+def test_order_ranking_trains_and_is_scored(synth, tokenizer, tmp_path):
+    v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "tower"), SMALL_VISION,
+                        steps=6, batch_size=8, lr=3e-3, check_pairs=scene_pairs(str(synth)), grounding_weight=1.0,
+                        order_weight=1.0)
+    assert 0 <= v["grounding_heldout"]["order_accuracy"] <= 100 and v["order_weight"] == 1.0
+    with pytest.raises(ValueError, match="grounding_weight"):
+        pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t2"), SMALL_VISION,
+                        steps=1, batch_size=8, order_weight=1.0)
+
+
 def test_grounding_loss_falls_and_is_checked_on_held_out_scenes(synth, tokenizer, tmp_path):
     v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "tower"), SMALL_VISION,
                         steps=24, batch_size=8, lr=3e-3, check_pairs=scene_pairs(str(synth)), grounding_weight=1.0,

@@ -56,10 +56,13 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     scenes = max(spec.get("vision_scenes", 0), spec["n"])
     g_weight = spec.get("grounding_weight", 0.0)
     grounded = s0.get("grounding_heldout", {})
+    order = (f"; with the left-to-right ranking of the caption's groups (weight {spec['order_weight']}), "
+             f"pairs of groups put in order {grounded.get('order_accuracy', float('nan')):.1f}%"
+             if spec.get("order_weight") else "")
     grounding = (f" plus the caption-grounding loss (weight {g_weight}: for each colour-shape pair \"is it there?\", "
                  f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
                  f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "
-                 f"{grounded.get('count_accuracy', float('nan')):.1f}%)") if g_weight else ""
+                 f"{grounded.get('count_accuracy', float('nan')):.1f}%{order})") if g_weight else ""
     lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
     lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
     tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"

@@ -58,6 +58,7 @@ class RecipeSize:
     train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)
     vision_lr: float = 1e-3
     grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
+    order_weight: float = 0.0  # its left-to-right ranking of the caption's groups (puts x into the patch tokens)
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -294,7 +295,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             *_vision_scenes(), tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
             lr=spec.vision_lr, seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(eval_dir), grounding_weight=spec.grounding_weight,
-            check_every=max(1, spec.vision_steps // 6)))
+            order_weight=spec.order_weight, check_every=max(1, spec.vision_steps // 6)))
     if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: _reused_stage(
             "stage0_lm", lm, ("text_answers",)))

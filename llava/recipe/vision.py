@@ -32,7 +32,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerB
 
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
-from llava.recipe.grounding import GroundingHead, grounding_loss, grounding_scores, grounding_targets
+from llava.recipe.grounding import GroundingHead, caption_order, grounding_loss, grounding_scores, grounding_targets
 from llava.recipe.tokenizer import IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,17 +77,28 @@ class TextEncoder(nn.Module):
         return self.norm((h * m).sum(1) / m.sum(1).clamp(min=1))
 
 
+@dataclass
+class Grounding:
+    """One batch's caption-grounding targets (llava.recipe.grounding) and their loss weights."""
+
+    pairs: torch.Tensor
+    counts: torch.Tensor
+    weight: float
+    order: torch.Tensor | None = None
+    order_weight: float = 0.0
+
+
 class DualEncoder(nn.Module):
     """CLIP: two towers, two projections into a shared space, a learnable temperature."""
 
-    def __init__(self, vocab_size: int, spec: VisionSpec, grounding: bool = False) -> None:
+    def __init__(self, vocab_size: int, spec: VisionSpec, grounding: bool = False, order: bool = False) -> None:
         super().__init__()
         self.vision = CLIPVisionModel(vision_config(spec))
         self.text = TextEncoder(vocab_size, spec)
         self.image_proj = nn.Linear(spec.width, spec.embed_dim, bias=False)
         self.text_proj = nn.Linear(spec.text_width, spec.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-        self.grounding_head = GroundingHead(spec.width) if grounding else None
+        self.grounding_head = GroundingHead(spec.width, order=order) if grounding else None
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._encode(pixels)[0]
@@ -105,15 +116,17 @@ class DualEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 neg_ids: torch.Tensor | None = None, neg_mask: torch.Tensor | None = None,
-                grounding: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-        """CLIP loss; plus `weight` x the grounding loss when `grounding` = (pairs, counts, weight)."""
+                grounding: Grounding | None = None) -> torch.Tensor:
+        """CLIP loss; plus the grounding loss (`grounding.weight` x) when given."""
         img, tokens = self._encode(pixels)
         txt = self.embed_texts(ids, mask)
         neg = self.embed_texts(neg_ids, neg_mask) if neg_ids is not None else None
         loss = clip_loss(img, txt, self.logit_scale.clamp(max=np.log(100.0)).exp(), neg)
         if grounding is not None:
-            pairs, counts, weight = grounding
-            loss = loss + weight * grounding_loss(*self.grounding_head(tokens), pairs, counts)
+            pair_logits, count_logits, place = self.grounding_head(tokens)
+            g = grounding
+            loss = loss + g.weight * grounding_loss(pair_logits, count_logits, g.pairs, g.counts, place, g.order,
+                                                    g.order_weight)
         return loss
 
 
@@ -247,19 +260,23 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
                     spec: VisionSpec | None = None, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                     seed: int = 0, log_every: int = 10, device: str = "cpu", hard_negatives_per_image: int = 0,
                     check_pairs: tuple[np.ndarray, list[str]] | None = None, grounding_weight: float = 0.0,
-                    check_every: int = 0) -> dict:
+                    check_every: int = 0, order_weight: float = 0.0) -> dict:
     """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder); returns a summary,
     with the binding accuracy on `check_pairs` (held-out images and captions) when given.
 
     grounding_weight > 0 adds the caption-grounding loss (llava.recipe.grounding) with that weight;
-    its held-out scores are logged every `check_every` steps (0: at the end only)."""
+    its held-out scores are logged every `check_every` steps (0: at the end only). order_weight > 0
+    adds its left-to-right ranking of the caption's groups (needs grounding_weight > 0)."""
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
     images, captions = load_pairs(pretrain_json, image_folder)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
-    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0).to(device).train()
+    if order_weight and not grounding_weight:
+        raise ValueError("order_weight needs the grounding head: set grounding_weight > 0 too")
+    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0).to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
+    order = caption_order(captions) if order_weight > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     neg_seed = [seed]  # a new seed per step: fresh perturbations every time a caption comes round
@@ -271,7 +288,8 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
             neg_seed[0] += 1
             negs = hard_negatives([captions[i] for i in idx], neg_seed[0], hard_negatives_per_image)
             neg = _to(tokenize_captions(tokenizer, negs, spec.max_text_len), device)
-        grounding = (targets[0][idx].to(device), targets[1][idx].to(device), grounding_weight) if targets else None
+        grounding = Grounding(targets[0][idx].to(device), targets[1][idx].to(device), grounding_weight,
+                              order[idx].to(device) if order is not None else None, order_weight) if targets else None
         return model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device),
                      mask[idx, :keep].to(device), *neg, grounding=grounding)
 
@@ -293,7 +311,7 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "pairs": len(images),
             "hard_negatives_per_image": hard_negatives_per_image, "binding_heldout": binding,
-            "grounding_weight": grounding_weight, "grounding_heldout": grounding}
+            "grounding_weight": grounding_weight, "order_weight": order_weight, "grounding_heldout": grounding}
 
 
 @torch.no_grad()
@@ -305,4 +323,6 @@ def grounding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[st
             for i in range(0, len(images), 128)]
     model.train()
     pair_logits, count_logits = (torch.cat([o[k].cpu() for o in outs]) for k in (0, 1))
-    return grounding_scores(pair_logits, count_logits, *grounding_targets(captions))
+    place = torch.cat([o[2].cpu() for o in outs]) if outs and outs[0][2] is not None else None
+    return grounding_scores(pair_logits, count_logits, *grounding_targets(captions), place,
+                            caption_order(captions) if place is not None else None)
