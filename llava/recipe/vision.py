@@ -123,8 +123,8 @@ class DualEncoder(nn.Module):
         neg = self.embed_texts(neg_ids, neg_mask) if neg_ids is not None else None
         loss = clip_loss(img, txt, self.logit_scale.clamp(max=np.log(100.0)).exp(), neg)
         if grounding is not None:
-            pair_logits, count_logits, place = self.grounding_head(tokens)
             g = grounding
+            pair_logits, count_logits, place = self.grounding_head(tokens)
             loss = loss + g.weight * grounding_loss(pair_logits, count_logits, g.pairs, g.counts, place, g.order,
                                                     g.order_weight)
         return loss
@@ -274,7 +274,8 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
     if order_weight and not grounding_weight:
         raise ValueError("order_weight needs the grounding head: set grounding_weight > 0 too")
-    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0).to(device).train()
+    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0)
+    model = model.to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
     order = caption_order(captions) if order_weight > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
