@@ -323,8 +323,8 @@ def test_restarted_recipe_reuses_stage0_and_reports_its_times(small_run, tmp_pat
 
 @pytest.mark.slow
 def test_restarted_recipe_keeps_finished_training_stages_of_the_same_config(small_run, tmp_path):
-    """A killed run restarts at the stage it lost; a stage whose config changed trains again, and so
-    does every stage after it."""
+    """A killed run restarts at the stage it lost; a stage whose config (or stage-0 spec) changed
+    trains again, and so does every stage after it."""
     from llava.recipe import SIZES, run_recipe
 
     out, first = small_run
@@ -345,6 +345,13 @@ def test_restarted_recipe_keeps_finished_training_stages_of_the_same_config(smal
     assert not {"stage2_phase1", "stage2"} & set(again["reused_stages"])
     state = json.loads((copy / "stage2_phase1" / "trainer_state.json").read_text())
     assert state["config"]["learning_rate"] == 1e-3
+
+    # a stage-0 change (the tower's ranking loss) re-trains the tower and everything that reads it
+    tower_changed = dataclasses.replace(changed, order_weight=1.0)
+    third = run_recipe(str(copy), seed=0, size=tower_changed, threads=1, reuse=True, echo=lambda _: None)
+    assert {"stage0_tokenizer", "stage0_lm"} <= set(third["reused_stages"])
+    assert not {"stage0_vision", "stage1", "stage2_phase1", "stage2"} & set(third["reused_stages"])
+    assert "order_accuracy" in third["stages"]["stage0_vision"]["grounding_heldout"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -99,6 +99,25 @@ class _Timer:
         self.times[name] = round(time.perf_counter() - t0, 1)
         self.echo(f"[recipe] {name} done in {self.times[name]:.1f}s")
         return result
+
+
+# the spec fields each stage-0 model depends on: a restarted run keeps the model only if they are unchanged
+_STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
+    "stage0_tokenizer": ("n", "vocab"),
+    "stage0_vision": ("n", "vocab", "vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
+                      "vision_negatives", "grounding_weight", "order_weight"),
+    "stage0_lm": ("n", "vocab", "lm", "lm_steps", "lm_batch", "lm_scenes"),
+}
+
+
+def _same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize) -> bool:
+    """Whether the run that wrote `earlier` (its summary's spec) made stage-0 model `name` as `spec` would.
+    Fields an older summary lacks count as their default. No earlier summary: trust the folder."""
+    if earlier is None:
+        return True
+    defaults = {f.name: f.default for f in fields(RecipeSize) if f.default is not MISSING}
+    now = json.loads(json.dumps(asdict(spec)))
+    return all(earlier.get(k, defaults.get(k)) == now[k] for k in _STAGE0_FIELDS[name])
 
 
 # where and how a run ran, not what it learnt: a finished run may be reused whatever these were
@@ -231,7 +250,12 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     t_all = time.perf_counter()
     summary_file = os.path.join(out, "recipe_summary.json")
     # a restarted run reports the reused stages' times from the run that made them
-    earlier_times = _read_json(summary_file).get("times", {}) if reuse and os.path.isfile(summary_file) else {}
+    earlier = _read_json(summary_file) if reuse and os.path.isfile(summary_file) else {}
+    earlier_times, earlier_spec = earlier.get("times", {}), earlier.get("spec")
+
+    def keep(name: str, path: str) -> bool:
+        """A stage-0 model to keep: asked to reuse, it is there, and the spec it depends on is unchanged."""
+        return reuse and os.path.isfile(path) and _same_stage0_spec(name, earlier_spec, spec)
     reused: set[str] = set()
     trained_seconds: dict[str, float] = {}  # kept training stages' own wall time
 
@@ -250,7 +274,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     corpus = [os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")]
 
     def _tok():
-        if reuse and os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        if keep("stage0_tokenizer", os.path.join(tok_dir, "tokenizer.json")):
             reused.add("stage0_tokenizer")
             return load_tokenizer(tok_dir)
         tok = train_tokenizer(chat_texts(corpus), vocab_size=spec.vocab)
@@ -287,7 +311,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                 **{f"{check}_heldout": read_check(log_file, check) for check in checks}}
 
     summary: dict[str, Any] = {"size": size_name, "seed": seed, "spec": asdict(spec), "stages": {}}
-    if reuse and os.path.isfile(os.path.join(tower, "model.safetensors")):
+    if "stage0_tokenizer" in reused and keep("stage0_vision", os.path.join(tower, "model.safetensors")):
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: _reused_stage(
             "stage0_vision", tower, ("binding", "grounding")))
     else:
@@ -296,7 +320,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             lr=spec.vision_lr, seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(eval_dir), grounding_weight=spec.grounding_weight,
             order_weight=spec.order_weight, check_every=max(1, spec.vision_steps // 6)))
-    if reuse and os.path.isfile(os.path.join(lm, "model.safetensors")):
+    if "stage0_tokenizer" in reused and keep("stage0_lm", os.path.join(lm, "model.safetensors")):
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: _reused_stage(
             "stage0_lm", lm, ("text_answers",)))
     else:
