@@ -89,17 +89,17 @@ class GroundingHead(nn.Module):
         return self.pair(pairs).squeeze(-1), self.count(out[:, len(PAIRS):]), place
 
 
-def _listed_before(order: torch.Tensor) -> torch.Tensor:
-    """[B, P, P]: pair i is listed (so lies) left of pair j in the caption."""
+def _ordered_gaps(place: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """For every two groups one caption lists, i before j (so i lies left of j): score of j - score of i."""
     a, b = order.unsqueeze(2), order.unsqueeze(1)
-    return (a >= 0) & (b >= 0) & (a < b)
+    listed_before = (a >= 0) & (b >= 0) & (a < b)  # [B, i, j]
+    return (place.unsqueeze(1) - place.unsqueeze(2))[listed_before]
 
 
 def order_loss(place: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Ranking: of two listed groups, the one listed first scores lower (softplus of the violation)."""
-    before = _listed_before(order)
-    gap = place.unsqueeze(1) - place.unsqueeze(2)  # [B, i, j] = score of j - score of i
-    return F.softplus(-gap[before]).mean() if before.any() else place.sum() * 0
+    gaps = _ordered_gaps(place, order)
+    return F.softplus(-gaps).mean() if gaps.numel() else place.sum() * 0
 
 
 def grounding_loss(pair_logits: torch.Tensor, count_logits: torch.Tensor, pairs: torch.Tensor,
@@ -123,7 +123,5 @@ def grounding_scores(pair_logits: torch.Tensor, count_logits: torch.Tensor, pair
               "pair_accuracy": round(100 * (pred == truth).float().mean().item(), 1),
               "count_accuracy": round(100 * (count_logits.argmax(-1) == counts).float().mean().item(), 1)}
     if place is not None and order is not None:
-        before = _listed_before(order)
-        gap = place.unsqueeze(1) - place.unsqueeze(2)
-        scores["order_accuracy"] = round(100 * (gap[before] > 0).float().mean().item(), 1)
+        scores["order_accuracy"] = round(100 * (_ordered_gaps(place, order) > 0).float().mean().item(), 1)
     return scores

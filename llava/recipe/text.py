@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +107,7 @@ def text_answer_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizer
     """
     from llava.data.synth import load_scenes
     from llava.data.synth_text import description
-    from llava.eval.synth import load_questions, normalize_answer
+    from llava.eval.synth import load_questions, score
     from llava.processing.templates import get_template
 
     scenes = load_scenes(eval_dir)
@@ -119,19 +118,15 @@ def text_answer_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizer
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
     was_training = model.training
     model.eval()
-    right: Counter[str] = Counter()
-    total: Counter[str] = Counter()
+    answers: dict[int, str] = {}
     try:
         for i in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
             out = model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            for q, text in zip(questions[i:i + batch_size], texts):
-                total[q["category"]] += 1
-                right[q["category"]] += (normalize_answer(text, q["category"])
-                                         == normalize_answer(q["answer"], q["category"]))
+            answers.update((q["question_id"], text) for q, text in zip(questions[i:i + batch_size], texts))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return {c: round(100.0 * right[c] / total[c], 1) for c in total}
+    return {c: round(a, 1) for c, a in score(questions, answers)["accuracy"].items()}  # the evaluator's own rules

@@ -256,6 +256,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     def keep(name: str, path: str) -> bool:
         """A stage-0 model to keep: asked to reuse, it is there, and the spec it depends on is unchanged."""
         return reuse and os.path.isfile(path) and _same_stage0_spec(name, earlier_spec, spec)
+
     reused: set[str] = set()
     trained_seconds: dict[str, float] = {}  # kept training stages' own wall time
 
