@@ -207,6 +207,19 @@ def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
     assert load_tokenizer(str(lm)).convert_tokens_to_ids(IMAGE_TOKEN) == len(tokenizer) - 1
 
 
+def test_stage0_models_are_kept_only_for_the_same_text_data():
+    """The text-only chats feed the tokenizer (so the tower's captions' ids) and the LM's corpus."""
+    from llava.recipe.tiny import SIZES, _same_stage0_spec
+
+    full = SIZES["full"]
+    older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(full))).items()
+             if k not in ("text_chats", "text_mc")}  # a summary written before these fields existed
+    for stage in ("stage0_tokenizer", "stage0_vision", "stage0_lm"):
+        assert _same_stage0_spec(stage, older, full)
+        assert not _same_stage0_spec(stage, older, dataclasses.replace(full, text_mc=0.5))
+        assert not _same_stage0_spec(stage, older, dataclasses.replace(full, text_chats=0.5))
+
+
 def test_cli_parses_recipe_flags():
     import argparse
 
@@ -289,6 +302,12 @@ def test_small_recipe_end_to_end(small_run):
     assert set(lm_answers) == set(CATEGORIES) and all(0 <= a <= 100 for a in lm_answers.values())
     assert read_check(out / "stage0" / "lm" / "metrics.jsonl", "text_answers") == lm_answers
     assert "The LM alone,\n  answering the held-out questions" in card
+    # the small size asks half its text-only questions as lettered multiple choice, in every data set
+    for folder in ("data", "train_data"):
+        assert json.loads((out / folder / "meta.json").read_text())["text_mc"] == 0.5
+    assert any(r["conversations"][0]["value"].endswith("from the given choices directly.") for r in more
+               if "image" not in r)
+    assert "(50% of their questions as lettered multiple choice)" in card
 
 
 @pytest.mark.slow

@@ -197,6 +197,52 @@ def test_instruct_answers_follow_from_the_scene(synth):
     assert checked["short"] > 2 * N and checked["mc"] and checked["detail"]
 
 
+_MIXES = {frozenset(("blue", "yellow")): "green", frozenset(("red", "blue")): "purple",
+          frozenset(("red", "white")): "pink", frozenset(("black", "white")): "gray",
+          frozenset(("red", "yellow")): "orange"}
+_NUMBER_WORDS = {w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                              "nine"])}
+
+
+def _text_answer(question: str) -> str:
+    """The answer to a text-only question, derived from its wording alone."""
+    if m := re.fullmatch(r"What is (\d) (plus|minus) (\d)\?", question):
+        a, b = int(m[1]), int(m[3])
+        return str(a + b if m[2] == "plus" else a - b)
+    if m := re.fullmatch(r"How many sides does a (\w+) have\?", question):
+        return {"triangle": "3", "square": "4", "diamond": "4"}[m[1]]
+    if m := re.fullmatch(r"What color do you get when you mix (\w+) and (\w+)\?", question):
+        return _MIXES[frozenset((m[1], m[2]))]
+    if m := re.fullmatch(r"Is (\w+) a color or a shape\?", question):
+        return "color" if m[1] in COLORS else "shape"
+    if m := re.fullmatch(r"What number comes after (\w+)\?", question):
+        return str(_NUMBER_WORDS[m[1]] + 1)
+    raise AssertionError(f"unknown text question {question!r}")
+
+
+def test_text_only_multiple_choice_letters_name_the_right_answer(synth, tmp_path):
+    """`text_mc` asks the image-free questions as lettered options (image mc's format); the
+    image rows and the captions stay byte for byte those of a run without it."""
+    generate(tmp_path, seed=SEED, n=N, eval_n=EVAL_N, text_only=60, text_mc=1.0)
+    assert json.loads((tmp_path / "meta.json").read_text())["text_mc"] == 1.0
+    assert (tmp_path / "pretrain.json").read_bytes() == (synth / "pretrain.json").read_bytes()
+    records = load_records(tmp_path / "instruct.json")
+    assert [r for r in records if "image" in r] == [r for r in load_records(synth / "instruct.json") if "image" in r]
+    letters = Counter()
+    for rec in (r for r in records if "image" not in r):
+        assert validate_record(rec, check_images=False) == []
+        conv = rec["conversations"]
+        for human, gpt in zip(conv[::2], conv[1::2]):
+            question, *options = human["value"].removesuffix(MC_SUFFIX).split("\n")
+            assert human["value"].endswith(MC_SUFFIX) and [o[:3] for o in options] == ["A. ", "B. ", "C. ", "D. "]
+            values = [o[3:] for o in options]
+            assert len(set(values)) == 4 and values["ABCD".index(gpt["value"])] == _text_answer(question), rec
+            letters[gpt["value"]] += 1
+    assert sum(letters.values()) > 60 and set(letters) == set("ABCD")
+    with pytest.raises(ValueError, match="text_mc"):
+        generate(tmp_path / "bad", seed=SEED, n=1, eval_n=0, text_mc=1.5)
+
+
 def test_pixels_match_the_scene(synth):
     for name, scene in _scenes(synth).items():
         img = np.asarray(PIL.Image.open(synth / name).convert("RGB"), dtype=int)
@@ -268,10 +314,10 @@ def test_cli_registers_under_data(tmp_path, capsys):
     data = sub.add_parser("data").add_subparsers(dest="data_command")
     add_synth_command(data)
     args = parser.parse_args(["data", "synth", "--out", str(tmp_path), "--seed", "1", "--n", "3", "--eval-n", "7",
-                              "--image-size", "64"])
+                              "--image-size", "64", "--text-only", "2", "--text-mc", "0.5"])
     assert args.func(args) == 0
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert (meta["n"], meta["eval_n"], meta["image_size"]) == (3, 7, 64)
+    assert (meta["n"], meta["eval_n"], meta["image_size"], meta["text_only"], meta["text_mc"]) == (3, 7, 64, 2, 0.5)
     assert PIL.Image.open(tmp_path / "images" / "000000.png").size == (64, 64)
 
 

@@ -144,16 +144,20 @@ def _conv(turns: list[tuple[str, str]], image: bool) -> list[dict[str, str]]:
 
 
 def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DEFAULT_IMAGE_SIZE,
-             eval_n: int = DEFAULT_EVAL_N, text_only: int | None = None, workers: int = 1) -> dict[str, Any]:
+             eval_n: int = DEFAULT_EVAL_N, text_only: int | None = None, workers: int = 1,
+             text_mc: float = 0.0) -> dict[str, Any]:
     """Write the dataset (see the module docstring) and return its meta.json contents.
 
-    `text_only`: number of image-free instruct chats (default n // 10); `workers`: processes
+    `text_only`: number of image-free instruct chats (default n // 10); `text_mc`: the share of
+    their questions asked as lettered multiple choice (`text_conversation`); `workers`: processes
     that render images (the output does not depend on it). They are started with "spawn",
     so a script that calls this with workers > 1 needs the usual `if __name__ == "__main__":`
     guard (without it every worker re-runs the script and the pool never starts).
     """
     if n < 0 or eval_n < 0:
         raise ValueError("n and eval_n must be >= 0")
+    if not 0.0 <= text_mc <= 1.0:
+        raise ValueError(f"text_mc is a share of questions, in [0, 1]; got {text_mc}")
     if image_size < 48:
         raise ValueError(f"image_size {image_size} is too small for five shapes and a word; use >= 48")
     root = Path(out_dir)
@@ -172,7 +176,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         instruct.append({"id": rid, "image": name, "conversations": _conv(conversation(rng, scene), image=True)})
     for j in range(text_only):
         rng = _rng(seed, "text", j)
-        instruct.append({"id": f"synth-text-{j:05d}", "conversations": _conv(text_conversation(rng), image=False)})
+        instruct.append({"id": f"synth-text-{j:05d}", "conversations": _conv(text_conversation(rng, text_mc), image=False)})
 
     questions = []
     for i, (scene, qa) in enumerate(eval_items(seed, eval_n, image_size)):
@@ -192,7 +196,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         files[fname] = hashlib.sha256(data).hexdigest()
     meta = {
         "format": "llava-synth", "version": FORMAT_VERSION, "seed": seed, "n": n, "eval_n": eval_n,
-        "text_only": text_only, "image_size": image_size,
+        "text_only": text_only, "text_mc": text_mc, "image_size": image_size,
         "pillow": PIL.__version__,  # rendering (font rasterisation) is byte-stable for one Pillow version
         "vocab": {"colors": {k: list(v) for k, v in COLORS.items()}, "shapes": list(SHAPES), "sizes": list(SIZES),
                   "words": list(WORDS), "backgrounds": list(BACKGROUNDS), "max_objects": MAX_OBJECTS},

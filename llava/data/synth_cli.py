@@ -26,6 +26,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-n", type=int, default=DEFAULT_EVAL_N,
                    help=f"eval questions, one image each (default {DEFAULT_EVAL_N}: 200 per category)")
     p.add_argument("--text-only", type=int, default=None, help="text-only instruct chats (default n/10)")
+    p.add_argument("--text-mc", type=float, default=0.0,
+                   help="share of the text-only questions asked as lettered multiple choice (default 0)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="rendering processes (output does not depend on it)")
     p.add_argument("--json", action="store_true", help="print meta.json instead of a summary")
@@ -44,7 +46,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     meta = generate(args.out, seed=args.seed, n=args.n, image_size=args.image_size, eval_n=args.eval_n,
-                    text_only=args.text_only, workers=args.workers)
+                    text_only=args.text_only, workers=args.workers, text_mc=args.text_mc)
     if args.json:
         print(json.dumps(meta, indent=2))
     else:

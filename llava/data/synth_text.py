@@ -323,8 +323,31 @@ def text_qa(rng: random.Random) -> tuple[str, str, str]:
     return f"What number comes after {count_word(k)}?", str(k + 1), f"The number after {k} is {k + 1}."
 
 
-def text_conversation(rng: random.Random) -> list[tuple[str, str]]:
-    """A short text-only chat: general questions answered as a word (with the suffix) or a sentence."""
+def _text_options(short: str) -> list[str]:
+    """The answers a text question's lettered options are drawn from (its own kind of answer)."""
+    if short.isdigit():
+        return [str(k) for k in range(11)]
+    if short in ("color", "shape"):
+        return ["color", "shape", "number", "word"]
+    return list(COLORS)
+
+
+def text_mc(rng: random.Random, question: str, short: str) -> tuple[str, str]:
+    """A text question as four lettered options (image-mc's format); (prompt with MC_SUFFIX, letter)."""
+    letter = rng.choice(LETTERS)
+    options = rng.sample([v for v in _text_options(short) if v != short], len(LETTERS) - 1)
+    options.insert(LETTERS.index(letter), short)
+    lines = [question] + [f"{L}. {v}" for L, v in zip(LETTERS, options)]
+    return "\n".join(lines) + MC_SUFFIX, letter
+
+
+def text_conversation(rng: random.Random, mc: float = 0.0) -> list[tuple[str, str]]:
+    """A short text-only chat: general questions answered as a word (with the suffix) or a sentence.
+
+    `mc`: the share of questions asked as lettered multiple choice instead. The tiny LM never
+    learnt to pick a letter from image questions alone (chance after six epochs); the same
+    skill on questions it can answer from text bootstraps it (0 keeps older datasets' bytes).
+    """
     turns: list[tuple[str, str]] = []
     asked: set[str] = set()
     for _ in range(rng.randint(1, 3)):
@@ -332,9 +355,12 @@ def text_conversation(rng: random.Random) -> list[tuple[str, str]]:
         if q in asked:
             continue
         asked.add(q)
-        turns.append((q + SHORT_SUFFIX, short) if rng.random() < 0.5 else (q, sentence))
+        if mc and rng.random() < mc:
+            turns.append(text_mc(rng, q, short))
+        else:
+            turns.append((q + SHORT_SUFFIX, short) if rng.random() < 0.5 else (q, sentence))
     return turns
 
 
 __all__ = ["SHORT_SUFFIX", "MC_SUFFIX", "CATEGORIES", "LETTERS", "CAPTION_PROMPTS", "DETAIL_PROMPTS", "TEMPLATES",
-           "QA", "make_qa", "caption", "description", "conversation", "text_conversation", "MIN_DX"]
+           "QA", "make_qa", "caption", "description", "conversation", "text_conversation", "text_mc", "MIN_DX"]

@@ -41,6 +41,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     files = summary.get("data_sha", {})
     hashes = "\n".join(f"- `{k}`: `{v}`" for k, v in files.items())
     n_train = max(spec.get("train_scenes", 0), spec["n"])
+    text_mc = (f" ({spec['text_mc']:.0%} of their questions as lettered multiple choice)"
+               if spec.get("text_mc") else "")
     train_files = summary.get("train_data_sha", {}) if n_train > spec["n"] else {}
     train_hashes = "".join(f"\n- `train_data/{k}`: `{v}`" for k, v in train_files.items())
     reused = summary.get("reused_stages", [])
@@ -104,7 +106,8 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 ## Data
 
 Seed {summary['seed']}: the tokenizer is fitted to the text of the first {spec['n']} scenes, stages 1 and 2
-train on the captions and chats of the first {n_train} (scene i is the same in every such set);
+train on the captions and chats of the first {n_train} (scene i is the same in every such set),
+plus {spec.get('text_chats', 0.1):g} text-only chats per scene{text_mc};
 {spec['eval_n']} held-out questions generated with
 seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
 in `eval_results.json`).

@@ -59,6 +59,8 @@ class RecipeSize:
     vision_lr: float = 1e-3
     grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
     order_weight: float = 0.0  # its left-to-right ranking of the caption's groups (puts x into the patch tokens)
+    text_chats: float = 0.1  # text-only chats per scene, in every data set and the LM's corpus
+    text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,7 +78,7 @@ SIZES: dict[str, RecipeSize] = {
                         vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
                         s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
-                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0),
+                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, text_mc=0.5),
 }
 
 
@@ -103,10 +105,10 @@ class _Timer:
 
 # the spec fields each stage-0 model depends on: a restarted run keeps the model only if they are unchanged
 _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
-    "stage0_tokenizer": ("n", "vocab"),
-    "stage0_vision": ("n", "vocab", "vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
+    "stage0_tokenizer": ("n", "vocab", "text_chats", "text_mc"),
+    "stage0_vision": ("n", "vocab", "text_chats", "text_mc", "vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
                       "vision_negatives", "grounding_weight", "order_weight"),
-    "stage0_lm": ("n", "vocab", "lm", "lm_steps", "lm_batch", "lm_scenes"),
+    "stage0_lm": ("n", "vocab", "text_chats", "text_mc", "lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
 
 
@@ -260,14 +262,23 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     reused: set[str] = set()
     trained_seconds: dict[str, float] = {}  # kept training stages' own wall time
 
+    def text_chats(n: int) -> int:
+        return round(n * spec.text_chats)
+
+    def same_data(meta: dict[str, Any], n: int, text_only: int) -> bool:
+        """An earlier data folder is this run's (older ones, without text_mc in meta.json, had none)."""
+        return (meta.get("seed"), meta.get("n"), meta.get("eval_n"), meta.get("text_only"),
+                meta.get("text_mc", 0.0)) == (seed, n, 0, text_only, spec.text_mc)
+
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
         if reuse and os.path.isfile(meta_file):
             meta = _read_json(meta_file)
-            if (meta.get("seed"), meta.get("n"), meta.get("eval_n")) == (seed, spec.n, 0):
+            if same_data(meta, spec.n, text_chats(spec.n)):
                 reused.add("data")
                 return meta
-        return generate(data, seed=seed, n=spec.n, eval_n=0, workers=workers)
+        return generate(data, seed=seed, n=spec.n, eval_n=0, text_only=text_chats(spec.n), text_mc=spec.text_mc,
+                        workers=workers)
 
     meta = timer.run("data", _data)
     # held out twice over: its own seed, and the eval stream of that seed
@@ -284,18 +295,18 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     tokenizer = timer.run("stage0_tokenizer", _tok)
 
-    def _superset(folder: str, n: int, text_only: int | None, name: str | None = None) -> str:
+    def _superset(folder: str, n: int, text_only: int, name: str | None = None) -> str:
         """A folder of the first `n` scenes of the same seed: the recipe's own data when n <= spec.n,
         else more of it (scene i and its chat are the same whichever n is asked for, so extra scenes
         extend the n; the tokenizer and the LM keep reading the n)."""
         if n <= spec.n:
             return data
         meta_file = os.path.join(folder, "meta.json")
-        if reuse and os.path.isfile(meta_file) and _read_json(meta_file).get("n") == n:
+        if reuse and os.path.isfile(meta_file) and same_data(_read_json(meta_file), n, text_only):
             if name:
                 reused.add(name)
         else:
-            generate(folder, seed=seed, n=n, eval_n=0, text_only=text_only, workers=workers)
+            generate(folder, seed=seed, n=n, eval_n=0, text_only=text_only, text_mc=spec.text_mc, workers=workers)
         return folder
 
     def _vision_scenes() -> tuple[str, str]:
@@ -325,13 +336,15 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: _reused_stage(
             "stage0_lm", lm, ("text_answers",)))
     else:
-        lm_docs = grounded_docs(seed, max(spec.n, spec.lm_scenes), n_text=max(spec.n, spec.lm_scenes) // 10)
+        lm_scenes = max(spec.n, spec.lm_scenes)
+        lm_docs = grounded_docs(seed, lm_scenes, n_text=text_chats(lm_scenes), text_mc=spec.text_mc)
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
             lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed,
             device=device, check_dir=eval_dir))
 
     train_data = timer.run("train_data", lambda: _superset(os.path.join(out, "train_data"), spec.train_scenes,
-                                                           text_only=None, name="train_data"))
+                                                           text_only=text_chats(spec.train_scenes),
+                                                           name="train_data"))
     s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"), image_folder=train_data,
                    epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
                    device=device, language_model=lm, vision_tower=tower)

@@ -37,12 +37,14 @@ def chat_texts(paths: Iterable[str | os.PathLike], template: str = "vicuna_v1") 
 Doc = tuple[str, list[tuple[int, int]]]  # rendered text, character spans the loss covers
 
 
-def grounded_docs(seed: int, n_scenes: int, n_text: int = 0, template: str = "vicuna_v1") -> list[Doc]:
+def grounded_docs(seed: int, n_scenes: int, n_text: int = 0, template: str = "vicuna_v1",
+                  text_mc: float = 0.0) -> list[Doc]:
     """Stage-2 chats and captions with each image replaced by its scene's description, in words.
 
     Scenes `0..n_scenes-1` of the synthetic training stream (the first `n` are exactly the
     dataset's images and chats; the rest are never rendered: text is cheap, pixels are not),
-    plus `n_text` text-only chats, each with the spans of its assistant turns. An LM trained on
+    plus `n_text` text-only chats (`text_mc` of their questions lettered multiple choice, as in
+    `generate`), each with the spans of its assistant turns. An LM trained on
     these learns to answer from what precedes the question, where the image tokens will later
     sit. With a text-only corpus instead, the recipe's model ignored its image tokens entirely
     (same loss with real, shuffled or zero images); with this one it gets well above chance.
@@ -64,7 +66,7 @@ def grounded_docs(seed: int, n_scenes: int, n_text: int = 0, template: str = "vi
         docs.append(doc([f"{desc}\n{prompt}", cap]))
         docs.append(doc([f"{desc}\n{turns[0]}"] + turns[1:]))
     for j in range(n_text):
-        docs.append(doc([t for qa in text_conversation(_rng(seed, "text", j)) for t in qa]))
+        docs.append(doc([t for qa in text_conversation(_rng(seed, "text", j), text_mc) for t in qa]))
     return docs
 
 
