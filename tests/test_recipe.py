@@ -6,6 +6,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -371,6 +375,45 @@ def test_restarted_recipe_keeps_finished_training_stages_of_the_same_config(smal
     assert {"stage0_tokenizer", "stage0_lm"} <= set(third["reused_stages"])
     assert not {"stage0_vision", "stage1", "stage2_phase1", "stage2"} & set(third["reused_stages"])
     assert "order_accuracy" in third["stages"]["stage0_vision"]["grounding_heldout"]
+
+
+@pytest.mark.slow
+def test_killed_recipe_resumes_its_stage_from_the_last_checkpoint(small_run, tmp_path):
+    """A real `llava recipe` process killed in stage 2 restarts (--reuse) from that stage's last
+    checkpoint and ends with the weights of the uninterrupted run; no checkpoint stays behind."""
+    from safetensors.torch import load_file
+
+    from llava.recipe import run_recipe
+    from llava.train.checkpointing import complete_checkpoints
+
+    out, first = small_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage2*"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llava.recipe", "tiny", "--size", "small", "--out", str(copy),
+                             "--reuse", "--threads", "1", "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not complete_checkpoints(str(copy / "stage2_phase1")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (copy / "stage2_phase1" / "trainer_state.json").exists()
+    step = complete_checkpoints(str(copy / "stage2_phase1"))[-1][0]
+
+    summary = run_recipe(str(copy), seed=0, size="small", threads=1, reuse=True, echo=lambda _: None)
+    assert "stage1" in summary["reused_stages"] and "stage2_phase1" not in summary["reused_stages"]
+    assert summary["stages"]["stage2_phase1"]["resumed_from"] == f"checkpoint-{step}"
+    assert not summary["stages"]["stage2"].get("reused")
+    for stage in ("stage2_phase1", "stage2"):
+        assert not complete_checkpoints(str(copy / stage)) and not list((copy / stage).glob("checkpoint-*"))
+        ours, theirs = (load_file(str(root / stage / "model.safetensors")) for root in (copy, out))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), stage  # bit-identical on CPU fp32
 
 
 @pytest.mark.slow

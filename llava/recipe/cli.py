@@ -33,8 +33,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                       help="torch threads (default: torch's; 1 is faster on a busy machine)")
     tiny.add_argument("--reuse", action="store_true",
                       help="keep what is already in OUT: the data, tokenizer, vision tower and LM, and each "
-                           "finished training stage whose config is unchanged (restarting a run; the card "
-                           "reports their earlier times)")
+                           "finished training stage whose config is unchanged, and resume a killed one from its "
+                           "last checkpoint (restarting a run; the card reports the earlier times)")
     tiny.add_argument("--device", default="cpu", help="cpu (the shipped model's), cuda, mps")
     tiny.set_defaults(func=cmd_recipe_tiny)
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -61,6 +61,7 @@ class RecipeSize:
     order_weight: float = 0.0  # its left-to-right ranking of the caption's groups (puts x into the patch tokens)
     text_chats: float = 0.1  # text-only chats per scene, in every data set and the LM's corpus
     text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
+    save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,7 +79,8 @@ SIZES: dict[str, RecipeSize] = {
                         vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
                         s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
-                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, text_mc=0.5),
+                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, text_mc=0.5,
+                        save_steps=50),
 }
 
 
@@ -123,38 +125,41 @@ def _same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSiz
 
 
 # where and how a run ran, not what it learnt: a finished run may be reused whatever these were
-_RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device"})
+_RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", "save_steps", "save_total_limit"})
 
 
 def _train_config(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
                   max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
-                  vision_tower_lr: float | None = None, device: str = "cpu", **model: str) -> TrainConfig:
+                  vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
+                  **model: str) -> TrainConfig:
     """One `llava train` run as the trainer's own config."""
     return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
                        max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
                        lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
                        device=device, progress=False, logging_steps=5, overwrite=True, template=template,
+                       save_steps=save_steps, save_total_limit=1,
                        unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr, **model)
 
 
-def _train(cfg: TrainConfig) -> dict[str, Any]:
+def _train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train (from checkpoint folder `resume` when given); the finished stage keeps no checkpoints."""
+    from llava.train import checkpointing as ckpt
     from llava.train.loop import train
 
-    result = train(cfg)
-    return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s}
+    result = train(replace(cfg, resume=resume) if resume else cfg)
+    for _, folder in ckpt.complete_checkpoints(cfg.out):  # the model folder is what ships
+        ckpt.discard(folder)
+    return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s,
+            **({"resumed_from": os.path.basename(resume)} if resume else {})}
 
 
-def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
-    """What a finished run of this very config (same data file) left in `cfg.out`, else None.
+def _same_run(state: dict[str, Any], cfg: TrainConfig, root: str) -> bool:
+    """Whether a trainer state (a finished run's or a checkpoint's) is of this very config and data.
 
-    A restarted recipe keeps such a stage instead of training it again. Paths inside the run
-    folder `root` compare relative to it, so a moved or copied run folder restarts too."""
+    Paths inside the run folder `root` compare relative to it, so a moved or copied run folder
+    restarts too."""
     from llava.train.checkpointing import sha256_file
 
-    state_file = os.path.join(cfg.out, "trainer_state.json")
-    if not (os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.out, "model.safetensors"))):
-        return None
-    state = _read_json(state_file)
     saved = state.get("config", {})
     rel, saved_out = os.path.relpath(cfg.out, root), str(saved.get("out", ""))
     old_root = saved_out[:-len(rel) - 1] if saved_out.endswith(os.sep + rel) else ""
@@ -165,19 +170,37 @@ def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
         return value
 
     now = json.loads(json.dumps(cfg.resolved().to_dict()))  # as the trainer saved it: defaults filled in
-    if any(moved(saved.get(k)) != v for k, v in now.items() if k not in _RUN_ONLY_KEYS):
+    return (all(moved(saved.get(k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
+            and state.get("data_sha256") == sha256_file(cfg.data))
+
+
+def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
+    """What a finished run of this very config (same data file) left in `cfg.out`, else None.
+
+    A restarted recipe keeps such a stage instead of training it again."""
+    state_file = os.path.join(cfg.out, "trainer_state.json")
+    if not (os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.out, "model.safetensors"))):
         return None
-    if state.get("global_step") != state.get("total_steps") or state.get("data_sha256") != sha256_file(cfg.data):
+    state = _read_json(state_file)
+    if state.get("global_step") != state.get("total_steps") or not _same_run(state, cfg, root):
         return None
     return {"reused": True, "steps": state["global_step"], "final_loss": state["loss"],
             "seconds": state["wall_time_s"]}
 
 
+def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
+    """The latest checkpoint a killed run of this very config left in `cfg.out`, else None."""
+    from llava.train import checkpointing as ckpt
+
+    latest = ckpt.latest_checkpoint(cfg.out)
+    return latest if latest and _same_run(ckpt.read_state(latest), cfg, root) else None
+
+
 def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
                   seed: int, max_steps: int | None, template: str | None = None,
                   unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
-                  **model: str) -> str:
-    """The equivalent shell command (for the model card)."""
+                  save_steps: int = 0, **model: str) -> str:
+    """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
     parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
     parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
               f"--micro-batch-size {batch}", "--grad-accum 1", "--model-max-length 512", "--no-gradient-checkpointing"]
@@ -234,7 +257,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     `threads`: torch intra-op threads; on a loaded machine 1 is often several times faster than 2
     (oversubscribed threads spin), so the default leaves torch's choice only when asked to.
     `reuse`: keep the data, tokenizer, vision tower and LM already in `out`, and each finished
-    training stage whose config is unchanged while every stage before it was kept (a restarted run).
+    training stage whose config is unchanged while every stage before it was kept (a restarted run);
+    the first unfinished one goes on from its last checkpoint when that is of the same config.
     `device`: where every stage trains ("cuda" makes the full recipe a matter of minutes)."""
     from llava.data.synth import generate
     from llava.recipe.card import write_card
@@ -347,13 +371,13 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                                                            name="train_data"))
     s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"), image_folder=train_data,
                    epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
-                   device=device, language_model=lm, vision_tower=tower)
+                   device=device, language_model=lm, vision_tower=tower, save_steps=spec.save_steps)
     # with a tail, stage 2's first phase trains into its own folder and the tail ends in OUT/stage2
     s2_first = os.path.join(out, "stage2_phase1") if spec.s2_tail_epochs else s2
     # template: else the stage-1 checkpoint's own template (plain) would be kept
     s2_args = dict(stage="finetune", out=s2_first, data=os.path.join(train_data, "instruct.json"),
                    image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr, seed=seed,
-                   max_steps=spec.s2_max_steps, model=s1, template="vicuna_v1",
+                   max_steps=spec.s2_max_steps, model=s1, template="vicuna_v1", save_steps=spec.save_steps,
                    unfreeze_vision_tower=spec.s2_unfreeze_tower, device=device)
     runs = [("stage1", s1_args), ("stage2_phase1" if spec.s2_tail_epochs else "stage2", s2_args)]
     if spec.s2_tail_epochs:
@@ -365,11 +389,13 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     for name, args in runs:
         cfg = _train_config(**args)
         done = finished_run(cfg, out) if reusable else None
+        # a killed stage goes on from its last checkpoint (the trainer re-checks it), unless an earlier one retrained
+        resume = resumable_checkpoint(cfg, out) if reusable and not done else None
         reusable = done is not None  # a stage is kept only when every stage before it was
         if done:
             reused.add(name)
             trained_seconds[name] = round(done["seconds"], 1)
-        summary["stages"][name] = timer.run(name, lambda done=done, cfg=cfg: done or _train(cfg))
+        summary["stages"][name] = timer.run(name, lambda done=done, cfg=cfg, resume=resume: done or _train(cfg, resume))
     metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device))
 
     this_run = round(time.perf_counter() - t_all, 1)
