@@ -215,13 +215,15 @@ def test_stage0_models_are_kept_only_for_the_same_text_data():
     """The text-only chats feed the tokenizer (so the tower's captions' ids) and the LM's corpus."""
     from llava.recipe.tiny import SIZES, _same_stage0_spec
 
-    full = SIZES["full"]
-    older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(full))).items()
+    # what the fields' defaults describe: the text data before these fields existed
+    before = dataclasses.replace(SIZES["full"], text_chats=0.1, text_mc=0.0)
+    older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(before))).items()
              if k not in ("text_chats", "text_mc")}  # a summary written before these fields existed
     for stage in ("stage0_tokenizer", "stage0_vision", "stage0_lm"):
-        assert _same_stage0_spec(stage, older, full)
-        assert not _same_stage0_spec(stage, older, dataclasses.replace(full, text_mc=0.5))
-        assert not _same_stage0_spec(stage, older, dataclasses.replace(full, text_chats=0.5))
+        assert _same_stage0_spec(stage, older, before)
+        assert not _same_stage0_spec(stage, older, dataclasses.replace(before, text_mc=0.5))
+        assert not _same_stage0_spec(stage, older, dataclasses.replace(before, text_chats=0.5))
+        assert not _same_stage0_spec(stage, older, SIZES["full"])  # the shipped recipe's text data differs
 
 
 def test_cli_parses_recipe_flags():
