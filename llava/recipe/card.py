@@ -65,6 +65,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
                  f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
                  f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "
                  f"{grounded.get('count_accuracy', float('nan')):.1f}%{order})") if g_weight else ""
+    sincos = (f", patch position embeddings started as a 2-D sin-cos grid of scale {v['sincos_positions']}"
+              f" (so the patch tokens keep where they are)" if v.get("sincos_positions") else "")
     lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
     lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
     tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"
@@ -90,7 +92,7 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 
 ## Model
 
-- vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide
+- vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide{sincos}
   (contrastively pretrained on the captions of {scenes} scenes, {spec['vision_steps']} steps of batch
   {spec['vision_batch']}{negatives}{grounding}). Binding check on
   held-out scenes, how often an image is closer to its caption than to that caption with one colour,

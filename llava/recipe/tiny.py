@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -67,20 +67,20 @@ class RecipeSize:
 
 
 SIZES: dict[str, RecipeSize] = {
-    "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16), lm=LMSpec(),
+    "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16, sincos_positions=1.0), lm=LMSpec(),
                        vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
                        s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3,
                        s2_tail_epochs=4, s2_tail_lr=3e-4, vision_scenes=12000, train_scenes=9000,
-                       grounding_weight=1.0, text_chats=0.5, text_mc=0.5),
+                       grounding_weight=1.0, order_weight=1.0, text_chats=0.5, text_mc=0.5),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
-                                          embed_dim=64),
+                                          embed_dim=64, sincos_positions=1.0),
                         lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
                         vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
                         s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
-                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, text_mc=0.5,
-                        save_steps=50),
+                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, order_weight=1.0,
+                        text_mc=0.5, save_steps=50),
 }
 
 
@@ -116,12 +116,21 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
 
 def _same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize) -> bool:
     """Whether the run that wrote `earlier` (its summary's spec) made stage-0 model `name` as `spec` would.
-    Fields an older summary lacks count as their default. No earlier summary: trust the folder."""
+    Fields an older summary lacks count as their default, in the nested specs too (VisionSpec,
+    LMSpec). No earlier summary: trust the folder."""
     if earlier is None:
         return True
     defaults = {f.name: f.default for f in fields(RecipeSize) if f.default is not MISSING}
     now = json.loads(json.dumps(asdict(spec)))
-    return all(earlier.get(k, defaults.get(k)) == now[k] for k in _STAGE0_FIELDS[name])
+
+    def then(k: str) -> Any:
+        value = earlier.get(k, defaults.get(k))
+        nested = getattr(spec, k)
+        if isinstance(value, dict) and is_dataclass(nested):
+            value = {**{f.name: f.default for f in fields(nested) if f.default is not MISSING}, **value}
+        return value
+
+    return all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
 
 
 # where and how a run ran, not what it learnt: a finished run may be reused whatever these were

@@ -50,12 +50,44 @@ class VisionSpec:
     text_layers: int = 2
     embed_dim: int = 128
     max_text_len: int = 96
+    # patch position embeddings start as a 2-D sin-cos grid of this scale (0: CLIP's small random init)
+    sincos_positions: float = 0.0
 
 
 def vision_config(spec: VisionSpec) -> CLIPVisionConfig:
     return CLIPVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.width,
                             intermediate_size=4 * spec.width, num_hidden_layers=spec.layers,
                             num_attention_heads=spec.heads, projection_dim=spec.embed_dim)
+
+
+def sincos_grid(grid: int, width: int, scale: float = 1.0) -> torch.Tensor:
+    """[grid * grid, width] row-major: sines and cosines of the column in the first half, of the row
+    in the second (MAE's fixed 2-D embedding, here only the starting point of CLIP's learned one)."""
+    quarter = width // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten()[:, None].float() * freq[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    out = torch.zeros(grid * grid, width)
+    out[:, :4 * quarter] = torch.cat([enc(cols), enc(rows)], dim=1)
+    return out * scale
+
+
+def init_sincos_positions(tower: CLIPVisionModel, scale: float) -> None:
+    """Start the tower's patch position embeddings (not CLS's) as a sin-cos grid.
+
+    Why: CLIP's random init (std 0.02) is ~25x weaker than a patch's content, and nothing in
+    contrastive or grounding training asks where a patch is, so the patch tokens LLaVA reads forget
+    it: a linear probe on the shipped tower finds an object patch's left/right half at chance, and
+    "Is the A left or right of the B?" stays at chance. Started at content's scale, x survives
+    (probe: 96% after 500 steps). The weights stay an ordinary learned CLIP position embedding."""
+    weight = tower.embeddings.position_embedding.weight
+    grid = int(round((weight.shape[0] - 1) ** 0.5))
+    with torch.no_grad():
+        weight[1:] = sincos_grid(grid, weight.shape[1], scale).to(weight)
 
 
 class TextEncoder(nn.Module):
@@ -94,6 +126,8 @@ class DualEncoder(nn.Module):
     def __init__(self, vocab_size: int, spec: VisionSpec, grounding: bool = False, order: bool = False) -> None:
         super().__init__()
         self.vision = CLIPVisionModel(vision_config(spec))
+        if spec.sincos_positions:
+            init_sincos_positions(self.vision, spec.sincos_positions)
         self.text = TextEncoder(vocab_size, spec)
         self.image_proj = nn.Linear(spec.width, spec.embed_dim, bias=False)
         self.text_proj = nn.Linear(spec.text_width, spec.embed_dim, bias=False)
