@@ -17,8 +17,12 @@ found next to nothing (7.8% recall). The head is thrown away with the caption en
 Optionally (`order`), each pair query also reads out one number, the pair's place from left to
 right, trained by ranking: captions list their groups left to right, so of two listed groups the
 first must score lower. Contrastive captions and the questions above never need to know where a
-patch is, and the shipped tower's patch tokens hardly do (a linear probe finds an object patch's
-left/right half at chance), which leaves "Is the A to the left or right of the B?" unanswerable.
+patch is, and with CLIP's random position init the tower's patch tokens forget it (a linear probe
+finds an object patch's left/right half at chance), which leaves "Is the A to the left or right of
+the B?" unanswerable. The ranking alone cannot bring x back (54% of pairs in order at step 500);
+started from sin-cos positions (`VisionSpec.sincos_positions`) it gets 87% at step 500 and 96.9%
+at the end of the full recipe's 4000 steps, whose tower's object patches give their x to a linear
+probe within 3.6% of the image width (left/right half 95.5%).
 """
 
 from __future__ import annotations
