@@ -115,20 +115,25 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's fields that have a plain default, with it."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
 def _same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize) -> bool:
     """Whether the run that wrote `earlier` (its summary's spec) made stage-0 model `name` as `spec` would.
     Fields an older summary lacks count as their default, in the nested specs too (VisionSpec,
     LMSpec). No earlier summary: trust the folder."""
     if earlier is None:
         return True
-    defaults = {f.name: f.default for f in fields(RecipeSize) if f.default is not MISSING}
+    defaults = _defaults(RecipeSize)
     now = json.loads(json.dumps(asdict(spec)))
 
     def then(k: str) -> Any:
         value = earlier.get(k, defaults.get(k))
         nested = getattr(spec, k)
         if isinstance(value, dict) and is_dataclass(nested):
-            value = {**{f.name: f.default for f in fields(nested) if f.default is not MISSING}, **value}
+            value = {**_defaults(type(nested)), **value}
         return value
 
     return all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
