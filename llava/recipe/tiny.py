@@ -71,7 +71,7 @@ SIZES: dict[str, RecipeSize] = {
                        lm=LMSpec(),
                        vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
                        s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3,
-                       s2_tail_epochs=4, s2_tail_lr=3e-4, vision_scenes=12000, train_scenes=9000,
+                       s2_tail_epochs=5, s2_tail_lr=3e-4, vision_scenes=12000, train_scenes=9000,
                        grounding_weight=1.0, order_weight=1.0, text_chats=0.5, text_mc=0.5),
     "small": RecipeSize(n=240, eval_n=140, vocab=512,
                         vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
