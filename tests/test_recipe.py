@@ -453,9 +453,28 @@ def test_killed_recipe_resumes_its_stage_from_the_last_checkpoint(small_run, tmp
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), stage  # bit-identical on CPU fp32
 
 
+# the small size trained longer (about 5 min on one thread): long enough to learn to read the printed word
+GROUNDED_SMALL = dict(vision_steps=300, vision_scenes=1500, train_scenes=1500, lm_steps=200, s1_max_steps=300,
+                      s2_max_steps=1500, s2_tail_max_steps=300)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the small size's stage 2 (120 steps, 2x96 LM) still underfits: it answers "
-                                        "in the right format but not yet grounded (colour at or below chance)")
+def test_reduced_recipe_answers_from_the_image(tmp_path):
+    """Data, stage 0, 1 and 2, eval at a reduced size: the model reads the printed word off the image
+    (90% measured, chance 10%) and loses it with blank images, so what it answers comes from the image."""
+    from llava.recipe.tiny import SIZES, run_recipe
+
+    spec = dataclasses.replace(SIZES["small"], **GROUNDED_SMALL)
+    summary = run_recipe(str(tmp_path / "tiny"), seed=0, size=spec, threads=1, echo=lambda _: None)
+    real, blank = summary["metrics"]["real"], summary["metrics"]["blank"]
+    assert real["accuracy"]["word"] >= real["chance"]["word"] + 50, real["accuracy"]
+    assert blank["accuracy"]["word"] <= blank["chance"]["word"] + 10, blank["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="at a reduced size the colour of a named object is not learnt: at chance "
+                                        "with the small size, and still at chance (15%) trained as GROUNDED_SMALL or "
+                                        "with 1000 tower steps, though those read the printed word")
 def test_small_recipe_answers_colour_above_chance(small_run):
     real = small_run[1]["metrics"]["real"]
     assert real["accuracy"]["color"] > real["chance"]["color"]
