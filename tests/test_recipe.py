@@ -212,15 +212,17 @@ def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
 
 
 def test_stage0_models_are_kept_only_for_the_same_text_data():
-    """The text-only chats feed the tokenizer (so the tower's captions' ids) and the LM's corpus."""
+    """The text-only chats feed the tokenizer (so the tower's captions' ids) and the LM's corpus; the
+    world's size (objects a scene) changes every scene, caption and chat."""
     from llava.recipe.tiny import SIZES, _same_stage0_spec
 
     # what the fields' defaults describe: the text data before these fields existed
     before = dataclasses.replace(SIZES["full"], text_chats=0.1, text_mc=0.0)
     older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(before))).items()
-             if k not in ("text_chats", "text_mc")}  # a summary written before these fields existed
+             if k not in ("text_chats", "text_mc", "max_objects")}  # a summary written before these fields existed
     for stage in ("stage0_tokenizer", "stage0_vision", "stage0_lm"):
         assert _same_stage0_spec(stage, older, before)
+        assert not _same_stage0_spec(stage, older, dataclasses.replace(before, max_objects=2))  # other scenes
         assert not _same_stage0_spec(stage, older, dataclasses.replace(before, text_mc=0.5))
         assert not _same_stage0_spec(stage, older, dataclasses.replace(before, text_chats=0.5))
         assert not _same_stage0_spec(stage, older, SIZES["full"])  # the shipped recipe's text data differs
@@ -453,28 +455,31 @@ def test_killed_recipe_resumes_its_stage_from_the_last_checkpoint(small_run, tmp
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), stage  # bit-identical on CPU fp32
 
 
-# the small size trained longer (about 5 min on one thread): long enough to learn to read the printed word
+# The small size trained longer (about 8 min on one thread) in a simpler world, at most 2 objects a scene:
+# long enough to read the printed word and to tell a named object's colour. With up to 5 objects the
+# same training left colour at chance (20% vs 15), as did 1000 tower steps: telling which of five
+# objects is "the circle" is what a reduced model does not learn in minutes.
 GROUNDED_SMALL = dict(vision_steps=300, vision_scenes=1500, train_scenes=1500, lm_steps=200, s1_max_steps=300,
-                      s2_max_steps=1500, s2_tail_max_steps=300)
+                      s2_max_steps=3000, s2_tail_max_steps=600, max_objects=2, eval_n=280)
 
 
 @pytest.mark.slow
-def test_reduced_recipe_answers_from_the_image(tmp_path):
-    """Data, stage 0, 1 and 2, eval at a reduced size: the model reads the printed word off the image
-    (90% measured, chance 10%) and loses it with blank images, so what it answers comes from the image."""
+def test_reduced_recipe_learns_in_every_stage_and_answers_from_the_image(tmp_path):
+    """Data, stage 0, 1 and 2, eval at a reduced size: every stage's loss falls, and the model answers
+    colour questions (60% measured, chance 15%) and reads the printed word (100%, chance 10%) well
+    above chance, falling to chance with blank images, so what it answers comes from the image."""
     from llava.recipe.tiny import SIZES, run_recipe
 
     spec = dataclasses.replace(SIZES["small"], **GROUNDED_SMALL)
-    summary = run_recipe(str(tmp_path / "tiny"), seed=0, size=spec, threads=1, echo=lambda _: None)
+    out = tmp_path / "tiny"
+    summary = run_recipe(str(out), seed=0, size=spec, threads=1, echo=lambda _: None)
+    for stage in ("stage0/vision", "stage0/lm", "stage1", "stage2_phase1", "stage2"):
+        losses = read_losses(out / stage / "metrics.jsonl")
+        q = len(losses) // 4  # batch-8 steps are noisy: the first quarter's mean against the last's
+        assert q >= 5 and sum(losses[-q:]) < sum(losses[:q]), (stage, losses)
     real, blank = summary["metrics"]["real"], summary["metrics"]["blank"]
-    assert real["accuracy"]["word"] >= real["chance"]["word"] + 50, real["accuracy"]
-    assert blank["accuracy"]["word"] <= blank["chance"]["word"] + 10, blank["accuracy"]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="at a reduced size the colour of a named object is not learnt: at chance "
-                                        "with the small size, and still at chance (15%) trained as GROUNDED_SMALL or "
-                                        "with 1000 tower steps, though those read the printed word")
-def test_small_recipe_answers_colour_above_chance(small_run):
-    real = small_run[1]["metrics"]["real"]
-    assert real["accuracy"]["color"] > real["chance"]["color"]
+    assert real["n"] == 280 and json.loads((out / "eval" / "meta.json").read_text())["vocab"]["max_objects"] == 2
+    for category, margin in (("color", 20), ("word", 50)):
+        assert real["accuracy"][category] >= real["chance"][category] + margin, (category, real["accuracy"])
+        assert blank["accuracy"][category] <= blank["chance"][category] + 10, (category, blank["accuracy"])
+    assert "at most 2 objects a scene" in (out / "stage2" / "README.md").read_text()

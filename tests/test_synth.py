@@ -64,6 +64,27 @@ def test_smaller_set_is_a_prefix(synth, tmp_path):
     assert load_records(tmp_path / "small" / "eval.jsonl") == load_records(synth / "eval.jsonl")[:7]
 
 
+def test_simpler_world_has_fewer_objects_and_still_every_question(synth, tmp_path):
+    """`max_objects` caps the objects a scene in training and eval data alike; the questions stay
+    answerable from the scene, counts only go as high as the cap, and the default changes no byte."""
+    generate(tmp_path, seed=SEED, n=N, eval_n=EVAL_N, max_objects=2)
+    assert json.loads((tmp_path / "meta.json").read_text())["vocab"]["max_objects"] == 2
+    assert json.loads((synth / "meta.json").read_text())["vocab"]["max_objects"] == 5
+    scenes = _scenes(tmp_path)
+    assert {len(s.objects) for s in scenes.values()} == {1, 2}
+    questions = load_questions(tmp_path / "eval.jsonl")
+    assert {q["category"] for q in questions} == set(CATEGORIES)
+    assert {q["answer"] for q in questions if q["category"] == "count"} == {"1", "2"} == set(answer_vocab("count", 2))
+    for q in questions:
+        if q["category"] == "mc":
+            _check_mc(scenes[q["image"]], q["text"], q["answer"])
+        else:
+            assert _derive(scenes[q["image"]], q["text"][: -len(SHORT_SUFFIX)]) == q["answer"], q
+    for bad in (1, 6):
+        with pytest.raises(ValueError, match="max_objects"):
+            generate(tmp_path / "bad", seed=SEED, n=1, eval_n=0, max_objects=bad)
+
+
 def test_meta_records_hashes(synth):
     meta = json.loads((synth / "meta.json").read_text())
     assert (meta["seed"], meta["n"], meta["eval_n"], meta["image_size"]) == (SEED, N, EVAL_N, 96)
@@ -314,11 +335,13 @@ def test_cli_registers_under_data(tmp_path, capsys):
     data = sub.add_parser("data").add_subparsers(dest="data_command")
     add_synth_command(data)
     args = parser.parse_args(["data", "synth", "--out", str(tmp_path), "--seed", "1", "--n", "3", "--eval-n", "7",
-                              "--image-size", "64", "--text-only", "2", "--text-mc", "0.5"])
+                              "--image-size", "64", "--text-only", "2", "--text-mc", "0.5",
+                              "--max-objects", "3"])
     assert args.func(args) == 0
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert (meta["n"], meta["eval_n"], meta["image_size"], meta["text_only"], meta["text_mc"]) == (3, 7, 64, 2, 0.5)
     assert PIL.Image.open(tmp_path / "images" / "000000.png").size == (64, 64)
+    assert meta["vocab"]["max_objects"] == 3
 
 
 # -- scoring ----------------------------------------------------------------------------------

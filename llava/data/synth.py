@@ -50,21 +50,23 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"llava-synth:{seed}:{split}:{index}")
 
 
-def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE) -> tuple[random.Random, Scene]:
+def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
+                max_objects: int = MAX_OBJECTS) -> tuple[random.Random, Scene]:
     """Training scene `index` of a seed, and its rng positioned for writing its texts."""
     rng = _rng(seed, "train", index)
-    return rng, sample_scene(rng, image_size)
+    return rng, sample_scene(rng, image_size, max_objects=max_objects)
 
 
-def answer_vocab(category: str) -> list[str]:
+def answer_vocab(category: str, max_objects: int = MAX_OBJECTS) -> list[str]:
     """Every answer a category's eval questions can have (eval targets cycle through it)."""
     return {
-        "color": list(COLORS), "shape": list(SHAPES), "count": [str(k) for k in range(1, MAX_OBJECTS + 1)],
+        "color": list(COLORS), "shape": list(SHAPES), "count": [str(k) for k in range(1, max_objects + 1)],
         "exist": ["Yes", "No"], "position": ["left", "right"], "word": list(WORDS), "mc": list(LETTERS),
     }[category]
 
 
-def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE) -> Iterable[tuple[Scene, QA]]:
+def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE,
+               max_objects: int = MAX_OBJECTS) -> Iterable[tuple[Scene, QA]]:
     """The eval set's (scene, question) pairs: category i % 7, its answer cycling through the vocabulary.
 
     Each question gets its own scene, sampled (with hints where chance alone is too rare)
@@ -72,7 +74,7 @@ def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE) -> 
     """
     for i in range(eval_n):
         category = CATEGORIES[i % len(CATEGORIES)]
-        vocab = answer_vocab(category)
+        vocab = answer_vocab(category, max_objects)
         target = vocab[(i // len(CATEGORIES)) % len(vocab)]
         rng = _rng(seed, "eval", i)
         hints: dict[str, Any] = {}
@@ -83,7 +85,7 @@ def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE) -> 
         elif category == "shape":
             hints["shape"] = target
         for _ in range(1000):
-            scene = sample_scene(rng, image_size, **hints)
+            scene = sample_scene(rng, image_size, max_objects=max_objects, **hints)
             qa = make_qa(rng, scene, category, target, canonical=True)
             if qa is not None:
                 yield scene, qa
@@ -145,11 +147,12 @@ def _conv(turns: list[tuple[str, str]], image: bool) -> list[dict[str, str]]:
 
 def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DEFAULT_IMAGE_SIZE,
              eval_n: int = DEFAULT_EVAL_N, text_only: int | None = None, workers: int = 1,
-             text_mc: float = 0.0) -> dict[str, Any]:
+             text_mc: float = 0.0, max_objects: int = MAX_OBJECTS) -> dict[str, Any]:
     """Write the dataset (see the module docstring) and return its meta.json contents.
 
     `text_only`: number of image-free instruct chats (default n // 10); `text_mc`: the share of
-    their questions asked as lettered multiple choice (`text_conversation`); `workers`: processes
+    their questions asked as lettered multiple choice (`text_conversation`); `max_objects`: at
+    most this many objects a scene (2-5; fewer make a simpler world); `workers`: processes
     that render images (the output does not depend on it). They are started with "spawn",
     so a script that calls this with workers > 1 needs the usual `if __name__ == "__main__":`
     guard (without it every worker re-runs the script and the pool never starts).
@@ -158,6 +161,8 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         raise ValueError("n and eval_n must be >= 0")
     if not 0.0 <= text_mc <= 1.0:
         raise ValueError(f"text_mc is a share of questions, in [0, 1]; got {text_mc}")
+    if not 2 <= max_objects <= MAX_OBJECTS:  # left/right questions need two objects
+        raise ValueError(f"max_objects must be in 2..{MAX_OBJECTS}; got {max_objects}")
     if image_size < 48:
         raise ValueError(f"image_size {image_size} is too small for five shapes and a word; use >= 48")
     root = Path(out_dir)
@@ -166,7 +171,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
 
     pretrain, instruct, scenes = [], [], []
     for i in range(n):
-        rng, scene = train_scene(seed, i, image_size)
+        rng, scene = train_scene(seed, i, image_size, max_objects)
         name = f"images/{i:06d}.png"
         jobs.append((name, scene))
         scenes.append({"image": name, "split": "train", "scene": scene.to_dict()})
@@ -179,7 +184,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         instruct.append({"id": f"synth-text-{j:05d}", "conversations": _conv(text_conversation(rng, text_mc), image=False)})
 
     questions = []
-    for i, (scene, qa) in enumerate(eval_items(seed, eval_n, image_size)):
+    for i, (scene, qa) in enumerate(eval_items(seed, eval_n, image_size, max_objects)):
         name = f"images/eval_{i:05d}.png"
         jobs.append((name, scene))
         scenes.append({"image": name, "split": "eval", "scene": scene.to_dict()})
@@ -199,7 +204,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         "text_only": text_only, "text_mc": text_mc, "image_size": image_size,
         "pillow": PIL.__version__,  # rendering (font rasterisation) is byte-stable for one Pillow version
         "vocab": {"colors": {k: list(v) for k, v in COLORS.items()}, "shapes": list(SHAPES), "sizes": list(SIZES),
-                  "words": list(WORDS), "backgrounds": list(BACKGROUNDS), "max_objects": MAX_OBJECTS},
+                  "words": list(WORDS), "backgrounds": list(BACKGROUNDS), "max_objects": max_objects},
         "categories": list(CATEGORIES), "suffixes": {"short": SHORT_SUFFIX, "mc": MC_SUFFIX},
         "eval_per_category": {c: sum(q["category"] == c for q in questions) for c in CATEGORIES},
         "files": files,

@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 from llava.data.synth import DEFAULT_EVAL_N, DEFAULT_IMAGE_SIZE
+from llava.data.synth_scene import MAX_OBJECTS
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-only", type=int, default=None, help="text-only instruct chats (default n/10)")
     p.add_argument("--text-mc", type=float, default=0.0,
                    help="share of the text-only questions asked as lettered multiple choice (default 0)")
+    p.add_argument("--max-objects", type=int, default=MAX_OBJECTS,
+                   help=f"objects a scene at most, 2-{MAX_OBJECTS} (default {MAX_OBJECTS}; fewer make a simpler world)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="rendering processes (output does not depend on it)")
     p.add_argument("--json", action="store_true", help="print meta.json instead of a summary")
@@ -46,7 +49,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     meta = generate(args.out, seed=args.seed, n=args.n, image_size=args.image_size, eval_n=args.eval_n,
-                    text_only=args.text_only, workers=args.workers, text_mc=args.text_mc)
+                    text_only=args.text_only, workers=args.workers, text_mc=args.text_mc,
+                    max_objects=args.max_objects)
     if args.json:
         print(json.dumps(meta, indent=2))
     else:

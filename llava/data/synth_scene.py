@@ -131,19 +131,23 @@ def font_size(image_size: int) -> int:
 
 
 def sample_scene(rng: random.Random, image_size: int = 96, *, count: int | None = None, shape: str | None = None,
-                 n_objects: int | None = None, word: str | bool | None = None) -> Scene:
+                 n_objects: int | None = None, word: str | bool | None = None,
+                 max_objects: int = MAX_OBJECTS) -> Scene:
     """A random scene; the keyword arguments pin parts of it so balanced questions can be asked.
 
-    One shape appears `count` times (uniform 1-5 when not given), so count answers cover 1-5;
-    the other objects (`n_objects` in all, uniform up to 5) each have a different shape, so
-    most shapes in a scene are unique and can be referred to as "the star". `word`: a word to
-    print, True/False to force one or none, None for a coin flip. Colours are independent.
+    One shape appears `count` times (uniform 1 to `max_objects` when not given), so count answers
+    cover them all; the other objects (`n_objects` in all, uniform up to `max_objects`) each have a
+    different shape, so most shapes in a scene are unique and can be referred to as "the star".
+    `word`: a word to print, True/False to force one or none, None for a coin flip. Colours are
+    independent. `max_objects` below 5 makes a simpler world: fewer objects to tell apart.
     """
-    k = count if count is not None else rng.randint(1, MAX_OBJECTS)
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}; got {max_objects}")
+    k = count if count is not None else rng.randint(1, max_objects)
     main = shape if shape is not None else rng.choice(SHAPES)
-    total = n_objects if n_objects is not None else rng.randint(k, MAX_OBJECTS)
-    if not 1 <= k <= total <= MAX_OBJECTS:
-        raise ValueError(f"need 1 <= count ({k}) <= n_objects ({total}) <= {MAX_OBJECTS}")
+    total = n_objects if n_objects is not None else rng.randint(k, max_objects)
+    if not 1 <= k <= total <= max_objects:
+        raise ValueError(f"need 1 <= count ({k}) <= n_objects ({total}) <= {max_objects}")
     others = rng.sample([s for s in SHAPES if s != main], total - k)
     shapes = [main] * k + others
     rng.shuffle(shapes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from llava.data.synth_scene import MAX_OBJECTS
 from llava.eval.synth import TARGETS
 
 
@@ -43,6 +44,9 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     n_train = max(spec.get("train_scenes", 0), spec["n"])
     text_mc = (f" ({spec['text_mc']:.0%} of their questions as lettered multiple choice)"
                if spec.get("text_mc") else "")
+    k_max = spec.get("max_objects", MAX_OBJECTS)
+    world = (f" A simpler world: at most {k_max} objects a scene (the full world has {MAX_OBJECTS})."
+             if k_max != MAX_OBJECTS else "")
     train_files = summary.get("train_data_sha", {}) if n_train > spec["n"] else {}
     train_hashes = "".join(f"\n- `train_data/{k}`: `{v}`" for k, v in train_files.items())
     reused = summary.get("reused_stages", [])
@@ -112,7 +116,7 @@ train on the captions and chats of the first {n_train} (scene i is the same in e
 plus {spec.get('text_chats', 0.1):g} text-only chats per scene{text_mc};
 {spec['eval_n']} held-out questions generated with
 seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
-in `eval_results.json`).
+in `eval_results.json`).{world}
 SHA-256 of the generated files (from `meta.json`):
 
 {hashes}{train_hashes}

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from llava.checkpoint import load_tokenizer
+from llava.data.synth_scene import MAX_OBJECTS
 from llava.recipe.common import read_check, read_losses
 from llava.recipe.text import LMSpec, pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
@@ -61,6 +62,7 @@ class RecipeSize:
     order_weight: float = 0.0  # its left-to-right ranking of the caption's groups (puts x into the patch tokens)
     text_chats: float = 0.1  # text-only chats per scene, in every data set and the LM's corpus
     text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
+    max_objects: int = MAX_OBJECTS  # objects a scene at most, in training and held-out data (fewer: a simpler world)
     save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
@@ -108,10 +110,10 @@ class _Timer:
 
 # the spec fields each stage-0 model depends on: a restarted run keeps the model only if they are unchanged
 _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
-    "stage0_tokenizer": ("n", "vocab", "text_chats", "text_mc"),
-    "stage0_vision": ("n", "vocab", "text_chats", "text_mc", "vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
-                      "vision_negatives", "grounding_weight", "order_weight"),
-    "stage0_lm": ("n", "vocab", "text_chats", "text_mc", "lm", "lm_steps", "lm_batch", "lm_scenes"),
+    "stage0_tokenizer": ("n", "vocab", "text_chats", "text_mc", "max_objects"),
+    "stage0_vision": ("n", "vocab", "text_chats", "text_mc", "max_objects", "vision", "vision_steps", "vision_batch",
+                      "vision_lr", "vision_scenes", "vision_negatives", "grounding_weight", "order_weight"),
+    "stage0_lm": ("n", "vocab", "text_chats", "text_mc", "max_objects", "lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
 
 
@@ -306,8 +308,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     def same_data(meta: dict[str, Any], n: int, text_only: int) -> bool:
         """An earlier data folder is this run's (older ones, without text_mc in meta.json, had none)."""
-        return (meta.get("seed"), meta.get("n"), meta.get("eval_n"), meta.get("text_only"),
-                meta.get("text_mc", 0.0)) == (seed, n, 0, text_only, spec.text_mc)
+        return (meta.get("seed"), meta.get("n"), meta.get("eval_n"), meta.get("text_only"), meta.get("text_mc", 0.0),
+                meta.get("vocab", {}).get("max_objects")) == (seed, n, 0, text_only, spec.text_mc, spec.max_objects)
 
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
@@ -317,11 +319,12 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                 reused.add("data")
                 return meta
         return generate(data, seed=seed, n=spec.n, eval_n=0, text_only=text_chats(spec.n), text_mc=spec.text_mc,
-                        workers=workers)
+                        max_objects=spec.max_objects, workers=workers)
 
     meta = timer.run("data", _data)
     # held out twice over: its own seed, and the eval stream of that seed
-    eval_meta = timer.run("eval_data", lambda: generate(eval_dir, seed=eval_seed(seed), n=0, eval_n=spec.eval_n))
+    eval_meta = timer.run("eval_data", lambda: generate(eval_dir, seed=eval_seed(seed), n=0, eval_n=spec.eval_n,
+                                                               max_objects=spec.max_objects))
     corpus = [os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")]
 
     def _tok():
@@ -345,7 +348,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             if name:
                 reused.add(name)
         else:
-            generate(folder, seed=seed, n=n, eval_n=0, text_only=text_only, text_mc=spec.text_mc, workers=workers)
+            generate(folder, seed=seed, n=n, eval_n=0, text_only=text_only, text_mc=spec.text_mc,
+                     max_objects=spec.max_objects, workers=workers)
         return folder
 
     def _vision_scenes() -> tuple[str, str]:
@@ -376,7 +380,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             "stage0_lm", lm, ("text_answers",)))
     else:
         lm_scenes = max(spec.n, spec.lm_scenes)
-        lm_docs = grounded_docs(seed, lm_scenes, n_text=text_chats(lm_scenes), text_mc=spec.text_mc)
+        lm_docs = grounded_docs(seed, lm_scenes, n_text=text_chats(lm_scenes), text_mc=spec.text_mc,
+                                max_objects=spec.max_objects)
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
             lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed,
             device=device, check_dir=eval_dir))
