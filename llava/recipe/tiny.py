@@ -70,7 +70,7 @@ class RecipeSize:
 
 SIZES: dict[str, RecipeSize] = {
     "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16, sincos_positions=1.0),
-                       lm=LMSpec(),
+                       lm=LMSpec(layers=6),
                        vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
                        s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3,
                        s2_tail_epochs=5, s2_tail_lr=3e-4, vision_scenes=12000, train_scenes=9000,
