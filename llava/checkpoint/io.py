@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llava.errors import CheckpointMismatch  # re-exported: raised here
+
 StateDict = dict[str, torch.Tensor]
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -19,9 +21,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 NOT_MODEL_WEIGHTS = frozenset({"mm_projector.bin", "non_lora_trainables.bin", "adapter_model.bin",
                                "adapter_model.safetensors", "training_args.bin", "optimizer.bin", "scheduler.bin"})
 
-
-class CheckpointMismatch(ValueError):
-    """The weights on disk do not fit the model built from the config."""
 
 
 def load_torch_file(path: str) -> StateDict:

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
+from llava.errors import ContextTooLong  # re-exported: raised here
 from llava.generate.decoder import KVCache, LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.generate.sampling import SamplingParams, make_generator, sample
@@ -58,9 +59,6 @@ class Completion:
     text: str
     finish_reason: str
 
-
-class ContextTooLong(ValueError):
-    """A prompt leaves no room in the model's context for even one new token."""
 
 
 @dataclass

@@ -15,15 +15,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from llava.config import LlavaConfig
+from llava.errors import ImageTokenMismatch  # re-exported: raised here
 from llava.model.anyres import anyres_feature_count, merge_anyres_features
 from llava.model.projector import build_projector
 from llava.model.vision import build_vision_tower, select_features
 
 Size = tuple[int, int]  # (width, height)
 
-
-class ImageTokenMismatch(ValueError):
-    """The prompt's placeholder tokens and the images' features disagree in number."""
 
 
 class LlavaModel(nn.Module):

@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from llava.errors import ImageError  # re-exported: raised here
 from llava.model.anyres import Size, parse_pinpoints, select_best_resolution
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,9 +37,6 @@ V16_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1008, 33
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 _URL_TIMEOUT_S = 30
 
-
-class ImageError(ValueError):
-    """An image could not be loaded; the message always names where it came from."""
 
 
 def _open(data: bytes | str | os.PathLike, name: str) -> PIL.Image.Image:

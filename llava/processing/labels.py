@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from llava.errors import LabelError  # re-exported: raised here
 from llava.processing.templates import SepStyle, Template, get_template
 from llava.processing.tokenize import CONVENTIONS, IMAGE_TAG, PromptError, tokenize_prompt
 
@@ -25,15 +26,6 @@ IGNORE_INDEX = -100
 __all__ = ["IGNORE_INDEX", "LabelError", "build_example", "training_text"]
 
 _Span = tuple[int, int]
-
-
-class LabelError(ValueError):
-    """A row whose labels cannot be built; never turned into a silently all-masked row."""
-
-    def __init__(self, reason: str, row_id: object = None) -> None:
-        self.reason = reason
-        self.row_id = row_id
-        super().__init__(reason if row_id is None else f"row {row_id}: {reason}")
 
 
 def training_text(template: Template, turns: Sequence[str], n_images: int) -> tuple[str, list[_Span]]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from llava.errors import PromptError  # re-exported: raised here
+
 IMAGE_TAG = "<image>"
 CONVENTIONS = ("original", "hf")
 
-
-class PromptError(ValueError):
-    """A prompt that cannot be paired with its images."""
 
 
 def count_image_tags(prompt: str) -> int:

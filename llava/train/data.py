@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from llava.errors import DataError  # re-exported: raised here
 from llava.processing.image import ImageError, load_image
 from llava.processing.labels import IGNORE_INDEX, LabelError, build_example
 from llava.processing.templates import Template, get_template, image_first
@@ -30,15 +31,6 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 
 __all__ = ["DataError", "Row", "load_records", "parse_record", "validate_record", "SupervisedDataset",
            "collate", "check_dataset", "Report", "BadRow", "IMAGE_TOKEN_INDEX"]
-
-
-class DataError(ValueError):
-    """A bad data file or row; the message names the row id (or file and line) and the reason."""
-
-    def __init__(self, reason: str, row_id: object = None) -> None:
-        self.reason = reason
-        self.row_id = row_id
-        super().__init__(reason if row_id is None else f"row {row_id}: {reason}")
 
 
 @dataclass
