@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
 
@@ -22,6 +22,8 @@ import PIL.Image
 import torch
 
 from llava.checkpoint import LoadedCheckpoint, load_checkpoint
+from llava.device import resolve_device, resolve_dtype
+from llava.errors import InputError, InputTypeError, PromptError
 from llava.generate.engine import Completion, Engine, Request, SamplingParams
 from llava.processing.image import load_image
 from llava.processing.templates import Template, get_template, template_for_model
@@ -52,12 +54,29 @@ def wrap_image_tags(prompt: str) -> str:
                   IM_START + IMAGE_TAG + IM_END, prompt)
 
 
-def _as_list(images: Images) -> list[ImageInput]:
+_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, PIL.Image.Image)
+QUANTIZE_MODES = {"int8": "int8-dynamic", "8bit": "bnb-8bit", "4bit": "bnb-4bit"}
+
+
+def _as_list(images: Images, where: str = "images") -> list[ImageInput]:
+    """One image or a list of them -> a list, refusing anything that is not an image source."""
     if images is None:
         return []
-    if isinstance(images, (str, os.PathLike, bytes, PIL.Image.Image)):
+    if isinstance(images, _IMAGE_TYPES):
         return [images]
+    if not isinstance(images, (list, tuple)):
+        raise InputTypeError(f"{where} must be a path, URL, bytes, a PIL image or a list of them, "
+                             f"not {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not isinstance(image, _IMAGE_TYPES):
+            raise InputTypeError(f"{where}[{i}] must be a path, URL, bytes or a PIL image, not {type(image).__name__}")
     return list(images)
+
+
+def _check_text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputTypeError(f"{where} must be a string, not {type(value).__name__}")
+    return value
 
 
 def sampling_params(**kwargs: Any) -> SamplingParams:
@@ -65,8 +84,32 @@ def sampling_params(**kwargs: Any) -> SamplingParams:
     valid = {f.name for f in fields(SamplingParams)}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise TypeError(f"unknown sampling argument(s) {unknown}; valid: {sorted(valid)}")
+        raise InputTypeError(f"unknown sampling argument(s) {unknown}; valid: {sorted(valid)}")
     return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _message_parts(content: Any, where: str) -> tuple[str, list[ImageInput]]:
+    """OpenAI-style content parts -> (text with one `<image>` tag per image part, the images).
+
+    Parts: {"type": "text", "text": ...}, {"type": "image", "image": SRC} and
+    {"type": "image_url", "image_url": {"url": SRC}} (or the URL as a string). Images whose
+    text has no tags go first, each on its own line, as with `images=`.
+    """
+    text, images = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            text.append(_check_text(part.get("text"), f"{where} content[{j}].text"))
+        elif kind in ("image", "image_url"):
+            source = part.get(kind)
+            if kind == "image_url" and isinstance(source, Mapping):
+                source = source.get("url")
+            images += _as_list(source, f"{where} content[{j}].{kind}") or [None]
+            if images[-1] is None:
+                raise PromptError(f"{where} content[{j}] is an {kind} part without an image")
+        else:
+            raise PromptError(f"{where} content[{j}] must be a text, image or image_url part, got {part!r:.80}")
+    return "".join(text), images
 
 
 @dataclass
@@ -103,6 +146,7 @@ class LlavaPipeline:
         """`raw=False`: `prompt` is the user's message, rendered as one turn of the template
         (an `<image>` tag is put in front when the message has none, as the original does).
         `raw=True`: `prompt` is already rendered and must carry one tag per image."""
+        prompt = _check_text(prompt, "prompt")
         image_list = _as_list(images)
         if not raw:
             if image_list and IMAGE_TAG not in prompt:
@@ -112,27 +156,45 @@ class LlavaPipeline:
         return self._request(prompt, image_list)
 
     def prepare_chat(self, messages: Sequence[Mapping[str, Any]]) -> Prepared:
-        """OpenAI-style messages: [{"role": "system"|"user"|"assistant", "content": str, "images": [...]}]."""
+        """OpenAI-style messages: [{"role": "system"|"user"|"assistant", "content": str | parts, "images": [...]}].
+
+        A system message may come first; then user and assistant alternate, ending with the user's.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise InputTypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                                 f"not {type(messages).__name__}")
         turns: list[str | None] = []
         images: list[ImageInput] = []
         system = None
         for i, msg in enumerate(messages):
-            role, content = msg.get("role"), msg.get("content") or ""
-            if role == "system":
-                system = content
+            if not isinstance(msg, Mapping):
+                raise InputTypeError(f"message {i} must be a dict with 'role' and 'content', not {type(msg).__name__}")
+            role, content = msg.get("role"), msg.get("content")
+            where = f"message {i} ({role})"
+            if role == "system" and i == 0:
+                system = _check_text(content, f"{where} content")
                 continue
             expected = "user" if len(turns) % 2 == 0 else "assistant"
             if role != expected:
-                raise ValueError(f"message {i}: expected role {expected!r}, got {role!r} (user and assistant must alternate)")
-            msg_images = _as_list(msg.get("images"))
-            if msg_images and content.count(IMAGE_TAG) == 0:
+                raise PromptError(f"message {i}: expected role {expected!r}, got {role!r:.40} "
+                                  "(an optional system message first, then user and assistant alternate)")
+            msg_images = _as_list(msg.get("images"), f"{where} images")
+            if isinstance(content, list):
+                content, part_images = _message_parts(content, where)
+                msg_images += part_images
+            if role == "user" and not msg_images and (content is None or isinstance(content, str) and not content.strip()):
+                raise PromptError(f"{where} has no content")
+            content = "" if content is None else _check_text(content, f"{where} content")
+            if role == "assistant" and (msg_images or IMAGE_TAG in content):
+                raise PromptError(f"{where}: images belong in user messages")
+            if msg_images and IMAGE_TAG not in content:
                 content = (IMAGE_TAG + "\n") * len(msg_images) + content
             check_image_count(content, len(msg_images))
             images += msg_images
             turns.append(content)
         if not turns or len(turns) % 2 == 0:
-            raise ValueError("the last message must be the user's")
-        template = self.template if system is None else replace(self.template, system=system)
+            raise PromptError("the last message must be the user's")
+        template = self.template if system is None else self.template.with_system(system)
         return self._request(template.render(turns + [None]), images)
 
     def _request(self, prompt: str, images: list[ImageInput]) -> Prepared:
@@ -147,36 +209,48 @@ class LlavaPipeline:
 
     # Answering ----------------------------------------------------------------------------------
     def _params(self, kwargs: dict[str, Any]) -> SamplingParams:
+        """Checked before any image is encoded, so a bad argument costs no compute."""
         params = sampling_params(**kwargs)
         if not params.stop and self.template.stop_str:
             params.stop = [self.template.stop_str]
         return params
 
     def complete(self, prepared: Sequence[Prepared], **sampling: Any) -> list[Completion]:
-        return self.engine.generate([p.request for p in prepared], self._params(sampling))
+        return self._complete(prepared, self._params(sampling))
+
+    def _complete(self, prepared: Sequence[Prepared], params: SamplingParams) -> list[Completion]:
+        return self.engine.generate([p.request for p in prepared], params)
 
     def generate(self, prompts: str | Sequence[str], images: Images | Sequence[Images] = None, raw: bool = False,
                  **sampling: Any) -> str | list[str]:
         """Answer one prompt (returns str) or a batch (returns list[str]; `images` then has one entry per prompt)."""
+        params = self._params(sampling)
         if isinstance(prompts, str):
-            return self.complete([self.prepare(prompts, images, raw)], **sampling)[0].text.strip()
+            return self._complete([self.prepare(prompts, images, raw)], params)[0].text.strip()
+        if not isinstance(prompts, (list, tuple)):
+            raise InputTypeError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}")
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise InputTypeError("with a list of prompts, images must be a list with one entry per prompt "
+                                 f"(None for none), not {type(images).__name__}")
         per_prompt = list(images) if images is not None else [None] * len(prompts)
         if len(per_prompt) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} image entries; give one per prompt (None for none)")
+            raise InputError(f"{len(prompts)} prompts but {len(per_prompt)} image entries; give one per prompt (None for none)")
         prepared = [self.prepare(p, imgs, raw) for p, imgs in zip(prompts, per_prompt)]
-        return [c.text.strip() for c in self.complete(prepared, **sampling)]
+        return [c.text.strip() for c in self._complete(prepared, params)]
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> str:
-        return self.complete([self.prepare_chat(messages)], **sampling)[0].text.strip()
+        params = self._params(sampling)
+        return self._complete([self.prepare_chat(messages)], params)[0].text.strip()
 
     def stream(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Images = None,
                **sampling: Any) -> Iterator[str]:
         """Text deltas as they are generated."""
+        params = self._params(sampling)
         if isinstance(messages_or_prompt, str):
             prepared = self.prepare(messages_or_prompt, images)
         else:
             prepared = self.prepare_chat(messages_or_prompt)
-        return self.engine.stream(prepared.request, self._params(sampling))
+        return self.engine.stream(prepared.request, params)
 
 
 def load(path: str | os.PathLike | None = None, model_base: str | None = None, device: str | None = None,
@@ -186,14 +260,19 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
 
     quantize: None, "int8" (dynamic int8 on CPU), "8bit" or "4bit" (bitsandbytes).
     """
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}[dtype]
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"path must be a folder or hub name, not {type(path).__name__}")
+    if quantize is not None and (not isinstance(quantize, str)
+                                 or quantize not in QUANTIZE_MODES and quantize not in QUANTIZE_MODES.values()):
+        raise InputError(f"unknown quantize mode {quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}")
+    if template is not None:
+        get_template(_check_text(template, "template"))  # an unknown name fails before the load, not after
+    target = resolve_device(device)
+    chosen_dtype = resolve_dtype(target, dtype)
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
-                                 vision_tower=vision_tower, device=device, dtype=dtype)
+                                 vision_tower=vision_tower, device=target, dtype=chosen_dtype)
     if quantize:
         from llava.model.quantize import quantize_language_model
 
-        mode = {"int8": "int8-dynamic", "8bit": "bnb-8bit", "4bit": "bnb-4bit"}.get(quantize, quantize)
-        quantize_language_model(checkpoint.model, mode)
+        quantize_language_model(checkpoint.model, QUANTIZE_MODES.get(quantize, quantize))
     return LlavaPipeline(checkpoint, template=template)

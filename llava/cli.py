@@ -1,22 +1,19 @@
 """The `llava` command: run, chat, convert, info, data, train, recipe.
 
-Each subcommand is a small function over the Python API; errors the user can fix (bad
-paths, bad images, wrong tag counts, too-long prompts) print one line and exit 2.
+Each subcommand is a small function over the Python API. Arguments are checked before any
+model loads (a missing image or an unknown device fails in a fraction of a second); errors the
+user can fix print one line and exit 2 (`llava.console`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-from llava.generate.engine import ContextTooLong
-from llava.processing.image import ImageError
-from llava.processing.tokenize import PromptError
-
-USER_ERRORS = (FileNotFoundError, ImageError, PromptError, ContextTooLong, ValueError, TypeError, ImportError)
+from llava.console import exit_with, run_command
+from llava.serve.cli import CHAT_HELP
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -42,8 +39,20 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2, max_
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens, seed=args.seed)
+    """The sampling flags as keyword arguments, checked now so bad values fail before the model loads."""
+    from llava.api import sampling_params
+
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling_params(**sampling)
+    return sampling
+
+
+def images_from(args: argparse.Namespace) -> list:
+    """Every --image decoded now (a missing or corrupt one fails before the model loads, or torch is imported)."""
+    from llava.processing.image_io import load_image
+
+    return [load_image(image) for image in args.image or []]
 
 
 def load_from_args(args: argparse.Namespace):
@@ -55,60 +64,27 @@ def load_from_args(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    images, sampling = images_from(args), sampling_from(args)
     pipe = load_from_args(args)
-    print(pipe.generate(args.query, images=args.image or None, **sampling_from(args)))
+    print(pipe.generate(args.query, images=images or None, **sampling))
     return 0
 
 
-def chat_loop(pipe, images: Sequence[str], sampling: dict, read: Callable[[str], str] = input,
-              write: Callable[[str], None] = None, debug: bool = False) -> None:
-    """The original CLI's loop: the image(s) go with the first message; empty input or EOF ends it.
-
-    `debug`: after each reply, print the rendered prompt and the reply, as the original's --debug does."""
-    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    user_role, assistant_role = pipe.template.roles
-    user_role = user_role.strip() or "USER"
-    assistant_role = assistant_role.strip() or "ASSISTANT"
-    messages: list[dict] = []
-    pending = list(images)
-    if pending:
-        pipe.encode_images(pending)  # fail early on a bad image, before the first question
-    while True:
-        try:
-            text = read(f"{user_role}: ")
-        except (EOFError, KeyboardInterrupt):
-            text = ""
-        if not text.strip():
-            write("exit...\n")
-            return
-        messages.append({"role": "user", "content": text, "images": pending})
-        pending = []
-        write(f"{assistant_role}: ")
-        reply = ""
-        try:
-            for delta in pipe.stream(messages, **sampling):
-                reply += delta
-                write(delta)
-        except ContextTooLong as err:
-            write(f"\n[{err}]\n")
-            messages.pop()
-            continue
-        write("\n")
-        if debug:
-            write(f"\n{ {'prompt': pipe.prepare_chat(messages).prompt, 'outputs': reply} }\n\n")
-        messages.append({"role": "assistant", "content": reply.strip()})
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
+    from llava.serve.cli import chat_loop
+
+    images, sampling = images_from(args), sampling_from(args)
     pipe = load_from_args(args)
-    chat_loop(pipe, args.image or [], sampling_from(args))
+    print(f"[{CHAT_HELP}]", file=sys.stderr)
+    chat_loop(pipe, images, sampling, short=args.short)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from llava.checkpoint import convert
 
-    convert(args.src, args.dst, to=args.to, model_base=args.model_base, vision_tower=args.vision_tower)
+    convert(args.src, args.dst, to=args.to, model_base=args.model_base, vision_tower=args.vision_tower,
+            overwrite=args.overwrite)
     print(f"wrote {args.to} layout to {args.dst}")
     return 0
 
@@ -137,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(run, temperature=0.0)
     run.set_defaults(func=cmd_run)
 
-    chat = sub.add_parser("chat", help="interactive multi-turn chat, streaming")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat, streaming",
+                          epilog=f"In the chat: {CHAT_HELP}.")
     add_model_args(chat)
     chat.add_argument("--image", "--image-file", action="append", help="image for the first message (repeatable)")
+    chat.add_argument("--short", action="store_true",
+                      help="ask for short answers (the bundled model's training format); /short toggles it")
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -149,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", choices=["hf", "original"], default="hf")
     conv.add_argument("--model-base", default=None, help="base LM, for a LoRA or projector-only source")
     conv.add_argument("--vision-tower", default=None)
+    conv.add_argument("--overwrite", action="store_true", help="replace DST when it exists and is not empty")
     conv.set_defaults(func=cmd_convert)
 
     info = sub.add_parser("info", help="what a checkpoint is: layout, sizes, template")
@@ -173,14 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except USER_ERRORS as err:
-        if os.environ.get("LLAVA_DEBUG"):
-            raise
-        print(f"llava {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"llava {args.command}", lambda: args.func(args))
+
+
+def entry_point() -> None:
+    """The `llava` console script."""
+    exit_with(run_command("llava", main))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -142,7 +142,7 @@ def test_im_start_end_checkpoints_wrap_each_image(ckpt_dir):
 
 
 def test_chat_loop_debug_prints_prompt_and_outputs(pipe):
-    from llava.cli import chat_loop
+    from llava.serve.cli import chat_loop
 
     inputs, written = iter(["What is shown?", ""]), []
     chat_loop(pipe, [IMAGE], dict(GREEDY), read=lambda _: next(inputs), write=written.append, debug=True)

@@ -18,37 +18,15 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, PretrainedC
 from transformers.utils import logging as hf_logging
 
 from llava.checkpoint import keys
-from llava.checkpoint.io import CheckpointMismatch, check_state, tied_targets
+from llava.checkpoint.io import check_state, read_json_object, read_weight_headers, tied_targets
+from llava.checkpoint.paths import hub_snapshot, looks_like_hub_id
 from llava.config import LlavaConfig
+from llava.errors import CheckpointError, CheckpointMismatch, CheckpointNotFound, LlavaError
 from llava.model.llava import LlavaModel
 from llava.model.vision import load_vision_tower
 from llava.processing.image import CLIP_MEAN, CLIP_STD, ImageProcessor
 
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """cuda if available, else mps, else cpu (an explicit choice always wins)."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(device: torch.device, dtype: torch.dtype | str | None = None) -> torch.dtype:
-    """float32 on CPU (fp16 matmuls are unsupported or slow there), bf16 on CUDA when it has it, fp16 on MPS."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    if dtype is not None:
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
 
 
 @contextmanager
@@ -108,13 +86,30 @@ def build_model(config: LlavaConfig, state: keys.StateDict, dtype: torch.dtype =
 
 
 def _load_tower(source: str | None, dtype: torch.dtype, expected: dict[str, tuple[int, ...]]) -> PreTrainedModel:
-    from llava.checkpoint.original import TOWER_HELP
+    """The tower's weights from a local folder or hub name (for checkpoints that hold none)."""
+    from llava.checkpoint.original import TOWER_HELP, tower_config
 
     if not source:
-        raise FileNotFoundError(f"the checkpoint holds no vision tower weights and names no tower to load them from. "
-                                f"{TOWER_HELP}")
-    with _quiet_loading():
-        tower = load_vision_tower(source, dtype=dtype)
+        raise CheckpointNotFound(f"the checkpoint holds no vision tower weights and names no tower to load them from. "
+                                 f"{TOWER_HELP}")
+    folder = source
+    if not os.path.isdir(source):  # a hub name: fetched (or found cached) without transformers' ~25 s of retries
+        if not looks_like_hub_id(source):
+            raise CheckpointNotFound(f"vision tower {source!r} is neither a local folder nor a hub name. {TOWER_HELP}")
+        try:
+            folder = hub_snapshot(source)
+        except CheckpointNotFound as err:
+            raise CheckpointNotFound(f"vision tower: {err}. {TOWER_HELP}") from None
+    tower_config(folder)  # a corrupt config.json or weights file is named, as for the checkpoint's own
+    read_weight_headers(folder)
+    try:
+        with _quiet_loading():
+            tower = load_vision_tower(folder, dtype=dtype)
+    except LlavaError:
+        raise
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"could not load vision tower {source!r} ({folder}): {' '.join(str(err).split())}") \
+            from None
     found = {"vision_tower." + k: v for k, v in tower.state_dict().items()}
     try:
         check_state(expected, found)
@@ -152,8 +147,14 @@ def image_processor_for(config: LlavaConfig, folder: str | os.PathLike | None = 
         overrides["mean"] = config.image_mean
     if config.image_std is not None:
         overrides["std"] = config.image_std
-    if folder is not None and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        return ImageProcessor.from_pretrained(folder, **overrides)
+    path = os.path.join(folder, "preprocessor_config.json") if folder is not None else ""
+    if path and os.path.isfile(path):
+        cfg = read_json_object(path, "an image processor config")
+        try:
+            return ImageProcessor.from_pretrained(cfg, **overrides)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{path} does not describe an image processor "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())})") from None
     siglip = config.vision_family == "siglip"
     defaults = dict(crop_size=config.image_size, resize_mode="square" if siglip else "shortest_edge",
                     mean=SIGLIP_MEAN_STD if siglip else CLIP_MEAN, std=SIGLIP_MEAN_STD if siglip else CLIP_STD)

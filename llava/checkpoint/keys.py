@@ -19,6 +19,8 @@ from typing import Iterable
 
 import torch
 
+from llava.errors import CheckpointMismatch, InputError
+
 StateDict = dict[str, torch.Tensor]
 
 _HF_PROJECTOR = {"0": "linear_1", "2": "linear_2"}
@@ -36,7 +38,7 @@ def _tower_key_from_file(key: str) -> str:
 
 def to_hf(state: StateDict, projector_type: str) -> StateDict:
     if projector_type != "mlp2x_gelu":
-        raise ValueError(
+        raise InputError(
             f"the llava-hf layout only has the mlp2x_gelu projector (this model has {projector_type!r}); "
             "save with layout='original' (CLI: --to original) instead")
     out: StateDict = {}
@@ -70,7 +72,7 @@ def from_hf(state: StateDict) -> StateDict:
         elif k.startswith("multi_modal_projector."):
             name, rest = k[len("multi_modal_projector."):].split(".", 1)
             if name not in _HF_PROJECTOR_BACK:
-                raise ValueError(f"unexpected projector weight {key!r} in a llava-hf checkpoint")
+                raise CheckpointMismatch(f"unexpected projector weight {key!r} in a llava-hf checkpoint")
             out[f"projector.{_HF_PROJECTOR_BACK[name]}.{rest}"] = value
         else:
             out[k] = value

@@ -12,31 +12,54 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from llava.checkpoint.build import build_model, image_processor_for, pick_device, pick_dtype, resize_vocab
-from llava.checkpoint.hf import from_hf_config, is_hf_config, read_hf, save_hf
-from llava.checkpoint.io import weight_files
-from llava.checkpoint.original import from_original_config, is_original_config, read_config, read_original, \
-    save_original
-from llava.checkpoint.partial import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR_FILE, merge_lora, read_lora,
-                                      read_projector_only)
-from llava.checkpoint.tokenizer import (IMAGE_TOKEN, add_special_tokens, has_tokenizer, load_tokenizer, save_tokenizer,
-                                        token_id)
+from llava.checkpoint.build import build_model, image_processor_for, resize_vocab
+from llava.checkpoint.hf import from_hf_config, is_hf_config, read_hf, save_hf, save_hf_processor
+from llava.checkpoint.io import check_readable, read_json, read_weight_headers, weight_files, weight_header
+from llava.checkpoint.original import (
+    from_original_config,
+    is_original_config,
+    read_config,
+    read_original,
+    save_original,
+)
+from llava.checkpoint.partial import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    NON_LORA_FILE,
+    PROJECTOR_FILE,
+    merge_lora,
+    read_lora,
+    read_projector_only,
+)
+from llava.checkpoint.paths import atomic_output, check_output, looks_like_hub_id, model_name, resolve_path
+from llava.checkpoint.tokenizer import (
+    IMAGE_TOKEN,
+    add_special_tokens,
+    has_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    token_id,
+)
 from llava.config import LlavaConfig
+from llava.device import resolve_device, resolve_dtype
+from llava.errors import CheckpointError, CheckpointNotFound, InputError, LlavaError
 from llava.model.llava import LlavaModel
 from llava.processing.image import ImageProcessor
 from llava.processing.templates import template_for_model
 
 LAYOUTS = ("hf", "original", "original-projector", "original-lora")
 SAVE_LAYOUTS = ("hf", "original")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# JSON files a tokenizer folder may hold; checked before transformers reads them unnamed.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+__all__ = ["LAYOUTS", "LoadedCheckpoint", "convert", "describe", "detect_layout", "load_checkpoint", "model_name",
+           "resolve_path", "save_checkpoint"]
 
 
 @dataclass
@@ -49,51 +72,11 @@ class LoadedCheckpoint:
     name: str  # folder or hub repo name, for the template auto-choice
 
 
-# Paths ----------------------------------------------------------------------------------------
-def model_name(folder: str) -> str:
-    """The original's model name: the folder's name, or `<parent>_<checkpoint-N>` for trainer checkpoints."""
-    parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
-    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
-        return f"{parts[-2]}_{parts[-1]}"
-    return parts[-1]
-
-
-def resolve_path(path: str | os.PathLike) -> tuple[str, str]:
-    """(local folder, model name). Hub names are downloaded only when no such local folder exists."""
-    local = os.path.expanduser(str(path))
-    if os.path.isdir(local):
-        return local, model_name(local)
-    if os.path.exists(local):
-        raise FileNotFoundError(f"{local} is a file; pass the checkpoint's folder")
-    if _HUB_ID.fullmatch(local):
-        try:
-            return _download(local), local.split("/")[-1]
-        except Exception as err:  # offline, unknown repo, gated, network: all mean the same to the user
-            raise FileNotFoundError(
-                f"{local!r} is not a local folder and could not be fetched from the Hugging Face hub "
-                f"({type(err).__name__}: {err}); download it and pass the local folder") from None
-    raise FileNotFoundError(f"checkpoint folder not found: {local}")
-
-
-def _download(repo_id: str) -> str:
-    """A hub snapshot, without other frameworks' weights or .bin copies of safetensors weights."""
-    from huggingface_hub import list_repo_files, snapshot_download
-
-    ignore = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf"]
-    try:
-        files = list_repo_files(repo_id)
-    except Exception:  # offline: a cached snapshot may still be there
-        files = []
-    if any(re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f) for f in files):
-        ignore.append("pytorch_model*.bin")
-    return snapshot_download(repo_id=repo_id, ignore_patterns=ignore)
-
-
 def detect_layout(path: str | os.PathLike) -> str:
     """Which layout a folder holds, judged by the files in it (never by its name)."""
     folder = str(path)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+        raise CheckpointNotFound(f"checkpoint folder not found: {folder}")
     files = sorted(os.listdir(folder))
     cfg = read_config(folder) if "config.json" in files else None
     if ADAPTER_CONFIG in files and any(w in files for w in ADAPTER_WEIGHTS):
@@ -107,14 +90,14 @@ def detect_layout(path: str | os.PathLike) -> str:
         if PROJECTOR_FILE in files:
             return "original-projector"
     if cfg is not None and "text_config" in cfg and not is_hf_config(cfg):
-        raise FileNotFoundError(f"{folder} holds a transformers {cfg.get('model_type')!r} model; the llava-hf types "
-                                "read here are 'llava' and 'llava_next'")
+        raise CheckpointNotFound(f"{folder} holds a transformers {cfg.get('model_type')!r} model; the llava-hf types "
+                                 "read here are 'llava' and 'llava_next'")
     if cfg is not None and has_weights and not is_original_config(cfg):
         kind = cfg.get("model_type", "language")
-        raise FileNotFoundError(f"{folder} holds a plain {kind} model with no vision parts; "
-                                "pass it as model_base (--model-base) beside a projector-only or LoRA checkpoint")
+        raise CheckpointNotFound(f"{folder} holds a plain {kind} model with no vision parts; "
+                                 "pass it as model_base (--model-base) beside a projector-only or LoRA checkpoint")
     shown = files[:20] + ([f"... {len(files) - 20} more"] if len(files) > 20 else [])
-    raise FileNotFoundError(
+    raise CheckpointNotFound(
         f"no LLaVA checkpoint in {folder}: looked for config.json + weights (llava-hf or original layout), "
         f"config.json + {PROJECTOR_FILE} (projector-only), {ADAPTER_CONFIG} + adapter_model.* (LoRA); found {shown}")
 
@@ -133,12 +116,17 @@ def load_checkpoint(path: str | os.PathLike, model_base: str | None = None, visi
     `dtype="auto"` keeps the stored dtype (what `convert` uses); None picks per device.
     """
     folder, name = resolve_path(path)
+    return _load(folder, name, model_base, vision_tower, device, dtype)
+
+
+def _load(folder: str, name: str, model_base: str | None, vision_tower: str | None,
+          device: str | torch.device | None, dtype: torch.dtype | str | None) -> LoadedCheckpoint:
     layout = detect_layout(folder)
     tok_folder = folder
     if layout in ("original-projector", "original-lora"):
         if model_base is None:
             kind = "a projector-only" if layout == "original-projector" else "a LoRA"
-            raise ValueError(f"{folder} is {kind} checkpoint: pass the base language model it was trained on "
+            raise InputError(f"{folder} is {kind} checkpoint: pass the base language model it was trained on "
                              "with --model-base PATH (Python: model_base=PATH), e.g. lmsys/vicuna-7b-v1.5")
         base_folder, _ = resolve_path(model_base)
         reader = read_projector_only if layout == "original-projector" else read_lora
@@ -146,22 +134,60 @@ def load_checkpoint(path: str | os.PathLike, model_base: str | None = None, visi
         tok_folder = folder if has_tokenizer(folder) else base_folder
     else:
         if model_base is not None:
-            warnings.warn(f"{folder} is a full {layout} checkpoint; model_base={model_base!r} is ignored", stacklevel=2)
+            warnings.warn(f"{folder} is a full {layout} checkpoint; model_base={model_base!r} is ignored", stacklevel=3)
         config, state = read_hf(folder) if layout == "hf" else read_original(folder, vision_tower)
-    target = pick_device(device)
-    chosen = _first_lm_dtype(state) if dtype == "auto" else pick_dtype(target, dtype)
+    target = resolve_device(device)
+    chosen = _first_lm_dtype(state) if dtype == "auto" else resolve_dtype(target, dtype)
     model = build_model(config, state, chosen, tower_source=vision_tower or config.vision_tower_name)
     del state
     if layout == "original-lora":
         model.language_model = merge_lora(model.language_model, folder)
         model.config.text_config = model.language_model.config
-    tokenizer = load_tokenizer(tok_folder)
+    tokenizer = read_tokenizer(tok_folder, model.config.text_config if layout != "hf" else None)
     convention = "hf" if layout == "hf" and token_id(tokenizer, IMAGE_TOKEN) is not None else "original"
     if layout != "hf":
         _add_original_tokens(model, tokenizer)
     model.vision_tower.requires_grad_(False)
     model = model.to(target).eval()
     return LoadedCheckpoint(model, tokenizer, image_processor_for(model.config, folder), layout, convention, name)
+
+
+def _check_sentencepiece(path: str) -> None:
+    """Parse a SentencePiece model first: transformers, failing on a corrupt one, tries other
+    formats and reports the last (e.g. "tiktoken is required")."""
+    try:
+        import sentencepiece
+    except ImportError:
+        return  # load_tokenizer says which packages it needs
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+    except Exception as err:  # RuntimeError / OSError from the C++ parser
+        raise CheckpointError(f"{path} is not a readable SentencePiece model ({' '.join(str(err).split())[:200]}); "
+                              "it may be truncated or corrupt: download or save it again") from None
+
+
+def read_tokenizer(folder: str, text_config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
+    """`load_tokenizer`, with a corrupt tokenizer file named instead of a tokenizers/JSON traceback.
+
+    `text_config` is the language model's own config, so transformers need not read the
+    folder's config.json (an original one's `llava_llama` type makes it warn).
+    """
+    for name in TOKENIZER_JSON:
+        if os.path.isfile(os.path.join(folder, name)):
+            read_json(os.path.join(folder, name), "tokenizer data")
+    kind = "tokenizer.json" if os.path.isfile(os.path.join(folder, "tokenizer.json")) else "tokenizer.model"
+    if os.path.isfile(os.path.join(folder, kind)):
+        check_readable(os.path.join(folder, kind), "a tokenizer")  # an empty tokenizer.model loads as no tokenizer
+    if kind == "tokenizer.model":
+        _check_sentencepiece(os.path.join(folder, kind))
+    try:
+        return load_tokenizer(folder, config=text_config)
+    except (LlavaError, ImportError, FileNotFoundError):
+        raise
+    except Exception as err:  # tokenizers' and sentencepiece's parse errors name no file
+        raise CheckpointError(f"{os.path.join(folder, kind)} is not a readable tokenizer "
+                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it may be truncated "
+                              "or corrupt: download or save it again") from None
 
 
 def _add_original_tokens(model: LlavaModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -197,7 +223,7 @@ def save_checkpoint(model: LlavaModel, tokenizer: PreTrainedTokenizerBase, image
     `prepare_for_hf`). `safe_serialization=False` writes torch .bin files (original only).
     """
     if layout not in SAVE_LAYOUTS:
-        raise ValueError(f"cannot save layout {layout!r}; valid: {', '.join(SAVE_LAYOUTS)}")
+        raise InputError(f"cannot save layout {layout!r}; valid: {', '.join(SAVE_LAYOUTS)}")
     path = str(path)
     os.makedirs(path, exist_ok=True)
     if layout == "hf":
@@ -209,21 +235,28 @@ def save_checkpoint(model: LlavaModel, tokenizer: PreTrainedTokenizerBase, image
     save_tokenizer(tokenizer, path)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(image_processor.to_preprocessor_config(), f, indent=2)
+    if layout == "hf":
+        save_hf_processor(path, model.config, tokenizer, image_processor)  # for transformers' AutoProcessor
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", model_base: str | None = None,
-            vision_tower: str | None = None) -> LoadedCheckpoint:
+            vision_tower: str | None = None, overwrite: bool = False) -> LoadedCheckpoint:
     """Load `src` (any layout, stored dtype kept) and save it to `dst` in layout `to`.
 
-    The template is written into the config, so the converted folder keeps the one `src`'s
-    name implied whatever `dst` is called.
+    `dst` must be new or empty unless `overwrite`; it may never be `src`, inside it or around
+    it. The folder is written beside `dst` and renamed into place when complete (an old `dst`
+    is deleted only then), so an interrupted convert leaves no half-written `dst`. The
+    template is written into the config, so the converted folder keeps the one `src`'s name
+    implied whatever `dst` is called.
     """
     if to not in SAVE_LAYOUTS:
-        raise ValueError(f"cannot convert to layout {to!r}; valid: {', '.join(SAVE_LAYOUTS)}")
-    ckpt = load_checkpoint(src, model_base=model_base, vision_tower=vision_tower, device="cpu", dtype="auto")
-    # The returned model keeps the stored dtype (fp16 for released checkpoints); cast it to run on a CPU.
+        raise InputError(f"cannot convert to layout {to!r}; valid: {', '.join(SAVE_LAYOUTS)}")
+    folder, name = resolve_path(src)
+    target = check_output(folder, dst, overwrite)  # before minutes of loading
+    ckpt = _load(folder, name, model_base, vision_tower, device="cpu", dtype="auto")
     ckpt.model.config.template = ckpt.model.config.template or template_for_model(ckpt.name)
-    save_checkpoint(ckpt.model, ckpt.tokenizer, ckpt.image_processor, dst, layout=to)
+    with atomic_output(target, overwrite) as tmp:
+        save_checkpoint(ckpt.model, ckpt.tokenizer, ckpt.image_processor, tmp, layout=to)
     return dataclasses.replace(ckpt, layout=to, convention="hf" if to == "hf" else "original")
 
 
@@ -247,23 +280,50 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _stored_dtype(folder: str) -> str | None:
-    """The dtype of the first safetensors weight, read from the file header only."""
-    from safetensors import safe_open
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_TOWER_FAMILIES = {"clip_vision_model": "CLIP ViT", "siglip_vision_model": "SigLIP ViT"}
 
-    files = [f for f in weight_files(folder) if f.endswith(".safetensors")]
-    if not files:
-        return None
-    with safe_open(files[0], framework="pt") as f:
-        names = list(f.keys())
-        code = f.get_slice(names[0]).get_dtype() if names else None
-    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(code, code)
+
+def check_files(folder: str, layout: str) -> dict[str, str]:
+    """Every file loading would read, checked cheaply (JSON parsed, weight headers read, no
+    tensor data), so `llava info` names a truncated or corrupt file; returns weight name -> dtype."""
+    names = {"hf": (), "original": (), "original-projector": (PROJECTOR_FILE,),
+             "original-lora": (*ADAPTER_WEIGHTS, NON_LORA_FILE)}[layout]
+    headers = read_weight_headers(folder) if layout in ("hf", "original") else {}
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            headers.update(weight_header(os.path.join(folder, name)))
+    for name in (*TOKENIZER_JSON, "preprocessor_config.json", ADAPTER_CONFIG):
+        if os.path.isfile(os.path.join(folder, name)):
+            read_json(os.path.join(folder, name))
+    if has_tokenizer(folder) and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        check_readable(os.path.join(folder, "tokenizer.model"), "a tokenizer")
+        _check_sentencepiece(os.path.join(folder, "tokenizer.model"))
+    return headers
+
+
+def _tower_text(config: LlavaConfig, embedded: bool) -> str:
+    """The tower as `llava info` shows it: named by the hub name it is (or was) loaded from, else
+    by its architecture (a local build path, like `$OUT/stage0/vision`, only meant something on
+    the machine that trained it), and whether its weights are in the checkpoint."""
+    vision = config.vision_config
+    name = config.vision_tower_name
+    if not name or (embedded and not looks_like_hub_id(name)):
+        name = _TOWER_FAMILIES.get(vision.model_type, vision.model_type)
+    where = "weights in the checkpoint" if embedded else "weights loaded from that name"
+    return (f"{name}: hidden {vision.hidden_size}, {vision.num_hidden_layers} layers, "
+            f"{vision.image_size}x{vision.image_size} px, patch {vision.patch_size} ({where})")
 
 
 def describe(path: str | os.PathLike, model_base: str | None = None) -> dict[str, Any]:
-    """What a checkpoint is, from its config alone (no weights loaded): for `llava info`."""
+    """What a checkpoint is, from its config and file headers (no tensor data read): for `llava info`.
+
+    Every file a load would read is checked on the way (see `check_files`), so `llava info`
+    also says which file of a download is truncated or corrupt.
+    """
     folder, name = resolve_path(path)
     layout = detect_layout(folder)
+    headers = check_files(folder, layout)
     config, cfg = _config_of(folder, layout)
     with torch.device("meta"):
         meta = LlavaModel(config)  # sizes and token counts without allocating weights
@@ -273,7 +333,9 @@ def describe(path: str | os.PathLike, model_base: str | None = None) -> dict[str
     sizes = [(config.image_size, config.image_size)] + list(config.image_grid_pinpoints or [])
     counts = sorted({meta.image_token_count(s) for s in sizes}) if config.image_aspect_ratio == "anyres" \
         else [meta.image_token_count((config.image_size, config.image_size))]
-    text, vision = config.text_config, config.vision_config
+    text = config.text_config
+    dtype = next((d for k, d in headers.items() if "vision_tower" not in k and "projector" not in k
+                  and (d in _DTYPES or d in _DTYPES.values())), None)
     info: dict[str, Any] = {
         "name": name,
         "path": folder,
@@ -282,13 +344,12 @@ def describe(path: str | os.PathLike, model_base: str | None = None) -> dict[str
         "model_base": model_base,
         "language_model": f"{text.model_type}: hidden {text.hidden_size}, {text.num_hidden_layers} layers, "
                           f"{text.num_attention_heads} heads, vocab {text.vocab_size}",
-        "vision_tower": f"{config.vision_tower_name or vision.model_type}: hidden {vision.hidden_size}, "
-                        f"{vision.num_hidden_layers} layers, {vision.image_size}px, patch {vision.patch_size}",
+        "vision_tower": _tower_text(config, any("vision_tower." in k for k in headers)),
         "projector": config.projector_type,
         "parameters": _human(sum(parts.values())),
         "params_total": sum(parts.values()),
         **{f"params_{k}": v for k, v in parts.items() if v},
-        "dtype": cfg.get("torch_dtype") or cfg.get("dtype") or _stored_dtype(folder),
+        "dtype": cfg.get("torch_dtype") or cfg.get("dtype") or _DTYPES.get(dtype, dtype),
         "image_aspect_ratio": config.image_aspect_ratio,
         "mm_patch_merge_type": config.mm_patch_merge_type,
         "vision_feature": f"layer {config.vision_feature_layer}, {config.vision_feature_select}",

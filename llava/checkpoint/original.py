@@ -21,8 +21,10 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from llava.checkpoint import keys
 from llava.checkpoint.hf import EXTRA_KEY, is_hf_config
-from llava.checkpoint.io import read_state_dict, write_weights
+from llava.checkpoint.io import read_json_object, read_state_dict, write_weights
+from llava.checkpoint.paths import hub_snapshot, looks_like_hub_id
 from llava.config import CLIP_L_336, LlavaConfig
+from llava.errors import CheckpointError, CheckpointMismatch, CheckpointNotFound
 from llava.model.anyres import parse_pinpoints
 from llava.model.vision import vision_config_from_pretrained
 
@@ -154,7 +156,7 @@ def from_original_config(cfg: dict[str, Any], vision_tower: str | None = None,
     `mm_use_im_patch_token` True (its loader's default, which adds a token).
     """
     if not is_original_config(cfg):
-        raise ValueError("not an original LLaVA config (no mm_* keys, no llava model_type or architecture)")
+        raise CheckpointError("not an original LLaVA config (no mm_* keys, no llava model_type or architecture)")
     extra_ours = dict(cfg.get(EXTRA_KEY) or {})
     lm_type = _lm_model_type(cfg)
     text = {k: v for k, v in cfg.items()
@@ -163,7 +165,7 @@ def from_original_config(cfg: dict[str, Any], vision_tower: str | None = None,
     vision_config = resolve_vision_config(cfg, vision_tower, state)
     mm_hidden = cfg.get("mm_hidden_size")
     if mm_hidden is not None and int(mm_hidden) != vision_config.hidden_size:
-        raise ValueError(f"the config's mm_hidden_size is {mm_hidden} but the vision tower "
+        raise CheckpointMismatch(f"the config's mm_hidden_size is {mm_hidden} but the vision tower "
                          f"({_tower_name(cfg, vision_tower)}) has hidden size {vision_config.hidden_size}; "
                          f"is it the right tower? {TOWER_HELP}")
     aspect = cfg.get("image_aspect_ratio") or "square"
@@ -198,19 +200,19 @@ def resolve_vision_config(cfg: dict[str, Any], override: str | None = None,
     """The tower's architecture, first found of: the `override` folder/name, our own embedded
     copy, a local `mm_vision_tower` folder, a known hub name, the hub, the stored tower weights."""
     if override:
-        return vision_config_from_pretrained(override)
+        return tower_config(override)
     embedded = (cfg.get(EXTRA_KEY) or {}).get("vision_config")
     if embedded:
         return _as_vision_config(embedded)
     name = _tower_name(cfg, None)
     if name and os.path.isdir(name):
-        return vision_config_from_pretrained(name)
+        return tower_config(name)
     if name in KNOWN_TOWERS:
         return _as_vision_config(KNOWN_TOWERS[name])
     hub_error = ""
     if name:
         try:
-            return vision_config_from_pretrained(name)
+            return tower_config(name)
         except FileNotFoundError as err:
             hub_error = str(err)
     inferred = vision_config_from_weights(state or {})
@@ -221,8 +223,20 @@ def resolve_vision_config(cfg: dict[str, Any], override: str | None = None,
         return inferred
     where = f"names vision tower {name!r}, which is not a local folder, not a known tower, and not on the hub" \
         if name else "names no vision tower (mm_vision_tower)"
-    raise FileNotFoundError(f"cannot build the vision tower: the checkpoint config {where}, and the checkpoint holds "
+    raise CheckpointNotFound(f"cannot build the vision tower: the checkpoint config {where}, and the checkpoint holds "
                             f"no tower weights. {TOWER_HELP}" + (f" (hub lookup: {hub_error})" if hub_error else ""))
+
+
+def tower_config(name_or_path: str) -> PretrainedConfig:
+    """A tower's config by folder or hub name. A local folder's config.json is checked first, so a
+    corrupt one is named (transformers reports it as an unnamed JSON error); a hub name is looked
+    up without transformers' ~25 s of retries when there is no network."""
+    if os.path.isdir(name_or_path):
+        read_config(name_or_path)
+        return vision_config_from_pretrained(name_or_path)
+    if looks_like_hub_id(name_or_path):
+        return tower_config(os.path.dirname(hub_snapshot(name_or_path, "config.json")))
+    raise CheckpointNotFound(f"vision tower {name_or_path!r} is neither a local folder nor a hub name")
 
 
 def _as_vision_config(data: dict[str, Any]) -> PretrainedConfig:
@@ -267,11 +281,11 @@ def save_original(state: keys.StateDict, config: LlavaConfig, path: str | os.Pat
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A folder's config.json; missing, empty or invalid ones raise errors naming the file."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {path}")
-    with open(config_path) as f:
-        return json.load(f)
+        raise CheckpointNotFound(f"no config.json in {path}")
+    return read_json_object(config_path, "a model config")
 
 
 def read_original(path: str | os.PathLike, vision_tower: str | None = None) -> tuple[LlavaConfig, keys.StateDict]:

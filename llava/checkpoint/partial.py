@@ -16,9 +16,10 @@ from torch import nn
 
 from llava.checkpoint import keys
 from llava.checkpoint.hf import is_hf_config
-from llava.checkpoint.io import CheckpointMismatch, load_torch_file, read_state_dict
+from llava.checkpoint.io import load_torch_file, load_weights_file, read_json_object, read_state_dict
 from llava.checkpoint.original import from_original_config, is_original_config, read_config
 from llava.config import LlavaConfig
+from llava.errors import CheckpointError, CheckpointMismatch, MissingDependency
 
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_FILE = "non_lora_trainables.bin"
@@ -93,14 +94,21 @@ def merge_lora(language_model: nn.Module, adapter_dir: str) -> nn.Module:
     """
     try:
         from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-        from peft.utils import load_peft_weights
     except ImportError:
-        raise ImportError("merging a LoRA checkpoint needs peft: pip install peft") from None
-    config = PeftConfig.from_pretrained(adapter_dir)
+        raise MissingDependency("merging a LoRA checkpoint needs peft: pip install peft") from None
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    read_json_object(config_path, "a PEFT adapter config")  # a bad file named, before peft's unnamed error
+    try:
+        config = PeftConfig.from_pretrained(adapter_dir)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{config_path} is not a PEFT adapter config ({type(err).__name__}: {err})") from None
     config.inference_mode = True
+    # Read here rather than by peft, so a truncated or corrupt file is named.
+    weights_path = next(p for name in ADAPTER_WEIGHTS if os.path.isfile(p := os.path.join(adapter_dir, name)))
+    adapter_state = load_weights_file(weights_path)
     try:
         peft_model = PeftModel(language_model, config)
-        result = set_peft_model_state_dict(peft_model, load_peft_weights(adapter_dir, device="cpu"))
+        result = set_peft_model_state_dict(peft_model, adapter_state)
     except (RuntimeError, ValueError) as err:
         raise CheckpointMismatch(f"LoRA adapter in {adapter_dir} does not fit the base model: {err}") from None
     if result.unexpected_keys:

@@ -32,12 +32,16 @@ def has_tokenizer(path: str | os.PathLike) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The tokenizer of a folder: `tokenizer.json` if present, else SentencePiece `tokenizer.model`."""
+def load_tokenizer(path: str | os.PathLike, config: Any = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder: `tokenizer.json` if present, else SentencePiece `tokenizer.model`.
+
+    `config` (the language model's config) spares transformers reading the folder's config.json,
+    whose original-layout `llava_llama` type it does not know (and warns about).
+    """
     path = str(path)
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, **({"config": config} if config is not None else {}))
         except (ValueError, OSError, ImportError, KeyError):
             # An unknown tokenizer_class (e.g. remote code) must not hide a perfectly usable tokenizer.json.
             return PreTrainedTokenizerFast.from_pretrained(path)
@@ -63,6 +67,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) 
     changes how text after a special token is split) and the SentencePiece `tokenizer.model`
     the tokenizer came from (the original code base can only read that one)."""
     tokenizer.save_pretrained(path)
+    complete_tokenizer_files(tokenizer, path)
+
+
+def complete_tokenizer_files(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
+    """Add what `save_pretrained` leaves out (see `save_tokenizer`) to a folder it just wrote;
+    also for savers that write the tokenizer themselves, such as a processor's `save_pretrained`."""
     sp_model = getattr(tokenizer, "vocab_file", None)
     target = os.path.join(path, "tokenizer.model")
     if isinstance(sp_model, str) and sp_model.endswith(".model") and os.path.isfile(sp_model) \

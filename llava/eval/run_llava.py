@@ -8,7 +8,9 @@ Prints only the answer on stdout (loading messages go to stderr).
 from __future__ import annotations
 
 import argparse
-import sys
+
+from llava.console import exit_with, run_command
+from llava.errors import InputError
 
 IMAGE_PLACEHOLDER = "<image-placeholder>"
 
@@ -35,14 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 def eval_model(args) -> str:
     """Answer `args.query` about `args.image_file`; prints and returns the answer."""
     from llava.api import load
+    from llava.processing.image_io import load_image
 
     if getattr(args, "num_beams", 1) not in (None, 1):
-        raise ValueError("beam search (num_beams > 1) is not supported; use --num_beams 1")
+        raise InputError("beam search (num_beams > 1) is not supported; use --num_beams 1")
     quantize = "8bit" if getattr(args, "load_8bit", False) else "4bit" if getattr(args, "load_4bit", False) else None
+    images = [load_image(f) for f in (args.image_file or "").split(getattr(args, "sep", ",")) if f]  # before the load
     pipe = load(args.model_path, model_base=getattr(args, "model_base", None), device=getattr(args, "device", None),
                 template=getattr(args, "conv_mode", None), quantize=quantize,
                 vision_tower=getattr(args, "vision_tower", None))
-    images = [f for f in (args.image_file or "").split(getattr(args, "sep", ",")) if f]
     query = args.query
     if IMAGE_PLACEHOLDER in query:
         query = query.replace(IMAGE_PLACEHOLDER, "<image>")
@@ -53,16 +56,14 @@ def eval_model(args) -> str:
 
 
 def main(argv=None) -> int:
-    from llava.cli import USER_ERRORS
-
     args = build_parser().parse_args(argv)
-    try:
+
+    def command() -> int:
         eval_model(args)
-    except USER_ERRORS as err:
-        print(f"run_llava: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command("run_llava", command)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -6,10 +6,16 @@ host sync per decode step is the one the engine does to read the chosen ids.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from llava.errors import InputError, InputTypeError
+
+MIN_TEMPERATURE = 1e-5  # below: greedy (the limit of sampling as T -> 0)
+MAX_TEMPERATURE = 1e4  # above: the same as 1e4 (already uniform to float precision)
 
 
 @dataclass
@@ -29,21 +35,58 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        self.temperature = _number("temperature", self.temperature)
+        self.top_p = _number("top_p", self.top_p)
+        self.top_k = _integer("top_k", self.top_k)
+        self.max_new_tokens = _integer("max_new_tokens", self.max_new_tokens)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if isinstance(self.stop, str):  # a lone string would otherwise be read as one stop per character
-            self.stop = (self.stop,)
-        self.stop = tuple(s for s in self.stop if s)
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**64:
+                raise InputError(f"seed must fit in 64 bits, got {self.seed}")
+        self.stop = _stop_strings(self.stop)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperatures below MIN_TEMPERATURE are argmax: dividing fp32 logits by them overflows."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+
+def _number(name: str, value: object) -> float:
+    """A finite real number (bools and strings are refused: they are always a caller's mistake)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputTypeError(f"{name} must be a number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _integer(name: str, value: object) -> int:
+    """An int; a float with an integral value (e.g. 128.0 from JSON) is accepted as that int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputTypeError(f"{name} must be an integer, not {type(value).__name__} ({value!r:.40})")
+    return value
+
+
+def _stop_strings(stop: object) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings; a lone string is one stop string, not one per character."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InputTypeError(f"stop must be a string or a list of strings, not {type(stop).__name__} ({stop!r:.60})")
+    return tuple(s for s in stop if s)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -74,6 +117,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id per row of [B, V] logits, as a [B] long tensor on the logits' device."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / params.temperature
+    # Shift the best logit to 0 first: a tiny temperature then sends the rest to -inf, never to inf/NaN.
+    logits = logits.float()
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / min(params.temperature, MAX_TEMPERATURE)
     probs = filter_logits(scaled, params.top_k, params.top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

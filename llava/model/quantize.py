@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch import nn
 
+from llava.errors import InputError, MissingDependency
 from llava.model.llava import LlavaModel
 
 MODES = ("int8-dynamic", "bnb-8bit", "bnb-4bit")
@@ -33,7 +34,7 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
     `compute_dtype` (bnb-4bit only) is the dtype matmuls run in; default: the model's dtype.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
+        raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "int8-dynamic":
         _int8_dynamic(model)
     else:
@@ -60,7 +61,7 @@ def _import_bnb():
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise ImportError("bnb-8bit / bnb-4bit quantization needs the bitsandbytes package: "
+        raise MissingDependency("bnb-8bit / bnb-4bit quantization needs the bitsandbytes package: "
                           "pip install bitsandbytes  (or pip install 'llava[quant]')") from err
     return bnb
 

@@ -1,4 +1,4 @@
-"""Image loading and CLIP-style preprocessing with PIL + numpy (no torchvision).
+"""CLIP-style image preprocessing with PIL + numpy (no torchvision); loading is in image_io.py.
 
 Numerics follow transformers' PIL image-processor backend (the one upstream LLaVA used via
 CLIPImageProcessor): PIL resize on uint8, float64 rescale by 1/255 then float32, float32
@@ -8,14 +8,9 @@ see exactly the inputs they were trained and evaluated on.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import math
 import os
-import re
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,8 +20,13 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from llava.errors import ImageError  # re-exported: raised here
+from llava.errors import ImageError, ImageNotFound  # re-exported: raised by the loaders
 from llava.model.anyres import Size, parse_pinpoints, select_best_resolution
+from llava.processing.image_io import image_to_base64, load_image, max_pixels, to_rgb  # re-exported
+
+__all__ = ["ASPECTS", "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "V16_PINPOINTS", "ImageError", "ImageNotFound",
+           "ImageProcessor", "bounded_resize", "divide_to_patches", "expand2square", "image_to_base64",
+           "load_image", "max_pixels", "resize_and_pad", "to_rgb"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,79 +34,60 @@ RESIZE_MODES = ("shortest_edge", "square")
 ASPECTS = ("pad", "square", "anyres")
 V16_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
-_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
-_URL_TIMEOUT_S = 30
+# Memory guards for extreme images; ordinary photos never hit them, so their tensors stay
+# bit-identical to transformers'. A shortest-edge resize bigger than _MAX_RESIZE_PIXELS (aspect
+# ratio > ~148:1 at 336) computes only the centre crop (within 2 grey levels); PIL's horizontal-pass
+# temporary (new width x old height) stays under _MAX_TEMP_PIXELS by first box-averaging rows of a
+# very tall image; 'pad' first shrinks (area average) an image more than 4:1 whose square canvas
+# would exceed _MAX_PAD_PIXELS (a 1x100000 strip: 30 GB) to a long side of 8192.
+_MAX_RESIZE_PIXELS = 1 << 24
+_MAX_TEMP_PIXELS = 1 << 26
+_MAX_PAD_PIXELS = 1 << 26
+_SUPPORT = 5  # source pixels beyond any PIL filter's reach (LANCZOS 3, MKS2021 4.5), per unit scale
 
 
-
-def _open(data: bytes | str | os.PathLike, name: str) -> PIL.Image.Image:
-    """Decode fully (so truncation surfaces here, not later) and convert to RGB."""
-    try:
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with PIL.Image.open(src) as img:
-            img.load()
-            # Upstream LLaVA does a plain .convert("RGB"): alpha is dropped, not composited.
-            return img.convert("RGB")
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            PIL.Image.DecompressionBombError) as e:
-        raise ImageError(f"{name} is not a readable image ({type(e).__name__}: {e})") from e
+def bounded_resize(img: PIL.Image.Image, size: Size, resample: int) -> PIL.Image.Image:
+    """img.resize(size), but a very tall image is row-averaged first so PIL's W x h temporary stays
+    bounded (a 1x10^7 image would need 10 GB); identical to img.resize otherwise."""
+    height, (new_w, new_h) = img.size[1], size
+    if new_w * height > _MAX_TEMP_PIXELS and height >= 2 * new_h:
+        factor = min(height // new_h, math.ceil(new_w * height / _MAX_TEMP_PIXELS))
+        img = img.reduce((1, factor))
+    return img.resize(size, resample=resample)
 
 
-def load_image(source: str | os.PathLike | bytes | PIL.Image.Image) -> PIL.Image.Image:
-    """Load an RGB image from a path, http(s) URL, data: URL, base64 string, bytes or PIL image.
+def _padded_square(img: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
+    """expand2square, box-averaging first an elongated image whose canvas would be huge. Up to 4:1
+    the canvas is at most 4x the image (already bounded when loaded) and nothing changes."""
+    width, height = img.size
+    side = max(width, height)
+    if side * side > max(4 * width * height, _MAX_PAD_PIXELS):
+        scale = math.isqrt(_MAX_PAD_PIXELS) / side
+        img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), PIL.Image.BOX)
+    return expand2square(img, background)
 
-    URLs are fetched only when the source is literally an http(s) URL. A string that is not an
-    existing file is tried as base64 only if it looks like base64; otherwise it is reported as
-    a missing file.
+
+def _crop_of_resize(img: PIL.Image.Image, size: Size, crop: int, resample: int) -> PIL.Image.Image:
+    """The centre `crop` of the long side of img.resize(size), without building the resized image.
+
+    PIL resizes horizontally, then vertically; each pass is reproduced on only the source rows
+    (or columns) the crop needs; results match the full resize within 2 grey levels (box rounding).
     """
-    if isinstance(source, PIL.Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
-    if isinstance(source, (bytes, bytearray)):
-        return _open(bytes(source), "<image bytes>")
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if not isinstance(source, str):
-        raise ImageError(f"unsupported image source type {type(source).__name__}")
-
-    if source.startswith(("http://", "https://")):
-        request = urllib.request.Request(source, headers={"User-Agent": "llava"})
-        try:
-            with urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S) as response:
-                data = response.read()
-        except (OSError, ValueError) as e:
-            raise ImageError(f"could not download image {source}: {e}") from e
-        return _open(data, source)
-    if source.startswith("data:"):
-        name = source[:40] + ("..." if len(source) > 40 else "")
-        header, _, payload = source.partition(",")
-        if ";base64" not in header:
-            raise ImageError(f"data URL {name} is not base64-encoded")
-        return _open(_b64decode(payload, name), name)
-    if os.path.isfile(source):
-        return _open(source, source)
-    if len(source) >= 64 and _BASE64_RE.match(source):
-        try:
-            return _open(_b64decode(source, "base64 string"), "base64 string")
-        except ImageError as e:  # could equally be a missing path: say both
-            raise ImageError(f"image file not found: {source[:200]} (nor is it a base64 image: {e})") from e
-    raise ImageError(f"image file not found: {source}")
-
-
-def _b64decode(text: str, name: str) -> bytes:
-    text = re.sub(r"\s+", "", text)
-    try:
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"{name} is not valid base64 ({e})") from e
-
-
-def image_to_base64(img: PIL.Image.Image, fmt: str = "PNG") -> str:
-    """Encode an image as a base64 string (the serving protocol's image format)."""
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    (width, height), (new_w, new_h) = img.size, size
+    tall = new_h >= new_w
+    long_in, long_out = (height, new_h) if tall else (width, new_w)
+    start = (long_out - crop) // 2
+    scale = long_in / long_out
+    margin = _SUPPORT * max(scale, 1.0) + 2
+    lo = max(0, math.floor(start * scale - margin))
+    hi = min(long_in, math.ceil((start + crop) * scale + margin))
+    box_lo, box_hi = start * scale - lo, (start + crop) * scale - lo
+    if tall:
+        part = img.crop((0, lo, width, hi))
+        part = part if width == new_w else part.resize((new_w, hi - lo), resample=resample)
+        return part.resize((new_w, crop), resample=resample, box=(0, box_lo, new_w, box_hi))
+    part = img.crop((lo, 0, hi, height)).resize((crop, height), resample=resample, box=(box_lo, 0, box_hi, height))
+    return part if height == new_h else part.resize((crop, new_h), resample=resample)
 
 
 def expand2square(img: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
@@ -130,7 +111,7 @@ def resize_and_pad(img: PIL.Image.Image, target: Size, resample: int) -> PIL.Ima
     else:
         new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
     canvas = PIL.Image.new("RGB", (target_w, target_h), (0, 0, 0))
-    canvas.paste(img.resize((new_w, new_h), resample=resample), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    canvas.paste(bounded_resize(img, (new_w, new_h), resample), ((target_w - new_w) // 2, (target_h - new_h) // 2))
     return canvas
 
 
@@ -185,7 +166,9 @@ class ImageProcessor:
             short, long = (width, height) if width <= height else (height, width)
             new_long = int(edge * long / short)
             size = (edge, new_long) if width <= height else (new_long, edge)
-        return img if img.size == size else img.resize(size, resample=self.resample)
+            if size[0] * size[1] > _MAX_RESIZE_PIXELS and new_long > self.crop_size:
+                return _crop_of_resize(img, size, self.crop_size, self.resample)
+        return img if img.size == size else bounded_resize(img, size, self.resample)
 
     def _center_crop(self, arr: np.ndarray) -> np.ndarray:
         """Centre crop HWC uint8; zero-pad first if smaller (as transformers does)."""
@@ -202,9 +185,7 @@ class ImageProcessor:
 
     def preprocess(self, img: PIL.Image.Image) -> Tensor:
         """One image -> [3, S, S] float32: resize, (centre crop), rescale, normalise."""
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        arr = np.asarray(self._resize(img), dtype=np.uint8)
+        arr = np.asarray(self._resize(to_rgb(img)), dtype=np.uint8)
         if self.resize_mode == "shortest_edge":
             arr = self._center_crop(arr)
         x = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -215,21 +196,24 @@ class ImageProcessor:
         """[base squashed to S×S] + row-major tiles of the image resized-and-padded to the best grid."""
         best = select_best_resolution(img.size, self.pinpoints)
         padded = resize_and_pad(img, best, self.resample)
-        base = img.resize((self._resize_edge, self._resize_edge), resample=self.resample)
+        base = bounded_resize(img, (self._resize_edge, self._resize_edge), self.resample)
         return [base] + divide_to_patches(padded, self.crop_size)
 
     def __call__(self, images: PIL.Image.Image | Sequence[PIL.Image.Image]) -> tuple[list[Tensor], list[Size]]:
-        """Per image a [crops, 3, S, S] tensor (1 crop unless anyres) and its original (W, H)."""
+        """Per image a [crops, 3, S, S] tensor (1 crop unless anyres) and its original (W, H).
+
+        Non-RGB images are converted by `to_rgb` (16-bit and float modes scaled, not clipped).
+        """
         if isinstance(images, PIL.Image.Image):
             images = [images]
         tensors, sizes = [], []
-        for img in images:
-            img = img if img.mode == "RGB" else img.convert("RGB")
+        for i, img in enumerate(images):
+            img = to_rgb(img, f"image {i}")
             sizes.append(img.size)
             if self.aspect == "anyres":
                 crops = self.anyres_crops(img)
             elif self.aspect == "pad":
-                crops = [expand2square(img, self.background)]
+                crops = [_padded_square(img, self.background)]
             else:
                 crops = [img]
             tensors.append(torch.stack([self.preprocess(c) for c in crops]))

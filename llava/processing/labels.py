@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from llava.errors import LabelError  # re-exported: raised here
+from llava.errors import InputError, InputTypeError, LabelError  # LabelError re-exported: raised here
 from llava.processing.templates import SepStyle, Template, get_template
 from llava.processing.tokenize import CONVENTIONS, IMAGE_TAG, PromptError, tokenize_prompt
 
@@ -35,13 +35,15 @@ def training_text(template: Template, turns: Sequence[str], n_images: int) -> tu
     text is replaced by the image tags and the string is tags + caption + "\\n".
     """
     if isinstance(turns, str):
-        raise TypeError("turns must be a list of messages, not a single string")
+        raise InputTypeError("turns must be a list of messages, not a single string")
     if not turns:
         raise LabelError("the conversation has no turns")
     for i, msg in enumerate(turns):
         role = "human" if i % 2 == 0 else "gpt"
         if not isinstance(msg, str):
             raise LabelError(f"turn {i} ({role}) must be a string, got {type(msg).__name__}")
+        if not _is_unicode(msg):  # a "\ud800" escape in a JSON file: the tokenizer would raise TypeError
+            raise LabelError(f"turn {i} ({role}) holds an unpaired surrogate (\\ud800-\\udfff), not valid text")
         if role == "gpt" and IMAGE_TAG in msg:
             raise LabelError(f"turn {i} (gpt) contains {IMAGE_TAG}; images belong in human turns")
         if not msg.strip():  # a human turn that is only "<image>" is fine
@@ -56,6 +58,14 @@ def training_text(template: Template, turns: Sequence[str], n_images: int) -> tu
         text = prompt + turns[1] + template.sep
         return text, [(len(prompt), len(text))]
     return template.render(list(turns)), template.target_spans(list(turns))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def build_example(tokenizer: Tokenizer, template: Template | str, turns: Sequence[str],
@@ -112,7 +122,7 @@ def _tokenize(tokenizer: Tokenizer, text: str, spans: list[_Span], counts: Seque
               convention: str) -> _Tokens:
     """Ids exactly as `tokenize_prompt` makes them, plus per-token trained flags and image indices."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown tokenization convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+        raise InputError(f"unknown tokenization convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     target = bytearray(len(text))
     for start, end in spans:
         target[start:end] = b"\x01" * (end - start)

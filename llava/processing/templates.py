@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import enum
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
+
+from llava.errors import InputError
 
 __all__ = [
     "SepStyle",
@@ -116,6 +118,29 @@ class Template:
                 raise ValueError(f"{self.name}: turn {i} does not render as a prefix of the conversation")
             spans.append((start, len(answered)))
         return spans
+
+    @property
+    def system_prefix(self) -> str:
+        """Markup a system prompt sits in: ChatML's header, which MPT-style systems carry."""
+        return _CHATML_SYSTEM if self.style is SepStyle.MPT else ""
+
+    def with_system(self, system: str) -> Template:
+        """This template with another system prompt, in the template's own markup.
+
+        ChatML (MPT style) keeps its ``<|im_start|>system\\n`` header, so a custom system
+        message still renders as a system turn; other styles take the text as it is.
+        """
+        return replace(self, system=self.system_prefix + system)
+
+    def chat_template(self) -> str:
+        """A Jinja chat template that renders as this template does (see `chat_template.to_jinja`).
+
+        Written into exported checkpoints so transformers' ``apply_chat_template``, vLLM and
+        SGLang build the prompt the checkpoint was trained on.
+        """
+        from llava.processing.chat_template import to_jinja
+
+        return to_jinja(self)
 
     @property
     def stop_str(self) -> str:
@@ -223,6 +248,7 @@ _LLAMA2_SYSTEM = (
     "instead of answering something not correct. If you don't know the answer to a "
     "question, please don't share false information."
 )
+_CHATML_SYSTEM = "<|im_start|>system\n"
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 # Canned example of the v0/default template (the original's offset=2 example).  The
 # reference facts do not spell it out; this text is the well-known Vicuna-v0 example,
@@ -290,7 +316,7 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]
     except KeyError:
         valid = ", ".join(sorted(TEMPLATES))
-        raise ValueError(f"unknown conversation template {name!r}; valid: {valid}") from None
+        raise InputError(f"unknown conversation template {name!r}; valid: {valid}") from None
 
 
 # First match wins, on the lower-cased model name (order matters: "v1.6-34b" before "v1").

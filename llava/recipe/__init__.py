@@ -5,6 +5,8 @@ stage 2 instruction tuning, evaluation) at miniature scale on the synthetic data
     run_recipe("runs/tiny", seed=0, size="small")     # or: llava recipe tiny --out runs/tiny
 """
 
-from llava.recipe.tiny import SIZES, RecipeSize, run_recipe
+from llava._lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, dict.fromkeys(["SIZES", "RecipeSize", "run_recipe"], "llava.recipe.tiny"))
 
 __all__ = ["run_recipe", "SIZES", "RecipeSize"]

@@ -1,13 +1,82 @@
-"""`python -m llava.serve.cli` with the original's flags: an interactive, streaming chat."""
+"""The terminal chat: `llava chat`, and `python -m llava.serve.cli` with the original's flags.
+
+In the chat a line ending in `\\` continues on the next line (one message, several lines);
+`/short` toggles the short-answer instruction ("Answer the question using a single word or
+phrase.", the bundled model's training format) after every question; `/help` lists these;
+an empty line or end of input ends the chat.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, Sequence
+
+from llava.console import exit_with, run_command
+from llava.errors import PromptError
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+CHAT_HELP = ("end a line with \\ to continue the message on the next line; /short toggles the short-answer "
+             "instruction; an empty line exits")
+
+
+def read_message(read: Callable[[str], str], prompt: str) -> str:
+    """One message: lines ending in a backslash continue it (the backslash is dropped)."""
+    lines = []
+    line = read(prompt)
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read("... ")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def chat_loop(pipe, images: Sequence, sampling: dict, read: Callable[[str], str] = input,
+              write: Callable[[str], None] | None = None, debug: bool = False, short: bool = False) -> None:
+    """The original CLI's loop: the image(s) go with the first message; empty input or EOF ends it.
+
+    `debug`: after each reply, print the rendered prompt and the reply, as the original's --debug does.
+    `short`: start with the short-answer instruction on (`/short` toggles it)."""
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    user_role, assistant_role = pipe.template.roles
+    user_role = user_role.strip() or "USER"
+    assistant_role = assistant_role.strip() or "ASSISTANT"
+    messages: list[dict] = []
+    pending = list(images)
+    if pending:
+        pipe.encode_images(pending)  # fail early on a bad image, before the first question
+    while True:
+        try:
+            text = read_message(read, f"{user_role}: ")
+        except (EOFError, KeyboardInterrupt):
+            text = ""
+        if not text.strip():
+            write("exit...\n")
+            return
+        if text.strip() in ("/short", "/help"):
+            short = not short if text.strip() == "/short" else short
+            write(f"[short answers {'on' if short else 'off'}; {CHAT_HELP}]\n")
+            continue
+        messages.append({"role": "user", "content": text + (SHORT_ANSWER if short else ""), "images": pending})
+        write(f"{assistant_role}: ")
+        reply = ""
+        try:
+            for delta in pipe.stream(messages, **sampling):
+                reply += delta
+                write(delta)
+        except PromptError as err:  # too long, or an <image> tag without an image: this turn only
+            write(f"\n[{err}]\n")
+            messages.pop()
+            continue
+        pending = []
+        write("\n")
+        if debug:
+            write(f"\n{ {'prompt': pipe.prepare_chat(messages).prompt, 'outputs': reply} }\n\n")
+        messages.append({"role": "assistant", "content": reply.strip()})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llava.serve.cli")
+    p = argparse.ArgumentParser(prog="python -m llava.serve.cli", epilog=f"In the chat: {CHAT_HELP}.")
     p.add_argument("--model-path", type=str, default=None)
     p.add_argument("--model-base", type=str, default=None)
     p.add_argument("--image-file", type=str, default=None)
@@ -22,22 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    from llava.api import load
-    from llava.cli import USER_ERRORS, chat_loop
-
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    try:
+
+    def command() -> int:
+        from llava.processing.image_io import load_image
+
+        images = [load_image(args.image_file)] if args.image_file else []  # fails before torch is imported
+
+        from llava.api import load, sampling_params
+
+        sampling = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+        sampling_params(**sampling)  # bad values fail before the model loads
+        quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
         pipe = load(args.model_path, model_base=args.model_base, device=args.device, template=args.conv_mode,
                     quantize=quantize, vision_tower=args.vision_tower)
-        chat_loop(pipe, [args.image_file] if args.image_file else [],
-                  dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens), debug=args.debug)
-    except USER_ERRORS as err:
-        print(f"llava.serve.cli: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        chat_loop(pipe, images, sampling, debug=args.debug)
+        return 0
+
+    return run_command("llava.serve.cli", command)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

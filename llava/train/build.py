@@ -15,14 +15,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from llava.checkpoint import load_checkpoint, load_tokenizer
 from llava.checkpoint.build import image_processor_for, resize_vocab
 from llava.checkpoint.hf import to_hf_config
-from llava.checkpoint.io import CheckpointMismatch, load_torch_file
+from llava.checkpoint.io import CheckpointMismatch, load_weights_file
 from llava.checkpoint.loader import prepare_for_hf
 from llava.checkpoint.tokenizer import IMAGE_TOKEN, add_special_tokens, token_id
 from llava.config import LlavaConfig
@@ -158,7 +157,7 @@ def load_projector(model: LlavaModel, path: str) -> None:
         path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"projector file not found: {path}")
-    state = load_file(path) if path.endswith(".safetensors") else load_torch_file(path)
+    state = load_weights_file(path)
     weights = projector_state(state)
     try:
         model.projector.load_state_dict(weights)

@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava.checkpoint import keys
-from llava.checkpoint.hf import save_hf
+from llava.checkpoint.hf import save_hf, save_hf_processor
 from llava.checkpoint.original import save_original, to_original_config
 from llava.checkpoint.partial import NON_LORA_FILE
 from llava.checkpoint.tokenizer import save_tokenizer
+from llava.errors import OutputPathError
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "state.json"
@@ -83,6 +84,35 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # Finding checkpoints ----------------------------------------------------------------------------
+def check_output_dir(out: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any model is loaded.
+
+    Otherwise a typo such as `--out results.json/run` fails with a `NotADirectoryError`
+    only after the model has been built (or, for a read-only parent, hours later at the
+    first checkpoint).
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputPathError(f"output folder {out} exists and is a file, not a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest ancestor that exists: the folder is created in it
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise OutputPathError(f"output folder {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output folder {out} cannot be written: no write permission in {existing}")
+
+
+def make_output_dir(out: str) -> None:
+    """`os.makedirs(out)`, with a failure (a race with `check_output_dir`, a full disk) naming the folder."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"output folder {out} cannot be created: {err.strerror or err}") from err
+
+
 def complete_checkpoints(out: str) -> list[tuple[int, str]]:
     """(step, folder) of every complete checkpoint in `out`, oldest first."""
     if not os.path.isdir(out):
@@ -228,6 +258,8 @@ def write_full(model, state: dict[str, torch.Tensor], tokenizer, image_processor
     else:
         save_original(state, model.config, out)
     _write_common(model, tokenizer, image_processor, out)
+    if layout == "hf":
+        save_hf_processor(out, model.config, tokenizer, image_processor)  # for transformers' AutoProcessor
 
 
 def write_projector(state: dict[str, torch.Tensor], out: str) -> None:

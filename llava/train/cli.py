@@ -8,7 +8,6 @@ and any flag given overrides just that value.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from llava.train.config import LORA_TARGETS, REPORTERS, SCHEDULERS, STAGES, TrainConfig
@@ -149,18 +148,10 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m llava.train ...` (what torchrun runs); user errors print one line and exit 2."""
-    import os
-
-    from llava.train.data import DataError
+    from llava.console import run_command
 
     parser = argparse.ArgumentParser(prog="python -m llava.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_train(args)
-    except (FileNotFoundError, ValueError, ImportError, DataError) as err:
-        if os.environ.get("LLAVA_DEBUG"):
-            raise
-        print(f"llava train: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("llava train", lambda: cmd_train(args))

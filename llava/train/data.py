@@ -10,149 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from llava.errors import DataError  # re-exported: raised here
+from llava.errors import DataError, InputError, LlavaError  # DataError re-exported: raised here
 from llava.processing.image import ImageError, load_image
 from llava.processing.labels import IGNORE_INDEX, LabelError, build_example
-from llava.processing.templates import Template, get_template, image_first
-from llava.processing.tokenize import IMAGE_TAG
+from llava.processing.templates import Template, get_template
+from llava.train.records import Row, clip, load_records, parse_record, read_rows, shown_path  # re-exported
 
 Size = tuple[int, int]  # (width, height)
 IMAGE_TOKEN_INDEX = -200  # the original's placeholder id; only for display when no model is given
 WORDS_PER_IMAGE = 128  # the original's length estimate of one image, for length grouping
 
-USER_ROLES = ("human", "user")
-ASSISTANT_ROLES = ("gpt", "assistant")
-
-__all__ = ["DataError", "Row", "load_records", "parse_record", "validate_record", "SupervisedDataset",
-           "collate", "check_dataset", "Report", "BadRow", "IMAGE_TOKEN_INDEX"]
-
-
-@dataclass
-class Row:
-    """A record in normal form: alternating human/gpt turns with `<image>` tags placed."""
-
-    index: int
-    id: str
-    turns: list[str] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
-
-
-def load_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSON list or JSONL file; bad JSON is reported with its line number."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        where = [f"item {i}" for i in range(len(records))]
-    else:
-        records, where = [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
-            where.append(f"line {lineno}")
-    for rec, place in zip(records, where):
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: {place} is a {type(rec).__name__}, expected a JSON object")
-    return records
-
-
-def row_id(rec: Any, index: int) -> str:
-    """The record's `id`, or `#index` for records without one."""
-    if isinstance(rec, dict) and rec.get("id") not in (None, ""):
-        return str(rec["id"])
-    return f"#{index}"
-
-
-def parse_record(rec: Any, index: int = 0) -> tuple[Row, list[str]]:
-    """Normalise a record like the original's preprocessing; returns the row and its problems.
-
-    A leading gpt turn is dropped (as the original does) and so is a trailing human turn
-    without an answer.  One image: its tag is moved to the front of its human turn, or
-    inserted at the front of the first one when missing (the original's layout).  Several
-    images: one tag per image, in order, is required.
-    """
-    row = Row(index=index, id=row_id(rec, index))
-    if not isinstance(rec, dict):
-        return row, [f"record is a {type(rec).__name__}, expected a JSON object"]
-    problems: list[str] = []
-    images = rec.get("image")
-    if isinstance(images, str):
-        images = [images]
-    if images is None:
-        images = []
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        problems.append("'image' must be a file name or a list of file names")
-        images = []
-    row.images = list(images)
-
-    conv = rec.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        return row, problems + ["missing or empty 'conversations'"]
-    turns: list[tuple[str, str]] = []  # (role, value)
-    for j, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            problems.append(f"turn {j} needs a string 'value'")
-            continue
-        role = str(turn.get("from", "")).lower()
-        if role not in USER_ROLES + ASSISTANT_ROLES:
-            problems.append(f"turn {j} has unknown role {turn.get('from')!r} (expected human or gpt)")
-            continue
-        turns.append(("human" if role in USER_ROLES else "gpt", turn["value"]))
-    if problems:
-        return row, problems
-    if turns and turns[0][0] == "gpt":
-        turns = turns[1:]
-    for j, (role, _) in enumerate(turns):
-        if role != ("human", "gpt")[j % 2]:
-            return row, [f"roles do not alternate human/gpt: turn {j} is {role} after {turns[j - 1][0]}"]
-    if len(turns) % 2 and IMAGE_TAG not in turns[-1][1]:
-        turns = turns[:-1]  # an unanswered question trains nothing, as in the original
-    if not turns:
-        return row, ["no human/gpt pair to train on"]
-    values = [value for _, value in turns]
-    for j, value in enumerate(values):
-        if not value.strip():
-            problems.append(f"turn {j} ({turns[j][0]}) is empty")
-        elif j % 2 and IMAGE_TAG in value:
-            problems.append(f"turn {j} (gpt) contains {IMAGE_TAG}")
-    if len(values) % 2:
-        problems.append(f"the last human turn has {IMAGE_TAG} but no answer")
-    problems += _place_tags(values, len(row.images))
-    row.turns = values
-    return row, problems
-
-
-def _place_tags(values: list[str], n_images: int) -> list[str]:
-    """Check tag counts against images; for one image put its tag first (in place)."""
-    n_tags = sum(v.count(IMAGE_TAG) for v in values[::2])
-    if n_images == 0:
-        return [f"{n_tags} {IMAGE_TAG} tag(s) but no image"] if n_tags else []
-    if n_tags > n_images:
-        return [f"more {IMAGE_TAG} tags ({n_tags}) than images ({n_images})"]
-    if n_images == 1:
-        if n_tags == 0:
-            values[0] = IMAGE_TAG + "\n" + values[0]
-        else:
-            j = next(j for j in range(0, len(values), 2) if IMAGE_TAG in values[j])
-            values[j] = image_first(values[j])
-        return []
-    if n_tags != n_images:
-        return [(f"{n_tags} {IMAGE_TAG} tag(s) for {n_images} images; rows with several images need one tag "
-                 "per image, in order")]
-    return []
+__all__ = ["DataError", "Row", "load_records", "read_rows", "parse_record", "validate_record", "refuse_bad_rows",
+           "SupervisedDataset", "collate", "check_dataset", "Report", "BadRow", "IMAGE_TOKEN_INDEX"]
 
 
 def image_path(image_folder: str | os.PathLike | None, name: str) -> str:
@@ -165,12 +40,12 @@ def read_image_sizes(row: Row, image_folder: str | os.PathLike | None) -> tuple[
     for name in row.images:
         path = image_path(image_folder, name)
         if not os.path.isfile(path):
-            problems.append(f"image file not found: {path}")
+            problems.append(f"image file not found: {shown_path(path)}")
             continue
         try:  # the decoder training uses, so "readable" means the same thing here and there
-            sizes.append(load_image(path).size)
-        except ImageError as e:
-            problems.append(str(e))
+            sizes.append(load_image(path, exif=False).size)  # stored pixel order, as the original trains
+        except (ImageError, OSError) as e:
+            problems.append(clip(str(e) if isinstance(e, ImageError) else f"{shown_path(path)}: {e}", 400))
     return sizes, problems
 
 
@@ -195,6 +70,26 @@ def _n_images(rec: Any) -> int:
     return len(image) if isinstance(image, list) else int(bool(image))
 
 
+def refuse_bad_rows(records: Sequence[Any], data: str | os.PathLike, plain: bool = False) -> None:
+    """Structural problems of every row, before the first step rather than hours into the run.
+
+    Run before the model loads, and again with `plain` once the template is known. Images and
+    token counts are checked when a row is loaded (`llava data check` does all of it).
+    """
+    bad = []
+    for i, record in enumerate(records):
+        row, problems = parse_record(record, i)
+        if plain and not problems and len(row.turns) != 2:
+            problems.append(f"the plain template (stage 1) takes one human and one gpt turn, got {len(row.turns)}")
+        if problems:
+            bad.append(f"row {row.id}: {'; '.join(problems)}")
+    if bad:
+        how_many = f"none of the {len(records)} rows can" if len(bad) == len(records) else \
+            f"{len(bad)} of {len(records)} rows cannot"
+        shown = ";\n  ".join(bad[:5] + ([f"... and {len(bad) - 5} more"] if len(bad) > 5 else []))
+        raise DataError(f"{data}: {how_many} be trained on (see `llava data check {data}`):\n  {shown}")
+
+
 class SupervisedDataset(Dataset):
     """Lazily tokenised training rows: records are read once, images and ids per item.
 
@@ -207,7 +102,8 @@ class SupervisedDataset(Dataset):
                  image_token_index: int, image_token_count: Callable[[Size], int] | None = None,
                  image_processor: Callable | None = None, image_folder: str | os.PathLike | None = None,
                  convention: str = "original", max_length: int | None = None) -> None:
-        self.records = list(data) if not isinstance(data, (str, os.PathLike)) else load_records(data)
+        # From a file every row is kept as parsed: a row that is not a record raises with its id when read.
+        self.records = list(data) if not isinstance(data, (str, os.PathLike)) else read_rows(data)
         self.tokenizer = tokenizer
         self.template = get_template(template) if isinstance(template, str) else template
         self.image_token_index = image_token_index
@@ -232,11 +128,11 @@ class SupervisedDataset(Dataset):
             for name in row.images:
                 path = image_path(self.image_folder, name)
                 if not os.path.isfile(path):
-                    raise DataError(f"image file not found: {path}", row.id)
+                    raise DataError(f"image file not found: {shown_path(path)}", row.id)
                 try:
-                    pil.append(load_image(path))
-                except ImageError as e:
-                    raise DataError(str(e), row.id) from e
+                    pil.append(load_image(path, exif=False))  # boxes in answers refer to stored pixels
+                except (ImageError, OSError) as e:
+                    raise DataError(clip(str(e), 400), row.id) from e
             pixel_values, sizes = self.image_processor(pil)
         counts = [int(self.image_token_count(s)) for s in sizes]
         try:
@@ -265,14 +161,14 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int, max_length: int 
     truncates (`SupervisedDataset(max_length=...)`) and a longer row here is an error.
     """
     if pad_token_id is None:
-        raise ValueError("collate needs a pad_token_id (the original uses the unk token)")
+        raise InputError("collate needs a pad_token_id (the original uses the unk token)")
     if not batch:
-        raise ValueError("cannot collate an empty batch")
+        raise InputError("cannot collate an empty batch")
     if max_length is not None:
         for item in batch:
             if len(item["input_ids"]) > max_length:
-                raise ValueError(f"row {item.get('id')}: {len(item['input_ids'])} tokens > max_length={max_length}; "
-                                 "set max_length on the dataset so it truncates without cutting images")
+                raise DataError(f"{len(item['input_ids'])} tokens > max_length={max_length}; set max_length on "
+                                "the dataset so it truncates without cutting images", item.get("id"))
     width = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -287,6 +183,20 @@ def collate(batch: Sequence[dict[str, Any]], pad_token_id: int, max_length: int 
             "image_sizes": [s for item in batch for s in item["image_sizes"]],
             "images_per_row": [len(item["pixel_values"]) for item in batch],
             "ids": [item.get("id") for item in batch]}
+
+
+def worker_error(err: LlavaError) -> LlavaError:
+    """The error a row raised in a DataLoader worker, as the row raised it.
+
+    torch re-raises it in the main process with the worker's whole traceback as the message,
+    which the command line would print as one very long line; the row's message is its tail.
+    """
+    text = str(err)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return err
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    message = text[text.rfind(name) + len(name):] if name in text else text.strip().splitlines()[-1]
+    return type(err)(message.strip())
 
 
 def unpad_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -354,8 +264,10 @@ def check_dataset(path: str | os.PathLike, image_folder: str | os.PathLike | Non
     count as `image_token_count(size)` tokens (1 each when not given).
     """
     if tokenizer is not None and template is None:
-        raise ValueError("check_dataset: a tokenizer needs a template to build labels")
-    records = load_records(path)
+        raise InputError("check_dataset: a tokenizer needs a template to build labels")
+    if max_length is not None and max_length <= 0:
+        raise InputError(f"max_length must be positive, got {max_length}")
+    records = read_rows(path)  # raises for a file that is unreadable, not JSON, or without rows
     count = image_token_count or (lambda size: 1)
     bad: list[BadRow] = []
     turns, tokens, trained, widths, heights = [], [], [], [], []

@@ -1,31 +1,28 @@
 """`llava data check` and `llava data inspect`: see what training will make of a data file.
 
-`check` lists every bad row (id and reason) and statistics, exit status 1 if any row is
-bad; `inspect` shows chosen rows as rendered text, token ids and labels, so a template or
-tokenizer mismatch is visible before a training run rather than after it.
-Run standalone as `python -m llava.train.data_cli data ...` until wired into `llava`.
+`check` lists every bad row (id and reason) and statistics; `inspect` shows chosen rows as
+rendered text, token ids and labels, so a template or tokenizer mismatch is visible before a
+training run rather than after it.
+
+Exit status: 0 every row is usable; 1 some rows are bad (each listed by id); 2 the file itself
+cannot be used (missing, not UTF-8, not a JSON list or JSON lines, no rows at all) or an
+argument is wrong, said in one line. An empty file is 2, not "0 bad rows of 0": training on it
+would fail, so the check must too.
+Also runs standalone as `python -m llava.train.data_cli data ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any, Callable, Sequence
 
+from llava.console import exit_with, run_command
+from llava.errors import InputError
 from llava.processing.labels import IGNORE_INDEX, LabelError, build_example, training_text
 from llava.processing.templates import get_template
 from llava.processing.tokenize import CONVENTIONS
-from llava.train.data import (
-    IMAGE_TOKEN_INDEX,
-    DataError,
-    Size,
-    check_dataset,
-    load_records,
-    parse_record,
-    read_image_sizes,
-)
+from llava.train.data import IMAGE_TOKEN_INDEX, Size, check_dataset, parse_record, read_image_sizes, read_rows
 
 DEFAULT_ROWS = "0-4"
 
@@ -38,18 +35,30 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> None:
 
     add_synth_command(sub)
 
-    check = sub.add_parser("check", help="report every bad row and statistics of a data file (exit 1 if any bad)")
+    check = sub.add_parser("check", help="report every bad row and statistics of a data file (exit 1 if any "
+                           "bad, 2 if the file is unusable or has no rows)")
     check.add_argument("data", help="JSON list or JSONL of LLaVA conversation records")
     _common_args(check)
-    check.add_argument("--max-length", type=int, default=None, help="report rows that cannot be truncated to N tokens")
+    check.add_argument("--max-length", type=_positive, default=None,
+                       help="report rows that cannot be truncated to N tokens")
     check.set_defaults(func=cmd_check)
 
     inspect = sub.add_parser("inspect", help="show rows as rendered text, input_ids and labels")
     inspect.add_argument("data", help="JSON list or JSONL of LLaVA conversation records")
     _common_args(inspect)
     inspect.add_argument("--rows", default=DEFAULT_ROWS, help=f"row indices: '0,3,5' or '0-9' (default {DEFAULT_ROWS})")
-    inspect.add_argument("--max-length", type=int, default=None, help="truncate like training would")
+    inspect.add_argument("--max-length", type=_positive, default=None, help="truncate like training would")
     inspect.set_defaults(func=cmd_inspect)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -79,17 +88,26 @@ def _setup(args: argparse.Namespace, need_tokenizer: bool):
         model, tokenizer, template = _load_model(args.model)
         count, index = model.image_token_count, model.config.image_token_index
     if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = _load_tokenizer(args.tokenizer)
     template = args.template or template
     if need_tokenizer and tokenizer is None:
-        raise ValueError("--tokenizer (or --model) is required")
+        raise InputError("--tokenizer (or --model) is required")
     if tokenizer is not None and template is None:
-        raise ValueError("--template is required with --tokenizer")
+        raise InputError("--template is required with --tokenizer")
     if template is not None:
         get_template(template)  # fail early on an unknown name
     return tokenizer, template, count, index
+
+
+def _load_tokenizer(path: str):
+    """`AutoTokenizer.from_pretrained`, its many ways of failing on a wrong folder said in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--tokenizer {path}: cannot load a tokenizer from it ({first})") from err
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -114,10 +132,10 @@ def parse_rows(spec: str, n_rows: int) -> list[int]:
             elif part:
                 rows.append(int(part))
         except ValueError:
-            raise ValueError(f"--rows: cannot read {part!r}; use e.g. 0,3,5 or 0-9") from None
+            raise InputError(f"--rows: cannot read {part!r}; use e.g. 0,3,5 or 0-9") from None
     bad = [r for r in rows if not 0 <= r < n_rows]
     if bad:
-        raise ValueError(f"--rows: row(s) {bad} out of range; the file has {n_rows} rows")
+        raise InputError(f"--rows: row(s) {bad} out of range; the file has {n_rows} rows")
     return rows
 
 
@@ -160,7 +178,7 @@ def _runs(labels: Sequence[int]) -> list[list[int]]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     tokenizer, template, count, index = _setup(args, need_tokenizer=True)
-    records = load_records(args.data)
+    records = read_rows(args.data)  # a row that is not a record is shown as that row's error
     failed = False
     for i in parse_rows(args.rows, len(records)):
         out = inspect_row(records[i], i, tokenizer, template, count, index, args.image_folder, args.convention,
@@ -184,14 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llava", description="LLaVA training data tools")
     add_data_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (DataError, ValueError, OSError) as err:
-        if os.environ.get("LLAVA_DEBUG"):
-            raise
-        print(f"llava data {args.data_command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"llava data {args.data_command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

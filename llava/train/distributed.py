@@ -31,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from llava.device import resolve_device
+from llava.errors import DeviceError
 from llava.train.strategy import Strategy
 
 _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -62,11 +64,11 @@ class _ProcessGroupStrategy(Strategy):
     def _pick_device(self, device: str | torch.device | None) -> torch.device:
         if device is None:
             return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        device = torch.device(device)
+        device = resolve_device(device)
         if device.type == "cuda" and device.index is None:
             return torch.device("cuda", self.local_rank)
         if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"distributed training runs on cuda or cpu, not {device.type}")
+            raise DeviceError(f"distributed training runs on cuda or cpu, not {device.type}")
         return device
 
     @property

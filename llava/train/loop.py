@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
@@ -26,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from llava.errors import CheckpointMismatch, CheckpointNotFound, DeviceError, InputError, LlavaError
 from llava.processing.labels import IGNORE_INDEX
 from llava.train import checkpointing as ckpt
 from llava.train.build import Built, build_model, make_scheduler, param_groups, prepare_for_stage
 from llava.train.config import RESUME_MUST_MATCH, TrainConfig
-from llava.train.data import DataError, SupervisedDataset, collate, parse_record, unpad_rows
+from llava.train.data import SupervisedDataset, collate, read_rows, refuse_bad_rows, unpad_rows, worker_error
 from llava.train.progress import Progress, truncate_metrics
 from llava.train.sampler import epoch_batches, micro_batches, steps_per_epoch
 from llava.train.strategy import Strategy, make_strategy
@@ -48,14 +50,30 @@ class TrainResult:
 
 def train(cfg: TrainConfig, strategy: Strategy | None = None) -> TrainResult:
     """Run (or resume) a training run described by `cfg` and write its outputs to `cfg.out`."""
-    cfg = cfg.resolved()
+    with _config_errors():
+        cfg = cfg.resolved()
+    # What the user can get wrong in the data file or the output path fails now, not after the model loads.
+    ckpt.check_output_dir(cfg.out)
+    records = read_rows(cfg.data)
+    refuse_bad_rows(records, cfg.data)
     owned = strategy is None
     strategy = strategy or make_strategy(cfg.strategy, cfg.device)
     try:
-        return _Run(cfg, strategy).run()
+        return _Run(cfg, strategy, records).run()
     finally:
         if owned:
             strategy.close()
+
+
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """A `ValueError` of `TrainConfig`'s checks is a flag the user set wrong: an `InputError` (exit 2)."""
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(err, LlavaError):
+            raise
+        raise InputError(str(err)) from err
 
 
 def _use_bf16(flag: bool | None, device: torch.device) -> bool:
@@ -63,7 +81,7 @@ def _use_bf16(flag: bool | None, device: torch.device) -> bool:
     if flag is None:
         return cuda_bf16
     if flag and device.type == "cuda" and not cuda_bf16:
-        raise ValueError("this GPU has no bf16 support; drop --bf16 (fp32 is used)")
+        raise DeviceError("this GPU has no bf16 support; drop --bf16 (fp32 is used)")
     return bool(flag)
 
 
@@ -82,24 +100,6 @@ def _use_unpadded(flag: bool | None, device: torch.device, hidden_size: int) -> 
     if flag is None:
         return device.type == "cpu" and hidden_size >= UNPADDED_MIN_HIDDEN
     return bool(flag)
-
-
-def _check_rows(dataset: SupervisedDataset) -> None:
-    """Structural problems of every row, before the first step rather than hours into the run.
-
-    Images and token counts are checked when a row is loaded (`llava data check` does all of it).
-    """
-    plain = dataset.template.name == "plain"
-    bad = []
-    for i, record in enumerate(dataset.records):
-        row, problems = parse_record(record, i)
-        if plain and not problems and len(row.turns) != 2:
-            problems.append(f"the plain template (stage 1) takes one human and one gpt turn, got {len(row.turns)}")
-        if problems:
-            bad.append(f"row {row.id}: {'; '.join(problems)}")
-    if bad:
-        shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{len(bad)} of {len(dataset)} rows cannot be trained on (see `llava data check`):\n  {shown}")
 
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -137,23 +137,25 @@ class _StepPlan:
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, strategy: Strategy) -> None:
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, records: list | None = None) -> None:
         self.cfg, self.strategy = cfg, strategy
+        self.records = records if records is not None else read_rows(cfg.data)
         self.main = strategy.is_main
         self.device = strategy.device
         self.bf16 = _use_bf16(cfg.bf16, self.device)
-        self.micro, self.accum, self.global_batch = cfg.batch_plan(strategy.world_size)
+        with _config_errors():
+            self.micro, self.accum, self.global_batch = cfg.batch_plan(strategy.world_size)
 
     # Setup ----------------------------------------------------------------------------------------
     def _resume_dir(self) -> str | None:
         cfg, out = self.cfg, self.cfg.out
         if self.main:
-            os.makedirs(out, exist_ok=True)
+            ckpt.make_output_dir(out)
         existing = ckpt.complete_checkpoints(out)
         if cfg.resume is None:
             if (existing or os.path.isfile(os.path.join(out, "trainer_state.json"))) and not cfg.overwrite:
                 where = existing[-1][1] if existing else out
-                raise ValueError(f"{out} already holds a run ({where}); pass --resume to continue it or "
+                raise InputError(f"{out} already holds a run ({where}); pass --resume to continue it or "
                                  "--overwrite to start over")
             if cfg.overwrite and self.main:
                 for _, folder in existing:
@@ -170,7 +172,7 @@ class _Run:
         self.strategy.barrier()
         if cfg.resume != "auto":
             if not os.path.isfile(os.path.join(cfg.resume, ckpt.COMPLETE)):
-                raise FileNotFoundError(f"--resume {cfg.resume}: not a complete checkpoint folder")
+                raise CheckpointNotFound(f"--resume {cfg.resume}: not a complete checkpoint folder")
             return cfg.resume
         latest = ckpt.latest_checkpoint(out)
         if latest is None and self.main:
@@ -188,8 +190,8 @@ class _Run:
         if state.get("global_batch") != self.global_batch:
             diffs.append(f"global batch: checkpoint {state.get('global_batch')}, now {self.global_batch}")
         if diffs:
-            raise ValueError(f"cannot resume from {folder}: the run differs from the one that wrote it: "
-                             + "; ".join(diffs))
+            raise CheckpointMismatch(f"cannot resume from {folder}: the run differs from the one that wrote it: "
+                                     + "; ".join(diffs))
 
     def _setup(self) -> None:
         cfg, strategy = self.cfg, self.strategy
@@ -200,10 +202,12 @@ class _Run:
         compute = torch.bfloat16 if self.bf16 else torch.float32
         self.trainable = prepare_for_stage(model, cfg, compute_dtype=compute)
         self.dataset = SupervisedDataset(
-            cfg.data, self.built.tokenizer, model.config.template, image_token_index=model.config.image_token_index,
+            self.records, self.built.tokenizer, model.config.template,
+            image_token_index=model.config.image_token_index,
             image_token_count=model.image_token_count, image_processor=self.built.image_processor,
             image_folder=cfg.image_folder, convention=self.built.convention, max_length=cfg.model_max_length)
-        _check_rows(self.dataset)
+        if self.dataset.template.name == "plain":
+            refuse_bad_rows(self.records, cfg.data, plain=True)
         self.lengths = self.dataset.modality_lengths if cfg.group_by_modality_length else None
         self.per_epoch = steps_per_epoch(len(self.dataset), self.global_batch, self.lengths)
         self.total = cfg.max_steps or self.per_epoch * cfg.epochs
@@ -215,7 +219,7 @@ class _Run:
             weights = ckpt.read_trainable(resume_dir)
             missing = sorted(set(self.trainable) - set(weights))
             if missing:
-                raise ValueError(f"{resume_dir} lacks trainable weights {missing[:5]}")
+                raise CheckpointMismatch(f"{resume_dir} lacks trainable weights {missing[:5]}")
             model.load_state_dict(weights, strict=False)
         self.wrapped = strategy.wrap(model)
         module = strategy.unwrap(self.wrapped)
@@ -359,7 +363,10 @@ class _Run:
         try:
             for step in range(self.start, self.total):
                 t0 = time.perf_counter()
-                micro = [next(batches) for _ in plan.step(step)]
+                try:
+                    micro = [next(batches) for _ in plan.step(step)]
+                except LlavaError as err:  # a bad row: its own message, not a DataLoader worker's traceback
+                    raise worker_error(err) from None
                 loss, grad_norm, tokens = self._step(micro)
                 if cfg.step_delay:
                     time.sleep(cfg.step_delay)

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from llava.errors import DataError, InputError
+
 __all__ = ["epoch_batches", "steps_per_epoch", "micro_batches"]
 
 
@@ -53,14 +55,9 @@ def epoch_batches(n_rows: int, global_batch: int, seed: int, epoch: int,
     step is then single-modality (the original merged its two leftover batches into one
     mixed batch; here each modality's last batch is topped up from its own rows instead).
     """
-    if n_rows <= 0:
-        raise ValueError("the dataset is empty")
-    if global_batch <= 0:
-        raise ValueError(f"global batch size must be positive, got {global_batch}")
+    _check(n_rows, global_batch, modality_lengths)
     if modality_lengths is None:
         return _chunks(_randperm(n_rows, seed, epoch), global_batch)
-    if len(modality_lengths) != n_rows:
-        raise ValueError(f"{len(modality_lengths)} lengths for {n_rows} rows")
     image_rows = [i for i in range(n_rows) if modality_lengths[i] > 0]
     text_rows = [i for i in range(n_rows) if modality_lengths[i] <= 0]
     batches: list[list[int]] = []
@@ -71,8 +68,19 @@ def epoch_batches(n_rows: int, global_batch: int, seed: int, epoch: int,
     return [batches[j] for j in _randperm(len(batches), seed, epoch, salt=3)]
 
 
+def _check(n_rows: int, global_batch: int, modality_lengths: Sequence[int] | None) -> None:
+    """No rows would make zero steps an epoch (and a division by zero in the epoch count): refuse it here."""
+    if n_rows <= 0:
+        raise DataError("the dataset has no rows")
+    if global_batch <= 0:
+        raise InputError(f"global batch size must be positive, got {global_batch}")
+    if modality_lengths is not None and len(modality_lengths) != n_rows:
+        raise InputError(f"{len(modality_lengths)} lengths for {n_rows} rows")
+
+
 def steps_per_epoch(n_rows: int, global_batch: int, modality_lengths: Sequence[int] | None = None) -> int:
     """Number of global batches per epoch (no random numbers drawn)."""
+    _check(n_rows, global_batch, modality_lengths)
     if modality_lengths is None:
         return -(-n_rows // global_batch)
     n_image = sum(1 for v in modality_lengths if v > 0)

@@ -14,6 +14,9 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from llava.device import resolve_device
+from llava.errors import InputError
+
 
 class Strategy:
     """One process. Subclasses override what changes with several processes."""
@@ -21,7 +24,7 @@ class Strategy:
     name = "single"
 
     def __init__(self, device: str | torch.device | None = None) -> None:
-        self.device = torch.device(device) if device else _default_device()
+        self.device = resolve_device(device) if device else _default_device()
 
     # Identity of this process -------------------------------------------------------------
     @property
@@ -84,11 +87,9 @@ class Strategy:
 
 
 def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The best device; under torchrun, this process's own GPU."""
+    device = resolve_device()
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" else device
 
 
 def make_strategy(name: str = "auto", device: str | None = None) -> Strategy:
@@ -102,4 +103,4 @@ def make_strategy(name: str = "auto", device: str | None = None) -> Strategy:
         from llava.train.distributed import DDPStrategy, FSDPStrategy
 
         return (DDPStrategy if name == "ddp" else FSDPStrategy)(device)
-    raise ValueError(f"unknown strategy {name!r}; valid: auto, single, ddp, fsdp")
+    raise InputError(f"unknown strategy {name!r}; valid: auto, single, ddp, fsdp")

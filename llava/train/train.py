@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Sequence
 
+from llava.errors import CheckpointError, InputError
 from llava.train.config import TrainConfig
 
 # Flags accepted for compatibility, with what happens instead (printed when given).
@@ -140,7 +141,7 @@ def _is_llava_checkpoint(path: str) -> bool:
     try:
         detect_layout(path)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, CheckpointError):  # a plain LM folder: a fresh LLaVA is built from it
         return False
 
 
@@ -152,13 +153,13 @@ def config_from_original(argv: Sequence[str] | None = None) -> tuple[TrainConfig
     notes = [f"--{name} {getattr(args, name)}: {_deepspeed_note(args.deepspeed) if name == 'deepspeed' else text}"
              for name, text in NOTES.items() if name in given and getattr(args, name) not in (None, False)]
     if args.mm_use_im_start_end:
-        raise ValueError("--mm_use_im_start_end True is not supported (LLaVA-1.5/1.6 train with False)")
+        raise InputError("--mm_use_im_start_end True is not supported (LLaVA-1.5/1.6 train with False)")
     if args.bits not in (4, 16):
-        raise ValueError(f"--bits {args.bits}: only 4 (QLoRA, nf4) or 16 are supported")
+        raise InputError(f"--bits {args.bits}: only 4 (QLoRA, nf4) or 16 are supported")
     if args.bits == 4 and not args.lora_enable:
-        raise ValueError("--bits 4 needs --lora_enable True (QLoRA)")
+        raise InputError("--bits 4 needs --lora_enable True (QLoRA)")
     if args.num_train_epochs != int(args.num_train_epochs) or args.num_train_epochs < 1:
-        raise ValueError(f"--num_train_epochs {args.num_train_epochs}: only whole epochs are supported "
+        raise InputError(f"--num_train_epochs {args.num_train_epochs}: only whole epochs are supported "
                          "(use --max_steps for part of one)")
     stage = ("pretrain" if args.tune_mm_mlp_adapter else
              ("qlora" if args.bits == 4 else "lora") if args.lora_enable else "finetune")
@@ -170,7 +171,7 @@ def config_from_original(argv: Sequence[str] | None = None) -> tuple[TrainConfig
         template = "vicuna_v1"
     existing = _is_llava_checkpoint(args.model_name_or_path) if os.path.isdir(args.model_name_or_path) else False
     if not existing and not args.vision_tower:
-        raise ValueError(f"{args.model_name_or_path} is not a LLaVA checkpoint, so --vision_tower is needed "
+        raise InputError(f"{args.model_name_or_path} is not a LLaVA checkpoint, so --vision_tower is needed "
                          "to build one from it")
     from llava.train.checkpointing import latest_checkpoint
 
@@ -211,22 +212,23 @@ def config_from_original(argv: Sequence[str] | None = None) -> tuple[TrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llava.train.data import DataError
-    from llava.train.loop import train
+    """The original's entry point; user errors print one line and exit 2, never a traceback."""
+    from llava.console import run_command
 
-    try:
+    def command() -> int:
+        from llava.train.loop import train
+
         cfg, notes = config_from_original(argv)
         for note in notes:
             print(note, file=sys.stderr)
         result = train(cfg)
-    except (FileNotFoundError, ValueError, ImportError, DataError) as err:
-        if os.environ.get("LLAVA_DEBUG"):
-            raise
-        print(f"llava.train.train: error: {err}", file=sys.stderr)
-        return 2
-    print(f"trained {result.global_step} steps; wrote {result.out}")
-    return 0
+        print(f"trained {result.global_step} steps; wrote {result.out}")
+        return 0
+
+    return run_command("llava.train.train", command)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llava.console import exit_with
+
+    exit_with(main())
