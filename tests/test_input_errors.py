@@ -111,6 +111,7 @@ def test_content_parts_and_tiny_temperatures_work(pipe):
     assert as_parts.prompt == as_images.prompt and as_parts.request.input_ids == as_images.request.input_ids
     greedy = pipe.generate("Say it.", images=IMAGE, **GREEDY)
     assert pipe.generate("Say it.", images=IMAGE, temperature=1e-300, max_new_tokens=4) == greedy
+    assert pipe.generate("Say it.", images=IMAGE, temperature=1.0, top_p=1e-300, max_new_tokens=4) == greedy
     assert isinstance(pipe.generate("Say it.", temperature=1e300, max_new_tokens=4, seed=1), str)
 
 

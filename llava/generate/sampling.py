@@ -108,6 +108,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already cover top_p (the best one always stays).
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False  # a top_p below float32's smallest value would otherwise drop every token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
