@@ -10,6 +10,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+from fuzz_helpers import outcome
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,14 +27,6 @@ def pipe():
     return llava.load(device="cpu")
 
 
-def _outcome(call):
-    """The call's result, or the LlavaError it raised; any other exception fails the test."""
-    try:
-        return call()
-    except LlavaError as err:
-        assert str(err).strip(), f"{type(err).__name__} without a message"
-        return err
-
 
 any_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
                        st.text(max_size=20), st.binary(max_size=8))
@@ -46,7 +39,7 @@ images = st.one_of(st.none(), st.sampled_from(IMAGES), st.lists(st.sampled_from(
 
 @given(prompt=st.one_of(text_with_tags, any_value), images=images, raw=st.booleans())
 def test_prompts_and_images(pipe, prompt, images, raw):
-    result = _outcome(lambda: pipe.generate(prompt, images=images, raw=raw, max_new_tokens=3))
+    result = outcome(lambda: pipe.generate(prompt, images=images, raw=raw, max_new_tokens=3))
     assert isinstance(result, (str, list, LlavaError))
 
 
@@ -64,7 +57,7 @@ sampling_values = {
 def test_sampling_parameters_of_every_type(pipe, sampling, extra):
     if extra:
         sampling["not_a_parameter"] = 1
-    result = _outcome(lambda: pipe.generate("How many circles?", images=IMAGES[0], **sampling))
+    result = outcome(lambda: pipe.generate("How many circles?", images=IMAGES[0], **sampling))
     assert isinstance(result, (str, LlavaError))
 
 
@@ -85,11 +78,11 @@ messages = st.one_of(st.lists(st.one_of(message, any_value), max_size=5), any_va
 
 @given(messages=messages)
 def test_chat_messages_of_any_shape(pipe, messages):
-    result = _outcome(lambda: pipe.chat(messages, max_new_tokens=3))
+    result = outcome(lambda: pipe.chat(messages, max_new_tokens=3))
     assert isinstance(result, (str, LlavaError))
 
 
 @given(messages=st.lists(message, min_size=1, max_size=5))
 def test_streaming_chat(pipe, messages):
-    result = _outcome(lambda: "".join(pipe.stream(messages, max_new_tokens=3)))
+    result = outcome(lambda: "".join(pipe.stream(messages, max_new_tokens=3)))
     assert isinstance(result, (str, LlavaError))

@@ -22,6 +22,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
+from fuzz_helpers import outcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,14 +63,6 @@ def folder(tmp_path_factory) -> Path:
     (root / "broken.png").write_bytes(b"not a png")
     return root
 
-
-def _outcome(call):
-    """The call's result, or the LlavaError it raised (with a message); any other exception fails."""
-    try:
-        return call()
-    except LlavaError as err:
-        assert str(err).strip(), f"{type(err).__name__} without a message"
-        return err
 
 
 # Strategies ------------------------------------------------------------------------------------
@@ -156,7 +149,7 @@ def test_records_parse_validate_and_build(tok, folder, rec, template, convention
     assert len(row.turns) % 2 == 0 and all(isinstance(t, str) for t in row.turns)
     assert sum(t.count(IMAGE_TAG) for t in row.turns) == len(row.images)
     counts = [1 + i for i in range(len(row.images))]
-    result = _outcome(lambda: build_example(tok, template, row.turns, counts, -200, convention, max_length,
+    result = outcome(lambda: build_example(tok, template, row.turns, counts, -200, convention, max_length,
                                             row_id=row.id))
     if isinstance(result, LlavaError):
         assert isinstance(result, DataError)  # LabelError: the row, named
@@ -186,7 +179,7 @@ def test_usable_records_are_accepted(tok, folder, rec, template, convention):
        max_length=st.one_of(st.none(), st.integers(1, 300)))
 def test_build_example_takes_any_turns(tok, turns, template, convention, counts, max_length):
     """Turns straight from a caller, not normalised by parse_record: still a result or a LlavaError."""
-    result = _outcome(lambda: build_example(tok, template, turns, counts, -200, convention, max_length))
+    result = outcome(lambda: build_example(tok, template, turns, counts, -200, convention, max_length))
     assert isinstance(result, (tuple, LlavaError))
 
 
@@ -202,7 +195,7 @@ def test_dataset_items(tok, folder, records, convention):
                            max_length=256)
     assert len(ds.lengths) == len(ds.modality_lengths) == len(records)
     for i in range(len(ds)):
-        item = _outcome(lambda i=i: ds[i])
+        item = outcome(lambda i=i: ds[i])
         assert isinstance(item, (dict, DataError)), item
 
 
@@ -240,15 +233,15 @@ def _damage(raw: bytes, how) -> bytes:
 def test_data_files(tok, folder, rows, fmt, ascii_only, how):
     path = folder / f"data.{'jsonl' if fmt == 'jsonl' else 'json'}"
     path.write_bytes(_damage(_serialise(rows, fmt, ascii_only), how))
-    read = _outcome(lambda: read_rows(path))
+    read = outcome(lambda: read_rows(path))
     assert isinstance(read, (list, DataError)) and read != []
     one_array_line = fmt == "jsonl" and len(rows) == 1 and isinstance(rows[0], list)  # reads as a JSON list
     if how is None and rows and ascii_only and not one_array_line:
         assert read == json.loads(json.dumps(rows)), "an undamaged file must read back as written"
-    loaded = _outcome(lambda: load_records(path))
+    loaded = outcome(lambda: load_records(path))
     assert isinstance(loaded, DataError) or all(isinstance(r, dict) for r in loaded)
-    report = _outcome(lambda: check_dataset(path, folder, tok, "vicuna_v1", max_length=200))
-    plain = _outcome(lambda: check_dataset(path, folder))
+    report = outcome(lambda: check_dataset(path, folder, tok, "vicuna_v1", max_length=200))
+    plain = outcome(lambda: check_dataset(path, folder))
     if isinstance(read, DataError):
         assert isinstance(report, DataError) and str(report) == str(plain) == str(read)
     else:

@@ -42,7 +42,7 @@ def training_text(template: Template, turns: Sequence[str], n_images: int) -> tu
         role = "human" if i % 2 == 0 else "gpt"
         if not isinstance(msg, str):
             raise LabelError(f"turn {i} ({role}) must be a string, got {type(msg).__name__}")
-        if not _is_unicode(msg):  # a "\ud800" escape in a JSON file: the tokenizer would raise TypeError
+        if not is_utf8(msg):  # a "\ud800" escape in a JSON file: the tokenizer would raise TypeError
             raise LabelError(f"turn {i} ({role}) holds an unpaired surrogate (\\ud800-\\udfff), not valid text")
         if role == "gpt" and IMAGE_TAG in msg:
             raise LabelError(f"turn {i} (gpt) contains {IMAGE_TAG}; images belong in human turns")
@@ -60,7 +60,8 @@ def training_text(template: Template, turns: Sequence[str], n_images: int) -> tu
     return template.render(list(turns)), template.target_spans(list(turns))
 
 
-def _is_unicode(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """False for text with an unpaired surrogate (a `\\ud800` escape in a JSON file): no tokenizer takes it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llava.errors import DataError
+from llava.processing.labels import is_utf8
 from llava.processing.templates import image_first
 from llava.processing.tokenize import IMAGE_TAG
 
@@ -177,15 +178,6 @@ def row_id(rec: Any, index: int) -> str:
     return text
 
 
-def _not_unicode(text: str) -> bool:
-    """Whether `text` holds an unpaired surrogate (a `\\ud800` escape in the file): no tokenizer takes it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def _images(rec: dict) -> tuple[list[str], list[str]]:
     """The record's image names and the problem with its `image` field, if any."""
     images = rec.get("image")
@@ -195,7 +187,7 @@ def _images(rec: dict) -> tuple[list[str], list[str]]:
         images = []
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         return [], [f"'image' must be a file name or a list of file names, got {_short(images)}"]
-    if any(_not_unicode(p) or "\x00" in p for p in images):
+    if any(not is_utf8(p) or "\x00" in p for p in images):
         return [], ["'image' holds a file name that is not valid text (an unpaired surrogate or a NUL)"]
     return list(images), []
 
@@ -213,7 +205,7 @@ def _turns(conv: list) -> tuple[list[tuple[str, str]], list[str]]:
             got = "missing" if "value" not in turn else f"a JSON {json_type(value)}"
             problems.append(f"turn {j} needs a string 'value' ({got})")
             continue
-        if _not_unicode(value):
+        if not is_utf8(value):
             problems.append(f"turn {j} holds an unpaired surrogate (a \\ud800-\\udfff escape), not valid text")
             continue
         if not isinstance(role, str) or role.lower() not in USER_ROLES + ASSISTANT_ROLES:
