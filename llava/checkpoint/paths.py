@@ -125,6 +125,14 @@ def _is_checkpoint_folder(folder: str) -> bool:
     return has_config and not any(os.path.isdir(os.path.join(folder, f)) for f in entries)
 
 
+def existing_ancestor(path: str) -> str:
+    """`path` itself or its nearest ancestor that exists: where a new folder at `path` would be made."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def check_output(src_folder: str, dst: str | os.PathLike, overwrite: bool = False) -> str:
     """The absolute DST to write, or OutputPathError when it must not be written.
 
@@ -138,9 +146,7 @@ def check_output(src_folder: str, dst: str | os.PathLike, overwrite: bool = Fals
         relation = "is" if src_real == dst_real else "is inside" if _inside(dst_real, src_real) else "contains"
         raise OutputPathError(f"{dst} {relation} the source folder {src_folder}; write the converted checkpoint to "
                               "another folder")
-    ancestor = os.path.dirname(dst_abs)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = existing_ancestor(os.path.dirname(dst_abs))
     if not os.path.isdir(ancestor):
         raise OutputPathError(f"cannot create {dst}: {ancestor} is a file, not a folder")
     if os.path.lexists(dst_abs):

@@ -32,6 +32,7 @@ from llava.checkpoint import keys
 from llava.checkpoint.hf import save_hf, save_hf_processor
 from llava.checkpoint.original import save_original, to_original_config
 from llava.checkpoint.partial import NON_LORA_FILE
+from llava.checkpoint.paths import existing_ancestor
 from llava.checkpoint.tokenizer import save_tokenizer
 from llava.errors import OutputPathError
 
@@ -93,12 +94,7 @@ def check_output_dir(out: str) -> None:
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputPathError(f"output folder {out} exists and is a file, not a folder")
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):  # the nearest ancestor that exists: the folder is created in it
-        parent = os.path.dirname(existing)
-        if parent == existing:
-            break
-        existing = parent
+    existing = existing_ancestor(out)  # the folder is created in it
     if not os.path.isdir(existing):
         raise OutputPathError(f"output folder {out} cannot be created: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
