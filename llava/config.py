@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:  # transformers is imported where a sub-config is built, so the CLI's parser loads fast
+    from transformers import PretrainedConfig
 
 PROJECTOR_TYPES = ("linear", "identity", "mlp{N}x_gelu")
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -25,6 +26,8 @@ V16_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 
 
 def _as_config(value: PretrainedConfig | dict) -> PretrainedConfig:
+    from transformers import AutoConfig, PretrainedConfig
+
     if isinstance(value, PretrainedConfig):
         return value
     value = dict(value)
@@ -116,7 +119,7 @@ class LlavaConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, PretrainedConfig):
+            if hasattr(value, "to_dict"):  # a transformers PretrainedConfig
                 value = value.to_dict()
             out[f.name] = copy.deepcopy(value)
         return out

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from llava.console import exit_with, run_command
 from llava.errors import InputError
 from llava.processing.labels import IGNORE_INDEX, LabelError, build_example, training_text
 from llava.processing.templates import get_template
 from llava.processing.tokenize import CONVENTIONS
-from llava.train.data import IMAGE_TOKEN_INDEX, Size, check_dataset, parse_record, read_image_sizes, read_rows
+from llava.train.records import parse_record, read_rows
+
+if TYPE_CHECKING:  # llava.train.data imports torch: loaded only when a command runs, so `llava --help` stays fast
+    from llava.train.data import Size
 
 DEFAULT_ROWS = "0-4"
 
@@ -72,16 +75,22 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(path: str) -> tuple[Any, Any, str]:
-    """(model, tokenizer, template name) of a checkpoint; a separate function so tests can stub it."""
-    from llava.api import load
+    """(model, tokenizer, template name) of a checkpoint; a separate function so tests can stub it.
 
-    pipe = load(path, device="cpu")
-    return pipe.model, pipe.tokenizer, pipe.template.name
+    Through `llava.checkpoint`, not `llava.api`: training sits below the API (tests/test_import_layers.py)."""
+    from llava.checkpoint import load_checkpoint
+    from llava.processing.templates import template_for_model
+
+    ckpt = load_checkpoint(path, device="cpu")
+    template = get_template(ckpt.model.config.template or template_for_model(ckpt.name))
+    return ckpt.model, ckpt.tokenizer, template.name
 
 
 def _setup(args: argparse.Namespace, need_tokenizer: bool):
     """Tokenizer, template, per-image token count and placeholder id from the arguments."""
     tokenizer = template = None
+    from llava.train.data import IMAGE_TOKEN_INDEX
+
     count: Callable[[Size], int] | None = None
     index = IMAGE_TOKEN_INDEX
     if args.model:
@@ -111,6 +120,8 @@ def _load_tokenizer(path: str):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from llava.train.data import check_dataset
+
     tokenizer, template, count, index = _setup(args, need_tokenizer=False)
     report = check_dataset(args.data, args.image_folder, tokenizer, template, args.max_length, count, index,
                            args.convention)
@@ -147,6 +158,8 @@ def inspect_row(rec: Any, index: int, tokenizer, template: str, count: Callable[
     out: dict[str, Any] = {"index": index, "id": row.id}
     counts = [1] * len(row.images)
     if not problems and row.images and count is not None:
+        from llava.train.data import read_image_sizes
+
         sizes, problems = read_image_sizes(row, image_folder)
         counts = [int(count(s)) for s in sizes]
     if not problems:
