@@ -145,6 +145,20 @@ def test_arguments_fail_before_the_model_loads(tmp_path):
     assert out.returncode == 2 and "tpu" in out.stderr
 
 
+@pytest.mark.parametrize("command", [["run", "--query", "hi"], ["chat"]])
+def test_a_missing_image_fails_without_importing_torch(command, tmp_path):
+    """Well under a second: neither torch nor transformers is imported before the image is checked.
+
+    Importing them is ~3 s of a cold start, so this is what "fails at once" means, without a timed test.
+    """
+    code = ("import sys\nfrom llava.cli import main\n"
+            f"rc = main({command + ['--image', str(tmp_path / 'missing.png')]!r})\n"
+            "print(rc, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert out.stdout.split("\n")[0] == "2 []", out.stdout + out.stderr
+    assert "missing.png" in out.stderr
+
+
 def test_ctrl_c_ends_without_a_traceback():
     """A real SIGINT during start-up and right after the answer: a quiet end, never a traceback."""
     command = [sys.executable, "-m", "llava.cli", "run", "--image", IMAGE, "--query", "How many circles?",
