@@ -208,15 +208,16 @@ class LlavaPipeline:
         return Prepared(prompt=prompt, request=Request(input_ids=ids, image_features=features))
 
     # Answering ----------------------------------------------------------------------------------
-    def _params(self, kwargs: dict[str, Any]) -> SamplingParams:
-        """Checked before any image is encoded, so a bad argument costs no compute."""
+    def sampling(self, **kwargs: Any) -> SamplingParams:
+        """SamplingParams with this model's defaults (the template's stop string when no `stop` is
+        given), as every answering path uses them; checked before any image is encoded."""
         params = sampling_params(**kwargs)
         if not params.stop and self.template.stop_str:
             params.stop = [self.template.stop_str]
         return params
 
     def complete(self, prepared: Sequence[Prepared], **sampling: Any) -> list[Completion]:
-        return self._complete(prepared, self._params(sampling))
+        return self._complete(prepared, self.sampling(**sampling))
 
     def _complete(self, prepared: Sequence[Prepared], params: SamplingParams) -> list[Completion]:
         return self.engine.generate([p.request for p in prepared], params)
@@ -224,7 +225,7 @@ class LlavaPipeline:
     def generate(self, prompts: str | Sequence[str], images: Images | Sequence[Images] = None, raw: bool = False,
                  **sampling: Any) -> str | list[str]:
         """Answer one prompt (returns str) or a batch (returns list[str]; `images` then has one entry per prompt)."""
-        params = self._params(sampling)
+        params = self.sampling(**sampling)
         if isinstance(prompts, str):
             return self._complete([self.prepare(prompts, images, raw)], params)[0].text.strip()
         if not isinstance(prompts, (list, tuple)):
@@ -239,13 +240,13 @@ class LlavaPipeline:
         return [c.text.strip() for c in self._complete(prepared, params)]
 
     def chat(self, messages: Sequence[Mapping[str, Any]], **sampling: Any) -> str:
-        params = self._params(sampling)
+        params = self.sampling(**sampling)
         return self._complete([self.prepare_chat(messages)], params)[0].text.strip()
 
     def stream(self, messages_or_prompt: str | Sequence[Mapping[str, Any]], images: Images = None,
                **sampling: Any) -> Iterator[str]:
         """Text deltas as they are generated."""
-        params = self._params(sampling)
+        params = self.sampling(**sampling)
         if isinstance(messages_or_prompt, str):
             prepared = self.prepare(messages_or_prompt, images)
         else:

@@ -80,8 +80,17 @@ class MissingDependency(LlavaError, ImportError):
     """An optional package a feature needs is not installed; the message names the extra."""
 
 
+class Overloaded(LlavaError, RuntimeError):
+    """The server's batch and waiting queue are full; the request was not taken (HTTP 429)."""
+
+
+class SchedulerClosed(LlavaError, RuntimeError):
+    """The scheduler has shut down and takes no more requests (HTTP 503)."""
+
+
 __all__ = [
     "LlavaError", "InputError", "InputTypeError", "ImageError", "ImageNotFound", "PromptError",
     "ImageTokenMismatch", "ContextTooLong", "DeviceError", "CheckpointError", "CheckpointNotFound",
     "CheckpointMismatch", "DataError", "LabelError", "OutputPathError", "MissingDependency",
+    "Overloaded", "SchedulerClosed",
 ]

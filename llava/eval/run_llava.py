@@ -2,13 +2,16 @@
 
     python -m llava.eval.run_llava --model-path PATH --image-file a.png --query "What is shown?" --temperature 0
 
-Prints only the answer on stdout (loading messages go to stderr).
+Prints only the answer on stdout (loading messages go to stderr). The parser keeps the original's
+flag spellings and attribute names (`args.model_path`, ...), which are `eval_model`'s interface,
+so it does not use `llava.cli_args.add_model_args`.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from llava.cli_args import quantize_from
 from llava.console import exit_with, run_command
 from llava.errors import InputError
 
@@ -41,7 +44,7 @@ def eval_model(args) -> str:
 
     if getattr(args, "num_beams", 1) not in (None, 1):
         raise InputError("beam search (num_beams > 1) is not supported; use --num_beams 1")
-    quantize = "8bit" if getattr(args, "load_8bit", False) else "4bit" if getattr(args, "load_4bit", False) else None
+    quantize = quantize_from(args)
     images = [load_image(f) for f in (args.image_file or "").split(getattr(args, "sep", ",")) if f]  # before the load
     pipe = load(args.model_path, model_base=getattr(args, "model_base", None), device=getattr(args, "device", None),
                 template=getattr(args, "conv_mode", None), quantize=quantize,

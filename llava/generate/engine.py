@@ -248,6 +248,44 @@ class Engine:
         state.rows = [state.rows[i] for i in keep]
         return True
 
+    def can_join(self, state: DecodeState) -> bool:
+        """Whether new rows can join this running batch (the lean forward's cache; see `join`)."""
+        return isinstance(state.cache, KVCache)
+
+    @torch.inference_mode()
+    def join(self, running: DecodeState, newcomers: DecodeState, room: int) -> DecodeState:
+        """One batch from a running one and freshly prefilled rows, for iteration-level scheduling.
+
+        Both are right-aligned at a shared column (left padding), after dropping the leading
+        columns that are padding in every row (so a long-lived batch does not grow), into a
+        new cache with `room` free columns after the filled ones. Each row keeps its own
+        positions and mask, so its next logits are those it would have alone. Rows are
+        `running.rows + newcomers.rows`.
+        """
+        if not (self.can_join(running) and self.can_join(newcomers)):
+            raise ValueError("only batches on the lean forward can be joined")
+        parts = [(s, _leading_padding(s)) for s in (running, newcomers)]
+        length = max(s.length - lead for s, lead in parts)
+        capacity = self._capacity(length + room)
+        batch = sum(len(s.rows) for s in (running, newcomers))
+        ref = running.cache.keys[0]
+        mask = torch.zeros((batch, capacity), dtype=running.attention_mask.dtype, device=ref.device)
+        mask[:, length:] = 1
+        keys = [torch.zeros((batch, *k.shape[1:2], capacity, k.shape[3]), dtype=k.dtype, device=k.device)
+                for k in running.cache.keys]
+        values = [torch.zeros_like(k) for k in keys]
+        row = 0
+        for s, lead in parts:
+            width, n = s.length - lead, len(s.rows)
+            mask[row:row + n, length - width:length] = s.attention_mask[:, lead:s.length]
+            for new, old in zip(keys + values, s.cache.keys + s.cache.values):
+                new[row:row + n, :, length - width:length] = old[:, :, lead:s.length]
+            row += n
+        return DecodeState(cache=KVCache(keys, values), attention_mask=mask,
+                           position_ids=torch.cat([running.position_ids, newcomers.position_ids]), length=length,
+                           logits=torch.cat([running.logits, newcomers.logits]),
+                           rows=running.rows + newcomers.rows, padded=bool((mask[:, :length] == 0).any()))
+
     # Generation ----------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], params: SamplingParams | None = None,
                  on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
@@ -283,7 +321,7 @@ class Engine:
                 if finish[row] is not None:  # static cache: finished rows ride along, ignored
                     continue
                 text = texts[row]
-                if tok in self.eos_token_ids:
+                if tok in self.eos_token_ids and not params.ignore_eos:
                     finish[row] = "eos"
                 elif text.add(tok):
                     finish[row] = "stop"
@@ -301,6 +339,12 @@ class Engine:
             if len(keep) < len(state.rows) and self.keep_rows(state, keep):
                 tokens = tokens[torch.tensor(keep, device=tokens.device)]
             logits = self.decode_step(state, tokens)
+
+
+def _leading_padding(state: DecodeState) -> int:
+    """How many leading cache columns are padding in every row of the batch."""
+    real = state.attention_mask[:, :state.length].any(dim=0)
+    return int(real.int().argmax()) if bool(real.any()) else state.length
 
 
 def default_eos_ids(model: LlavaModel, tokenizer) -> set[int]:

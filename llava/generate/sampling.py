@@ -24,7 +24,9 @@ class SamplingParams:
 
     temperature 0 is greedy (argmax); top_k 0 and top_p 1 switch those filters off. `stop`
     strings end a row when they appear in its text (the stop string itself is trimmed);
-    `seed` makes sampling reproducible for the same batch of requests.
+    `seed` makes sampling reproducible for the same batch of requests. `ignore_eos` keeps
+    going past the end-of-sequence token until `max_new_tokens` or a stop string (as vLLM's
+    option of that name: fixed-length answers for benchmarks and load tests).
     """
 
     temperature: float = 0.0
@@ -33,6 +35,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         self.temperature = _number("temperature", self.temperature)
@@ -52,6 +55,8 @@ class SamplingParams:
             if not -(2**63) <= self.seed < 2**64:
                 raise InputError(f"seed must fit in 64 bits, got {self.seed}")
         self.stop = _stop_strings(self.stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise InputTypeError(f"ignore_eos must be true or false, not {type(self.ignore_eos).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -1,39 +1,24 @@
-"""The original's loader signature, for code written against it.
+"""Front door: the original LLaVA's `llava.model.builder.load_pretrained_model`, for code written against it.
 
     tokenizer, model, image_processor, context_len = load_pretrained_model(path, None, name)
 
-`model` is our LlavaModel (it has `.config`, `.generate(...)` is not provided: use
-`llava.load` for generation); `image_processor` is our ImageProcessor.
+The implementation is `llava.checkpoint.pretrained`. It is imported inside the function because
+loading a checkpoint sits a layer above the model: the `llava.model` package must not depend on
+`llava.checkpoint` (which builds models from it). Nothing inside llava imports this module
+(tests/test_import_layers.py keeps it that way).
 """
 
 from __future__ import annotations
 
-import sys
-
-import torch
-
-from llava.checkpoint import load_checkpoint
-
-
-def _device(device: str | None) -> str | None:
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"[llava] device {device!r} is not available here; using the best available device", file=sys.stderr)
-        return None
-    return device
+from typing import Any
 
 
 def load_pretrained_model(model_path: str, model_base: str | None, model_name: str | None = None,
                           load_8bit: bool = False, load_4bit: bool = False, device_map: str = "auto",
-                          device: str = "cuda", use_flash_attn: bool = False, **kwargs):
-    """Returns (tokenizer, model, image_processor, context_len) like the original.
+                          device: str = "cuda", use_flash_attn: bool = False, **kwargs: Any):
+    """Returns (tokenizer, model, image_processor, context_len) like the original; see
+    `llava.checkpoint.pretrained.load_pretrained_model`."""
+    from llava.checkpoint.pretrained import load_pretrained_model as load
 
-    The layout is detected from the files, not from `model_name` (so a LoRA folder without
-    "lora" in its name still loads); `device_map`/`use_flash_attn` are accepted and ignored.
-    """
-    ckpt = load_checkpoint(model_path, model_base=model_base, device=_device(device),
-                           vision_tower=kwargs.get("vision_tower"))
-    if load_8bit or load_4bit:
-        from llava.model.quantize import quantize_language_model
-
-        quantize_language_model(ckpt.model, "bnb-8bit" if load_8bit else "bnb-4bit")
-    return ckpt.tokenizer, ckpt.model, ckpt.image_processor, ckpt.model.config.context_length
+    return load(model_path, model_base, model_name, load_8bit=load_8bit, load_4bit=load_4bit,
+                device_map=device_map, device=device, use_flash_attn=use_flash_attn, **kwargs)

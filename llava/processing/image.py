@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from llava.errors import ImageError, ImageNotFound  # re-exported: raised by the loaders
-from llava.model.anyres import Size, parse_pinpoints, select_best_resolution
+from llava.processing.anyres import Size, parse_pinpoints, select_best_resolution
 from llava.processing.image_io import image_to_base64, load_image, max_pixels, to_rgb  # re-exported
 
 __all__ = ["ASPECTS", "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "V16_PINPOINTS", "ImageError", "ImageNotFound",

@@ -242,10 +242,10 @@ def train_command(stage: str, out: str, data: str, image_folder: str, epochs: in
 
 def evaluate_model(model_dir: str, data_dir: str, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """Held-out scores with real images and with blank ones (the grounding check)."""
-    import llava
+    from llava.api import load
     from llava.eval.synth import evaluate
 
-    pipe = llava.load(model_dir, device=device)
+    pipe = load(model_dir, device=device)
     eval_file = os.path.join(data_dir, "eval.jsonl")
     real = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, model_id="tiny-llava")
     blank = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True, model_id="tiny-llava")

@@ -1,4 +1,4 @@
-"""The terminal chat: `llava chat`, and `python -m llava.serve.cli` with the original's flags.
+"""The terminal chat: `llava chat`, and `python -m llava.serve.cli` (the original's flags work too).
 
 In the chat a line ending in `\\` continues on the next line (one message, several lines);
 `/short` toggles the short-answer instruction ("Answer the question using a single word or
@@ -12,6 +12,13 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from llava.cli_args import (
+    add_model_args,
+    add_sampling_args,
+    images_from,
+    load_from_args,
+    sampling_from,
+)
 from llava.console import exit_with, run_command
 from llava.errors import PromptError
 
@@ -75,41 +82,37 @@ def chat_loop(pipe, images: Sequence, sampling: dict, read: Callable[[str], str]
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """The chat's flags (model, images, sampling, --short, --debug), shared by `llava chat` and this module.
+
+    The original's spellings (--model-path, --image-file, --conv-mode, --load-8bit, ...) all work."""
+    add_model_args(p)
+    p.add_argument("--image", "--image-file", dest="image", action="append",
+                   help="image for the first message (repeatable)")
+    p.add_argument("--short", action="store_true",
+                   help="ask for short answers (the bundled model's training format); /short toggles it")
+    p.add_argument("--debug", action="store_true", help="print the rendered prompt and reply after each turn")
+    add_sampling_args(p)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Check the images and sampling flags, load the model, then chat on stdin/stdout."""
+    images, sampling = images_from(args), sampling_from(args)  # bad input fails before the model loads
+    pipe = load_from_args(args)
+    print(f"[{CHAT_HELP}]", file=sys.stderr)
+    chat_loop(pipe, images, sampling, debug=args.debug, short=args.short)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.serve.cli", epilog=f"In the chat: {CHAT_HELP}.")
-    p.add_argument("--model-path", type=str, default=None)
-    p.add_argument("--model-base", type=str, default=None)
-    p.add_argument("--image-file", type=str, default=None)
-    p.add_argument("--device", type=str, default=None)
-    p.add_argument("--conv-mode", type=str, default=None)
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--load-8bit", action="store_true")
-    p.add_argument("--load-4bit", action="store_true")
-    p.add_argument("--vision-tower", type=str, default=None)
-    p.add_argument("--debug", action="store_true", help="print the rendered prompt and reply after each turn")
+    add_chat_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def command() -> int:
-        from llava.processing.image_io import load_image
-
-        images = [load_image(args.image_file)] if args.image_file else []  # fails before torch is imported
-
-        from llava.api import load, sampling_params
-
-        sampling = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-        sampling_params(**sampling)  # bad values fail before the model loads
-        quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-        pipe = load(args.model_path, model_base=args.model_base, device=args.device, template=args.conv_mode,
-                    quantize=quantize, vision_tower=args.vision_tower)
-        chat_loop(pipe, images, sampling, debug=args.debug)
-        return 0
-
-    return run_command("llava.serve.cli", command)
+    return run_command("llava.serve.cli", lambda: run_chat(args))
 
 
 if __name__ == "__main__":
