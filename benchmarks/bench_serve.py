@@ -80,14 +80,17 @@ async def one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
     return Result(True, "".join(parts), ttft or 0.0, time.perf_counter() - start_t)
 
 
-async def run_level(url: str, work: list[tuple[int, dict]], concurrency: int) -> tuple[list[tuple[int, Result]], float]:
-    """All of `work` through `concurrency` client tasks; returns (request index, result) and wall time."""
+async def run_level(url: str, work: list[tuple[int, dict]], concurrency: int,
+                    ramp: float = 0.0) -> tuple[list[tuple[int, Result]], float]:
+    """All of `work` through `concurrency` client tasks, started evenly over `ramp` seconds (0: all
+    at once); returns (request index, result) and the wall time."""
     queue: asyncio.Queue = asyncio.Queue()
     for item in work:
         queue.put_nowait(item)
     results: list[tuple[int, Result]] = []
 
-    async def client_task(client):
+    async def client_task(client, delay: float):
+        await asyncio.sleep(delay)
         while not queue.empty():
             index, body = queue.get_nowait()
             results.append((index, await one(client, url, body)))
@@ -95,7 +98,7 @@ async def run_level(url: str, work: list[tuple[int, dict]], concurrency: int) ->
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_task(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_task(client, ramp * i / concurrency) for i in range(concurrency)))
         return results, time.perf_counter() - t0
 
 
@@ -114,10 +117,12 @@ def pct(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--levels", default="1,4,16")
-    p.add_argument("--requests", type=int, default=32, help="requests per level per round (concurrency 1: a quarter)")
+    p.add_argument("--requests", type=int, default=48, help="requests per level per round (concurrency 1: a quarter)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--ramp", type=float, default=0.2,
+                   help="clients start evenly spread over this many seconds (0: one burst)")
     p.add_argument("--quick", action="store_true", help="16 requests, 1 round")
     args = p.parse_args(argv)
     if args.quick:
@@ -134,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         solo = asyncio.run(run_level(url, work, 1))[0]  # the reference answers, and a warm-up
         reference = {i: r.text for i, r in solo}
         assert all(r.ok for _, r in solo), [r.error for _, r in solo if not r.ok]
+        asyncio.run(run_level(url, work, max(levels), args.ramp))  # warm-up at full load: batch buffers exist
         rss_before = rss_mb(proc.pid)
         stats: dict[int, dict[str, list[float]]] = {c: {"rps": [], "p50": [], "p95": [], "ttft50": [], "ttft95": []}
                                                     for c in levels}
-        problems = []
+        problems, rss_rounds = [], []
         for _ in range(args.rounds):
             for c in levels:  # interleaved: each round runs every level once
                 subset = work if c > 1 else work[: max(4, len(work) // 4)]
-                results, wall = asyncio.run(run_level(url, subset, c))
+                results, wall = asyncio.run(run_level(url, subset, c, args.ramp))
                 bad = [(i, r.error) for i, r in results if not r.ok]
                 mixed = [i for i, r in results if r.ok and r.text != reference[i]]
                 if bad or mixed or len(results) != len(subset):
@@ -154,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                 s["p95"].append(pct([r.latency for r in ok], 0.95))
                 s["ttft50"].append(pct([r.ttft for r in ok], 0.5))
                 s["ttft95"].append(pct([r.ttft for r in ok], 0.95))
+            rss_rounds.append(rss_mb(proc.pid))
         rss_after = rss_mb(proc.pid)
         server_stats = httpx.get(base + "/status").json()
     finally:
         stop(proc)
     med = {c: {k: statistics.median(v) for k, v in s.items()} for c, s in stats.items()}
     print(f"llava serve, tiny model, {args.max_tokens} tokens per answer, streaming, max-batch {args.max_batch}, "
-          f"{args.rounds} interleaved round(s), medians; cpu: {cpu_flags()}")
+          f"clients starting over {args.ramp:g} s, {args.rounds} interleaved round(s), medians; cpu: {cpu_flags()}")
     print(f"{'clients':>8} {'req/s':>7} {'x c=1':>6} {'p50 s':>7} {'p95 s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
           f"{'x c=1':>6}")
     base_rps, base_ttft = med[levels[0]]["rps"], med[levels[0]]["ttft95"]
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:>8} {m['rps']:>7.2f} {m['rps'] / base_rps:>6.2f} {m['p50']:>7.3f} {m['p95']:>7.3f} "
               f"{m['ttft50']:>9.3f} {m['ttft95']:>9.3f} {m['ttft95'] / base_ttft:>6.2f}")
     print(f"server RSS: {rss_before:.0f} MB before the timed rounds, {rss_after:.0f} MB after "
-          f"({rss_after - rss_before:+.0f} MB); peak batch {server_stats['peak_batch']}, "
+          f"({rss_after - rss_before:+.0f} MB; after each round: {', '.join(f'{r:.0f}' for r in rss_rounds)}); peak batch {server_stats['peak_batch']}, "
           f"joins {server_stats['joins']}, {server_stats['finished']} finished, {server_stats['failed']} failed")
     for line in problems:
         print("PROBLEM:", line)

@@ -132,20 +132,28 @@ class LlavaPipeline:
         self.engine = Engine(self.model, self.tokenizer, context_length=self.model.config.context_length)
 
     # Building requests -------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence[ImageInput]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Load and preprocess every image of one request: pixel tensors on the model's device, and sizes."""
+        if not images:
+            return [], []
+        pixel_values, sizes = self.image_processor([load_image(img) for img in images])
+        device, dtype = self.model.device, self.model.dtype
+        return [p.to(device, dtype) for p in pixel_values], list(sizes)
+
     def encode_images(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
         """Load, preprocess, and run the tower + projector once for every image of one request."""
-        if not images:
+        pixel_values, sizes = self.preprocess_images(images)
+        if not pixel_values:
             return []
-        pil = [load_image(img) for img in images]
-        pixel_values, sizes = self.image_processor(pil)
-        device, dtype = self.model.device, self.model.dtype
         with torch.inference_mode():
-            return self.model.encode_images([p.to(device, dtype) for p in pixel_values], sizes)
+            return self.model.encode_images(pixel_values, sizes)
 
-    def prepare(self, prompt: str, images: Images = None, raw: bool = False) -> Prepared:
+    def prepare(self, prompt: str, images: Images = None, raw: bool = False, encode: bool = True) -> Prepared:
         """`raw=False`: `prompt` is the user's message, rendered as one turn of the template
         (an `<image>` tag is put in front when the message has none, as the original does).
-        `raw=True`: `prompt` is already rendered and must carry one tag per image."""
+        `raw=True`: `prompt` is already rendered and must carry one tag per image.
+        `encode=False` leaves the images as pixels for the engine to encode at prefill, together
+        with the rest of its batch (what a server wants: one tower pass for all newcomers)."""
         prompt = _check_text(prompt, "prompt")
         image_list = _as_list(images)
         if not raw:
@@ -153,9 +161,9 @@ class LlavaPipeline:
                 prompt = (IMAGE_TAG + "\n") * len(image_list) + prompt
             prompt = self.template.render([prompt, None])
         check_image_count(prompt, len(image_list))
-        return self._request(prompt, image_list)
+        return self._request(prompt, image_list, encode)
 
-    def prepare_chat(self, messages: Sequence[Mapping[str, Any]]) -> Prepared:
+    def prepare_chat(self, messages: Sequence[Mapping[str, Any]], encode: bool = True) -> Prepared:
         """OpenAI-style messages: [{"role": "system"|"user"|"assistant", "content": str | parts, "images": [...]}].
 
         A system message may come first; then user and assistant alternate, ending with the user's.
@@ -195,17 +203,23 @@ class LlavaPipeline:
         if not turns or len(turns) % 2 == 0:
             raise PromptError("the last message must be the user's")
         template = self.template if system is None else self.template.with_system(system)
-        return self._request(template.render(turns + [None]), images)
+        return self._request(template.render(turns + [None]), images, encode)
 
-    def _request(self, prompt: str, images: list[ImageInput]) -> Prepared:
+    def _request(self, prompt: str, images: list[ImageInput], encode: bool = True) -> Prepared:
         if self.model.config.extra.get("mm_use_im_start_end"):
             # Checkpoints trained with mm_use_im_start_end see every image as <im_start><image><im_end>.
             prompt = wrap_image_tags(prompt)
-        features = self.encode_images(images)
-        counts = [int(f.shape[0]) for f in features]
+        if encode:
+            features = self.encode_images(images)
+            pixel_values, sizes, counts = [], [], [int(f.shape[0]) for f in features]
+        else:
+            features = []
+            pixel_values, sizes = self.preprocess_images(images)
+            counts = [int(self.model.image_token_count(size)) for size in sizes]
         ids = tokenize_prompt(self.tokenizer, prompt, counts, self.model.config.image_token_index,
                               convention=self.checkpoint.convention)
-        return Prepared(prompt=prompt, request=Request(input_ids=ids, image_features=features))
+        return Prepared(prompt=prompt, request=Request(input_ids=ids, image_features=features,
+                                                       pixel_values=pixel_values, image_sizes=sizes))
 
     # Answering ----------------------------------------------------------------------------------
     def sampling(self, **kwargs: Any) -> SamplingParams:

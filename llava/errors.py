@@ -84,6 +84,10 @@ class Overloaded(LlavaError, RuntimeError):
     """The server's batch and waiting queue are full; the request was not taken (HTTP 429)."""
 
 
+class GenerationFailed(LlavaError, RuntimeError):
+    """The model failed while generating (a bug or a device error, logged by the server; HTTP 500)."""
+
+
 class SchedulerClosed(LlavaError, RuntimeError):
     """The scheduler has shut down and takes no more requests (HTTP 503)."""
 
@@ -92,5 +96,5 @@ __all__ = [
     "LlavaError", "InputError", "InputTypeError", "ImageError", "ImageNotFound", "PromptError",
     "ImageTokenMismatch", "ContextTooLong", "DeviceError", "CheckpointError", "CheckpointNotFound",
     "CheckpointMismatch", "DataError", "LabelError", "OutputPathError", "MissingDependency",
-    "Overloaded", "SchedulerClosed",
+    "Overloaded", "SchedulerClosed", "GenerationFailed",
 ]

@@ -174,7 +174,7 @@ def fake_service(deltas: list[str], gate: asyncio.Event):
 
     pipe = SimpleNamespace(template=SimpleNamespace(stop_str="</s>", name="vicuna_v1"),
                            engine=SimpleNamespace(check_context=lambda request: 100),
-                           prepare=lambda prompt, images, raw: SimpleNamespace(request=prompt))
+                           prepare=lambda prompt, images, raw, encode=True: SimpleNamespace(request=prompt))
     return SimpleNamespace(name="fake", pipe=pipe, scheduler=SimpleNamespace(submit=submit), close=lambda: None,
                            streams=streams, params=params)
 

@@ -40,11 +40,15 @@ class Request:
     """One prompt: token ids with image placeholders already expanded, and each image's features.
 
     The features come from `LlavaModel.encode_images`, computed once by the caller; the
-    engine uses them only at prefill.
+    engine uses them only at prefill. Or the caller leaves the images as preprocessed pixels
+    (`pixel_values`, `image_sizes`) and the engine encodes them at prefill, all of a batch's
+    images in one tower pass.
     """
 
     input_ids: list[int]
     image_features: list[torch.Tensor] = field(default_factory=list)
+    pixel_values: list[torch.Tensor] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -157,6 +161,7 @@ class Engine:
         if not requests:
             raise ValueError("prefill needs at least one request")
         rooms = [self.check_context(r) for r in requests]
+        self.encode_pending(requests)
         lengths = [len(r.input_ids) for r in requests]
         prompt_len = max(lengths)
         capacity = self._capacity(prompt_len + (max_new_tokens if max_new_tokens is not None else max(rooms)))
@@ -182,6 +187,19 @@ class Engine:
         # The cache object is filled in place; keeping our own reference works on every transformers 5.x.
         return DecodeState(cache=cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
                            length=prompt_len, logits=out.logits[:, -1], rows=list(range(len(requests))))
+
+    def encode_pending(self, requests: Sequence[Request]) -> None:
+        """Encode the images that requests carry as pixels, all in one tower pass, and keep the features."""
+        pending = [r for r in requests if r.pixel_values]
+        if not pending:
+            return
+        features = self.model.encode_images([p for r in pending for p in r.pixel_values],
+                                            [s for r in pending for s in r.image_sizes])
+        start = 0
+        for r in pending:
+            n = len(r.pixel_values)
+            r.image_features, r.pixel_values, r.image_sizes = features[start:start + n], [], []
+            start += n
 
     def _lean_fits(self, capacity: int) -> bool:
         """Whether this batch runs on the lean forward (a sliding window may be too short for it)."""

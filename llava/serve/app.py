@@ -67,8 +67,9 @@ def raise_input(message: str) -> None:
     raise InputError(message)
 
 
-def build_app(config: ServeConfig, service=None):
-    """The FastAPI app: API routes, and the Gradio UI mounted at UI_PATH. Loads the model unless given one."""
+def build_app(config: ServeConfig, service=None, start_scheduler: bool = True):
+    """The FastAPI app: API routes, and the Gradio UI mounted at UI_PATH. Loads the model unless given
+    one; `start_scheduler=False` leaves its model loop to the caller (`run_server`)."""
     from fastapi import FastAPI
     from fastapi.responses import RedirectResponse
 
@@ -78,7 +79,8 @@ def build_app(config: ServeConfig, service=None):
 
     if service is None:
         service = ModelService.load(config.model, config.model_name, config.max_batch, config.max_waiting,
-                                    model_base=config.model_base, device=config.device, dtype=config.dtype)
+                                    start=start_scheduler, model_base=config.model_base, device=config.device,
+                                    dtype=config.dtype)
     media = MediaPolicy(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
                         allow_remote=config.allow_remote_images, local_dir=config.allowed_local_media)
     @contextlib.asynccontextmanager
@@ -109,19 +111,20 @@ def build_app(config: ServeConfig, service=None):
 def serve(config: ServeConfig) -> int:
     """Take the port, load the model, then serve until Ctrl-C / SIGTERM."""
     from llava.serve.protocol import bind, require_serving
+    from llava.serve.service import run_server
 
     require_serving()
     sock = bind(config.host, config.port)  # a taken port fails at once, before the model loads
     import uvicorn
 
-    app = build_app(config)
+    app = build_app(config, start_scheduler=False)
     base = f"http://{config.host}:{sock.getsockname()[1]}"
     print(f"LLaVA serving {app.state.service.name}\n  OpenAI API: {base}/v1  (e.g. {base}/v1/chat/completions)"
           + (f"\n  web UI:     {base}{UI_PATH}/" if config.ui else "")
           + ("\n  API key required" if config.api_key else ""), flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    run_server(server, sock, app.state.service)
     return 0
 
 

@@ -128,7 +128,7 @@ class ModelWorker:
 
         check_image_count(prompt, len(images))  # before decoding any image
         decoded = [protocol.decode_image(data, i) for i, data in enumerate(images)]
-        return self.service.pipe.prepare(prompt, images=decoded, raw=True)
+        return self.service.pipe.prepare(prompt, images=decoded, raw=True, encode=False)  # encoded at prefill
 
     async def _generate(self, body: dict[str, Any] | LlavaError) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -326,12 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvicorn
 
         from llava.api import default_model_path
-        from llava.serve.service import ModelService
+        from llava.serve.service import ModelService, run_server
 
         quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
         service = ModelService.load(args.model_path or default_model_path(), name=args.model_name,
                                     max_batch=max_batch, max_waiting=args.limit_model_concurrency - max_batch,
-                                    model_base=args.model_base, device=args.device, quantize=quantize)
+                                    start=False, model_base=args.model_base, device=args.device, quantize=quantize)
         log.info("model %s on %s, at %s; %d request(s) in flight, %d decoding together",
                  service.name, service.pipe.engine.device, address, args.limit_model_concurrency, max_batch)
         worker = ModelWorker(service, args.limit_model_concurrency, args.stream_interval)
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                timeout_graceful_shutdown=5))
         if heartbeat is not None:
             heartbeat.ready = lambda: server.started  # register only once requests can be answered
-        server.run(sockets=[sock])
+        run_server(server, sock, service)  # the model loop on this (main) thread, HTTP on a helper
         return 0
 
     return run_command("llava.serve.model_worker", command)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava.api import Prepared
 from llava.errors import (
     ContextTooLong,
+    GenerationFailed,
     InputTypeError,
     LlavaError,
     Overloaded,
@@ -81,6 +82,8 @@ def from_llava_error(err: LlavaError, param: str | None = None) -> APIError:
         return APIError(429, str(err), "rate_limit_error", code="server_overloaded")
     if isinstance(err, SchedulerClosed):
         return APIError(503, str(err), "server_error", code="shutting_down")
+    if isinstance(err, GenerationFailed):
+        return APIError(500, str(err), "server_error")
     code = "context_length_exceeded" if isinstance(err, ContextTooLong) else None
     return APIError(400, str(err), param=param, code=code)
 
@@ -186,7 +189,7 @@ def _resolved_part(part: dict[str, Any], media: MediaPolicy, where: str) -> dict
 def prepare(service: ModelService, chat: ChatRequest, settings: APISettings) -> tuple[Prepared, SamplingParams]:
     """Decode images, render and tokenize the conversation, and size the answer to the context left."""
     try:
-        prepared = service.pipe.prepare_chat(_resolved_images(chat.messages, settings.media))
+        prepared = service.pipe.prepare_chat(_resolved_images(chat.messages, settings.media), encode=False)
         params = service.pipe.sampling(max_new_tokens=1, **chat.sampling)
         room = service.pipe.engine.check_context(prepared.request)
     except APIError:

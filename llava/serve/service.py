@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +32,35 @@ class ModelService:
 
     @classmethod
     def load(cls, model: str | None = None, name: str | None = None, max_batch: int = 8, max_waiting: int = 64,
-             **load_args) -> ModelService:
+             start: bool = True, **load_args) -> ModelService:
+        """`start=False` leaves the model loop to `run_server` (on the main thread)."""
         pipe = load(model, **load_args)
-        return cls(name or model_name_for(model), pipe, Scheduler(pipe.engine, max_batch, max_waiting))
+        return cls(name or model_name_for(model), pipe, Scheduler(pipe.engine, max_batch, max_waiting, start=start))
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+def run_server(server, sock: socket.socket, service: ModelService) -> None:
+    """Serve HTTP (a `uvicorn.Server`) on a helper thread and the model loop on this, the main, thread.
+
+    Why this way round: PyTorch's CPU kernels are much slower when launched from a secondary
+    thread (see `Scheduler`), and the model loop is where the time goes. Ctrl-C and SIGTERM ask
+    both to stop: requests in flight end, uvicorn closes its connections, and this returns.
+    """
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
+
+    def stop(signum, frame) -> None:
+        server.should_exit = True
+        service.scheduler.request_stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread.start()
+    try:
+        service.scheduler.run_forever()
+    finally:
+        server.should_exit = True
+        service.scheduler.close()
+        thread.join(10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

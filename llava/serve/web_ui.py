@@ -81,7 +81,7 @@ class LocalBackend:
         self._check(model_name)
         params = SamplingParams(temperature=temperature, top_p=min(max(top_p, MIN_TOP_P), 1.0),
                                 max_new_tokens=max_new_tokens, stop=[stop] if stop else ())
-        prepared = self.pipe.prepare(prompt, images=images, raw=True)
+        prepared = self.pipe.prepare(prompt, images=images, raw=True, encode=False)  # encoded at prefill
         stream = self.scheduler.submit(prepared.request, params)
         text = ""
         try:
