@@ -93,12 +93,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     Only the top-level `llava.cli` imports them (lower layers never import this module); a new one,
     is one more import and line here.
     """
+    from llava.eval.batch import add_batch_command
+    from llava.eval.score_cli import add_eval_command
     from llava.recipe.cli import add_recipe_command
     from llava.serve.app import add_serve_command
     from llava.train.cli import add_train_command
     from llava.train.data_cli import add_data_commands
 
     add_serve_command(sub)
+    add_eval_command(sub)
+    add_batch_command(sub)
     add_data_commands(sub)
     add_train_command(sub)
     add_recipe_command(sub)
