@@ -57,15 +57,19 @@ def test_staggered_requests_get_their_solo_answers(tiny, forward):
     model, tok = tiny
     engine = Engine(model, tok, eos_token_ids=[], forward=forward)
     requests = _requests(model, 6)
-    budgets = [14, 6, 20, 9, 3, 12]  # rows finish at different steps, so rows leave while others join
+    budgets = [80, 6, 20, 9, 3, 12]  # rows finish at different steps, so rows leave while others join
     solo = [_alone(engine, r, SamplingParams(max_new_tokens=b)) for r, b in zip(requests, budgets)]
     scheduler = Scheduler(engine, max_batch=3, max_waiting=8)
     try:
-        streams = []
-        for r, b in zip(requests, budgets):
+        first = scheduler.submit(requests[0], SamplingParams(max_new_tokens=budgets[0]))
+        first_tokens = iter(first)
+        next(first_tokens)  # it is decoding now, with ~80 steps to go: the others arrive while it runs
+        streams = [first]
+        for r, b in zip(requests[1:], budgets[1:]):
             streams.append(scheduler.submit(r, SamplingParams(max_new_tokens=b)))
-            time.sleep(0.01)
-        got = [s.result().token_ids for s in streams]
+            time.sleep(0.002)
+        list(first_tokens)
+        got = [s.result().token_ids if s is not first else s.completion.token_ids for s in streams]
         stats = scheduler.stats()
     finally:
         scheduler.close()
