@@ -20,30 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from llava.errors import DataError
+from llava.eval.scoring.files import iter_jsonl
 
 Row = dict[str, Any]
 
 
 def read_jsonl_numbered(path: str | os.PathLike, what: str = "file") -> list[tuple[int, Row]]:
     """(line number, object) for every object of a JSON lines file; a bad line -> DataError naming file and line."""
-    rows: list[tuple[int, Row]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{what} {path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{what} {path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    return rows
-
-
-def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[Row]:
-    """Every object of a JSON lines file (see `read_jsonl_numbered`)."""
-    return [row for _, row in read_jsonl_numbered(path, what)]
+    return list(iter_jsonl(path, what))
 
 
 def _jsonl_records(data: bytes, path: Path) -> tuple[list[Row], int]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from llava.console import exit_with, run_command
 from llava.errors import InputError
+from llava.eval.scoring.command import run_scorer
 
 # benchmark name -> module under llava.eval.scoring (the module's NAME is the same)
 SCORERS = {
@@ -33,11 +33,7 @@ def scorer(name: str) -> ModuleType:
 
 def score(name: str, argv: Sequence[str], as_json: bool = False) -> int:
     module = scorer(name)
-    parser = argparse.ArgumentParser(prog=f"llava eval score {name}", description=module.__doc__.split("\n\n")[0])
-    module.add_arguments(parser)
-    metrics = module.score_from_args(parser.parse_args(argv))
-    print(json.dumps(metrics, indent=2) if as_json else module.format_metrics(metrics))
-    return 0
+    return run_scorer(module, argv, f"llava eval score {name}", module.__doc__.split("\n\n")[0], as_json)
 
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:

@@ -21,18 +21,21 @@ def _open_text(path: str | Path, what: str = "file"):
     return path.open(encoding="utf-8")
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; every line must be one JSON object."""
-    with _open_text(path) as f:
+def iter_jsonl(path: str | Path, what: str = "") -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; every line must be one JSON object.
+
+    `what` ("question file", ...) is put before the path in error messages."""
+    name = f"{what} {path}" if what else f"{path}"
+    with _open_text(path, what or "file") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+                raise DataError(f"{name}, line {number}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{name}, line {number}: expected a JSON object, got {type(row).__name__}")
             yield number, row
 
 

@@ -29,8 +29,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError, InputError
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl
 
 NAME = "mmbench"
@@ -178,15 +178,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m llava.eval.convert_mmbench_for_submission") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Write the MMBench upload file and a local accuracy.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(prog, command)
+    return run_scorer(sys.modules[__name__], argv, prog, "Write the MMBench upload file and a local accuracy.")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ in the ground truth raises DataError naming the line (upstream: KeyError).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError, InputError
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl
 
 NAME = "mme"
@@ -166,15 +167,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m llava.eval.scoring.mme") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Convert answers to MME's format and score them.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(prog, command)
+    return run_scorer(sys.modules[__name__], argv, prog, "Convert answers to MME's format and score them.")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError, InputError
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl, read_json
 
 NAME = "science_qa"
@@ -127,15 +128,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m llava.eval.eval_science_qa") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Score ScienceQA answers as upstream eval_science_qa.py.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(prog, command)
+    return run_scorer(sys.modules[__name__], argv, prog, "Score ScienceQA answers as upstream eval_science_qa.py.")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl, read_json
 
 NAME = "seed"
@@ -114,15 +115,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m llava.eval.convert_seed_for_submission") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Score SEED-Bench answers and write the upload file.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(prog, command)
+    return run_scorer(sys.modules[__name__], argv, prog, "Score SEED-Bench answers and write the upload file.")
 
 
 if __name__ == "__main__":

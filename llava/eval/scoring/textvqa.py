@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError, InputError
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl, read_json
 from llava.eval.scoring.vqa_normalize import answer_strings, mean, vqa_accuracy
 
@@ -142,12 +143,4 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="TextVQA accuracy (LLaVA's eval_textvqa.py)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(PROG, command)
+    return run_scorer(sys.modules[__name__], argv, PROG, "TextVQA accuracy (LLaVA's eval_textvqa.py)")

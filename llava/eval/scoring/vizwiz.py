@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError
+from llava.eval.scoring import vqav2
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl
 from llava.eval.scoring.vqa_normalize import (
     answer_strings,
@@ -85,20 +87,9 @@ def score_from_args(args: argparse.Namespace) -> dict:
 
 
 def format_metrics(metrics: dict) -> str:
-    line = (f"total results: {metrics['total_results']}, total split: {metrics['total_split']}, "
-            f"error_line: {metrics['error_line']}")
-    if "accuracy" in metrics:
-        line += f"\nAccuracy: {metrics['accuracy']:.2f}% ({metrics['scored']} questions)"
-    return line
+    """The same line as LLaVA's VQAv2 converter prints (both upstream scripts print it)."""
+    return vqav2.format_metrics(metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="VizWiz upload file (LLaVA's converter)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(PROG, command)
+    return run_scorer(sys.modules[__name__], argv, PROG, "VizWiz upload file (LLaVA's converter)")

@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.console import run_command
 from llava.errors import DataError, InputError
+from llava.eval.scoring.command import run_scorer
 from llava.eval.scoring.files import field, iter_jsonl, read_json
 from llava.eval.scoring.vqa_normalize import (
     answer_strings,
@@ -150,12 +151,4 @@ def format_metrics(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="VQAv2 submission file (LLaVA's converter)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def command() -> int:
-        print(format_metrics(score_from_args(args)))
-        return 0
-
-    return run_command(PROG, command)
+    return run_scorer(sys.modules[__name__], argv, PROG, "VQAv2 submission file (LLaVA's converter)")
