@@ -9,8 +9,6 @@ leave it. Every refusal is an `ImageError` (HTTP 400) that says what to do inste
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
 import re
@@ -21,6 +19,7 @@ import PIL.Image
 
 from llava.errors import ImageError
 from llava.processing.image_io import load_image
+from llava.serve.protocol import decode_base64
 
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),", re.IGNORECASE)
 
@@ -56,14 +55,7 @@ class MediaPolicy:
         match = _DATA_URL.match(url)
         if match is None or "base64" not in match.group("params").lower():
             raise ImageError(f"image URL {_short(url)} is not a base64 data URL (data:image/png;base64,...)")
-        payload = url[match.end():]
-        if len(payload) * 3 // 4 > self.max_bytes + 3:  # refuse before decoding
-            raise ImageError(f"image is over this server's limit of {_mib(self.max_bytes)} per image")
-        try:
-            data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise ImageError(f"image data URL is not valid base64 ({err})") from err
-        return self._check_bytes(data)
+        return self._check_bytes(decode_base64(url[match.end():], "image data URL", self.max_bytes))
 
     def _remote(self, url: str) -> bytes:
         if not self.allow_remote:

@@ -62,6 +62,18 @@ def decode_chunks(body: bytes) -> list[dict]:
 _DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 
 
+def decode_base64(text: str, name: str, max_bytes: int) -> bytes:
+    """Strict standard base64 (whitespace ignored, padding optional) of at most `max_bytes`,
+    refused by its length before decoding; errors name `name`. Shared by the worker and the API."""
+    text = re.sub(r"\s+", "", text)
+    if len(text) * 3 // 4 > max_bytes + 3:
+        raise ImageError(f"{name} is over this server's limit of {max_bytes / (1 << 20):.1f} MiB per image")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"{name} is not valid base64 ({err})") from err
+
+
 def decode_image(data: object, index: int):
     """`images[index]` of a request (base64 of an image file, or a base64 data: URL) -> an RGB PIL image.
 
@@ -73,13 +85,7 @@ def decode_image(data: object, index: int):
     where = f"images[{index}]"
     if not isinstance(data, str):
         raise InputTypeError(f"{where} must be a base64 string, not {type(data).__name__}")
-    text = re.sub(r"\s+", "", _DATA_URL.sub("", data, count=1))
-    if len(text) * 3 // 4 > MAX_IMAGE_BYTES + 3:  # refused before decoding
-        raise ImageError(f"{where} is over the limit of {MAX_IMAGE_BYTES >> 20} MiB per image")
-    try:
-        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ImageError(f"{where} is not valid base64 ({err})") from err
+    raw = decode_base64(_DATA_URL.sub("", data, count=1), where, MAX_IMAGE_BYTES)
     try:
         return load_image(raw)
     except ImageError as err:
