@@ -7,19 +7,16 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from llava.api import LlavaPipeline, default_model_path, load
+from llava.checkpoint.paths import model_name
 from llava.generate.scheduler import Scheduler
 
 
 def model_name_for(path: str | os.PathLike | None) -> str:
-    """The name clients use for a model: its folder's name, or the last two parts for a
-    `checkpoint-N` folder (as the original's model worker names them)."""
-    parts = Path(str(path or default_model_path()).rstrip("/")).parts
-    if len(parts) >= 2 and parts[-1].startswith("checkpoint-"):
-        return f"{parts[-2]}_{parts[-1]}"
-    return parts[-1] if parts else "llava"
+    """The name clients use for a model: the original's rule (`checkpoint.paths.model_name`) on
+    its path, the default model's when none is given."""
+    return model_name(os.fspath(path) if path else default_model_path())
 
 
 @dataclass
