@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from llava.console import run_command
 from llava.dataclass_cli import add_dataclass_args, from_args
+from llava.errors import InputError
 
 UI_PATH = "/ui"
 
@@ -54,17 +55,11 @@ class ServeConfig:
             self.api_key = os.environ.get("LLAVA_API_KEY") or None
         for name in ("max_batch", "max_images", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
-                raise_input(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
-            raise_input(f"--max-waiting must be >= 0, got {self.max_waiting}")
+            raise InputError(f"--max-waiting must be >= 0, got {self.max_waiting}")
         if self.allowed_local_media is not None and not os.path.isdir(self.allowed_local_media):
-            raise_input(f"--allowed-local-media {self.allowed_local_media}: not a folder")
-
-
-def raise_input(message: str) -> None:
-    from llava.errors import InputError
-
-    raise InputError(message)
+            raise InputError(f"--allowed-local-media {self.allowed_local_media}: not a folder")
 
 
 def build_app(config: ServeConfig, service=None, start_scheduler: bool = True):
