@@ -12,11 +12,13 @@ question by question; a difference is printed as PROBLEM and the exit status is 
 
 Rows: the bundled tiny model (`llava.load()`) answering naturally (EOS, at most 128 tokens) and
 with a fixed length (`ignore_eos`, 64 tokens); bench-200m (random weights, CLIP ViT-B/16 224 px +
-12-layer 768-wide Llama, synthetic byte-level tokenizer) with a fixed length (`ignore_eos`, 32
-tokens), since a random model's EOS lands anywhere.
+12-layer 768-wide Llama, synthetic byte-level tokenizer) with a fixed length (`ignore_eos`, since
+a random model's EOS lands anywhere) at two answer lengths: 8 tokens like the short-answer
+benchmarks (VQAv2, GQA, POPE, MME: "a single word or phrase") and 128 like the open-ended ones
+(LLaVA-Bench, MM-Vet, whose answers run to hundreds of tokens).
 
     python benchmarks/bench_eval.py --quick      # ~1 minute: the tiny model's rows, 32 questions, 1 round
-    python benchmarks/bench_eval.py              # full run, ~5 minutes on 2 cores: tiny 64 questions x 3
+    python benchmarks/bench_eval.py              # full run, ~15 minutes on 2 cores: tiny 64 questions x 3
                                                  # rounds, bench-200m 16 questions x 2 rounds
 """
 
@@ -60,6 +62,8 @@ class Case:
     rates: dict[int, list[float]] = field(default_factory=dict)  # batch size -> questions/s per round
     tokens: dict[int, float] = field(default_factory=dict)  # batch size -> mean answer length (chars)
 
+
+BENCH_200M_ANSWER_TOKENS = (8, 128)  # short-answer and open-ended benchmarks
 
 def write_question_file(path: Path, n: int) -> None:
     """n questions in the original's question-file format; images relative to examples/."""
@@ -168,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                                Case("tiny, ignore_eos, 64", name, n_tiny,
                                     {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True}, n_tiny, r_tiny)]
             else:  # compute-bound: a short warm-up is enough, and a full one costs a minute
-                model_cases = [Case(f"{name}, ignore_eos, 32", name, n_200m,
-                                    {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}, 2, r_200m)]
+                model_cases = [Case(f"{name}, ignore_eos, {tokens}", name, n_200m,
+                                    {"temperature": 0, "max_new_tokens": tokens, "ignore_eos": True}, 2, r_200m)
+                               for tokens in BENCH_200M_ANSWER_TOKENS]
             for case in model_cases:
                 print(f"{case.label}: {case.questions} questions, batch {batches}, {case.rounds} round(s)", flush=True)
                 bench_case(case, pipe, batches, Path(tmp), problems)

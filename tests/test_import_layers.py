@@ -35,7 +35,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "leaf": ("llava.errors", "llava.config", "llava._lazy", "llava.device", "llava.console", "llava.dataclass_cli"),
     "bottom": ("llava.model", "llava.processing"),
     "middle": ("llava.generate", "llava.checkpoint", "llava.train", "llava.data", "llava.tiny"),
-    "top": ("llava", "llava.api", "llava.cli", "llava.cli_args", "llava.serve", "llava.eval", "llava.recipe"),
+    "top": ("llava", "llava.api", "llava.cli", "llava.cli_args", "llava.serve", "llava.eval", "llava.recipe",
+            "llava.integrations"),
 }
 RANK = {unit: rank for rank, units in enumerate(LAYERS.values()) for unit in units}
 LAYER_OF = {unit: layer for layer, units in LAYERS.items() for unit in units}

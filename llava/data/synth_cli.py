@@ -1,9 +1,14 @@
-"""`llava data synth`: write the synthetic training and eval set (see `llava.data.synth`).
+"""`llava data synth`: write the synthetic training and eval set (see `llava.data.synth`);
+`llava data synth-bench`: write the synthetic world as the real benchmarks' files plus a suite
+(see `llava.data.synth_benchmarks`).
 
     llava data synth --out data/synth --seed 0 --n 5000 [--image-size 96] [--eval-n 1400]
+    llava data synth-bench --out bench --seed 0 [--n 40] [--only pope,mme]
+    llava eval run --suite bench/tiny.toml --model PATH
 
-Register it with `add_synth_command(data_subparsers)` on the `data` command's subparsers;
-standalone it runs as `python -m llava.data.synth_cli --out ...`.
+`add_synth_command(data_subparsers)` registers both on the `data` command's subparsers (so
+callers of it get synth-bench too); standalone, `python -m llava.data.synth_cli --out ...` runs
+`synth` and `python -m llava.data.synth_cli synth-bench --out ...` runs `synth-bench`.
 """
 
 from __future__ import annotations
@@ -36,12 +41,51 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print meta.json instead of a summary")
 
 
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from llava.data.synth_benchmarks import BENCHMARKS, DEFAULT_N
+
+    p.add_argument("--out", required=True, help="output folder: one subfolder per benchmark, and tiny.toml")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--n", type=int, default=DEFAULT_N,
+                   help=f"about this many questions per benchmark (default {DEFAULT_N})")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help=f"pixels (default {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(BENCHMARKS)}")
+    p.add_argument("--json", action="store_true", help="print synth_benchmarks.json instead of a summary")
+
+
 def add_synth_command(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `synth` on the subparsers of `llava data`."""
+    """Register `synth` (and `synth-bench`, see `add_synth_bench_command`) on the subparsers of `llava data`."""
     p = data_subparsers.add_parser("synth", help="generate the synthetic shapes-and-words dataset")
     _add_arguments(p)
     p.set_defaults(func=cmd_synth)
+    add_synth_bench_command(data_subparsers)
     return p
+
+
+def add_synth_bench_command(data_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `synth-bench` on the subparsers of `llava data`."""
+    p = data_subparsers.add_parser("synth-bench", help="write the synthetic world as the real benchmarks' files "
+                                   "(POPE, ScienceQA, VQAv2, MME, MMBench, SEED, GQA, LLaVA-Bench, MM-Vet) + tiny.toml")
+    _add_bench_arguments(p)
+    p.set_defaults(func=cmd_synth_bench)
+    return p
+
+
+def cmd_synth_bench(args: argparse.Namespace) -> int:
+    from llava.data.synth_benchmarks import SUITE_FILE, write_benchmarks
+
+    start = time.perf_counter()
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    meta = write_benchmarks(args.out, seed=args.seed, n_per_benchmark=args.n, image_size=args.image_size,
+                            benchmarks=only)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    counts = ", ".join(f"{name} {k}" for name, k in meta["questions"].items())
+    print(f"wrote {len(meta['questions'])} benchmark(s) to {args.out} in {time.perf_counter() - start:.1f}s "
+          f"(questions: {counts})")
+    print(f"run them with: llava eval run --suite {os.path.join(args.out, SUITE_FILE)} --model PATH")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -62,6 +106,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synth-bench"]:
+        p = argparse.ArgumentParser(prog="python -m llava.data.synth_cli synth-bench")
+        _add_bench_arguments(p)
+        return cmd_synth_bench(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(prog="python -m llava.data.synth_cli", description=__doc__.split("\n\n")[0])
     _add_arguments(p)
     return cmd_synth(p.parse_args(argv))

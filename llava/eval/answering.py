@@ -252,9 +252,10 @@ def run_answering(all_items: list[Item], job: AnswerJob, load: Callable[[], Any]
 
 
 # The original's command line -------------------------------------------------------------------
-def build_parser(prog: str, max_new_tokens: int, temperature: float = 0.2) -> argparse.ArgumentParser:
+def build_parser(prog: str, max_new_tokens: int, temperature: float = 0.2,
+                 parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The original model_vqa* flags (spellings and defaults), plus --batch-size, --device, --seed."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = parser_class(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", type=str, default=None, help="checkpoint (default: the bundled tiny model)")
     p.add_argument("--model-base", type=str, default=None)
     p.add_argument("--image-folder", type=str, default="")
@@ -307,16 +308,43 @@ def loader_from_args(args: argparse.Namespace) -> Callable[[], Any]:
     return load
 
 
-def main_vqa(argv: Sequence[str] | None, prog: str, max_new_tokens: int) -> int:
-    """`python -m llava.eval.model_vqa[_loader]`: answer a JSONL question file."""
-    from llava.console import run_command
+@dataclass(frozen=True)
+class Answerer:
+    """One of the original's answering commands: its flags, how it reads its question file, its row key.
 
-    args = build_parser(prog, max_new_tokens).parse_args(argv)
+    `llava eval run` drives the same objects, so a suite answers exactly as the commands do.
+    """
 
-    def command() -> int:
-        job = job_from_args(args)
-        items = read_questions(os.path.expanduser(args.question_file), os.path.expanduser(args.image_folder))
-        run_answering(items, job, loader_from_args(args), args.num_chunks, args.chunk_idx)
-        return 0
+    prog: str
+    max_new_tokens: int
+    read_items: Callable[[argparse.Namespace], list[Item]]
+    key_fields: tuple[str, ...] = ("question_id",)
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None
 
-    return run_command(prog.split()[-1], command)
+    def parser(self, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = build_parser(self.prog, self.max_new_tokens, parser_class=parser_class)
+        if self.add_flags:
+            self.add_flags(p)
+        return p
+
+    def answer(self, args: argparse.Namespace, load: Callable[[], Any] | None = None) -> int:
+        """Answer what is left of the question file the flags name; `load` (default: from the flags)."""
+        job = job_from_args(args, self.key_fields)
+        items = self.read_items(args)
+        return run_answering(items, job, load or loader_from_args(args), args.num_chunks, args.chunk_idx)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        from llava.console import run_command
+
+        args = self.parser().parse_args(argv)
+
+        def command() -> int:
+            self.answer(args)
+            return 0
+
+        return run_command(self.prog.split()[-1], command)
+
+
+def read_question_file(args: argparse.Namespace) -> list[Item]:
+    """The JSONL question file of `model_vqa` / `model_vqa_loader`."""
+    return read_questions(os.path.expanduser(args.question_file), os.path.expanduser(args.image_folder))

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llava.console import exit_with
-from llava.eval.answering import main_vqa
+from llava.eval.answering import Answerer, read_question_file
+
+ANSWERER = Answerer("python -m llava.eval.model_vqa_loader", max_new_tokens=128, read_items=read_question_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return main_vqa(argv, "python -m llava.eval.model_vqa_loader", max_new_tokens=128)
+    return ANSWERER.main(argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Answer rows add `round_id`, `options`, `option_char`; resume is keyed by (questi
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import csv
@@ -19,15 +20,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from llava.console import exit_with, run_command
+from llava.console import exit_with
 from llava.errors import DataError
-from llava.eval.answering import (
-    Item,
-    build_parser,
-    job_from_args,
-    loader_from_args,
-    run_answering,
-)
+from llava.eval.answering import Answerer, Item
 
 ALL_OPTIONS = ["A", "B", "C", "D"]
 SUFFIX = {"en": "Answer with the option's letter from the given choices directly.", "cn": "请直接回答选项字母。"}
@@ -76,20 +71,22 @@ def read_mmbench(path: str, all_rounds: bool, single_pred_prompt: bool, lang: st
     return items
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser("python -m llava.eval.model_vqa_mmbench", max_new_tokens=1024)
+def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-rounds", action="store_true")
     p.add_argument("--single-pred-prompt", action="store_true")
     p.add_argument("--lang", type=str, default="en", choices=sorted(SUFFIX))
-    args = p.parse_args(argv)
 
-    def command() -> int:
-        job = job_from_args(args, key_fields=("question_id", "round_id"))
-        items = read_mmbench(os.path.expanduser(args.question_file), args.all_rounds, args.single_pred_prompt, args.lang)
-        run_answering(items, job, loader_from_args(args), args.num_chunks, args.chunk_idx)
-        return 0
 
-    return run_command("model_vqa_mmbench", command)
+def _read_items(args: argparse.Namespace) -> list[Item]:
+    return read_mmbench(os.path.expanduser(args.question_file), args.all_rounds, args.single_pred_prompt, args.lang)
+
+
+ANSWERER = Answerer("python -m llava.eval.model_vqa_mmbench", max_new_tokens=1024, read_items=_read_items,
+                    key_fields=("question_id", "round_id"), add_flags=_add_flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return ANSWERER.main(argv)
 
 
 if __name__ == "__main__":

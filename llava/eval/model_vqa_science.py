@@ -11,20 +11,14 @@ resumable like `llava.eval.answering`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Sequence
 
-from llava.console import exit_with, run_command
+from llava.console import exit_with
 from llava.errors import DataError
-from llava.eval.answering import (
-    IMAGE_TAG,
-    Item,
-    build_parser,
-    job_from_args,
-    loader_from_args,
-    run_answering,
-)
+from llava.eval.answering import IMAGE_TAG, Answerer, Item
 
 LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -58,19 +52,21 @@ def read_science(path: str, image_folder: str, single_pred_prompt: bool) -> list
     return items
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = build_parser("python -m llava.eval.model_vqa_science", max_new_tokens=1024)
+def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-pred-prompt", action="store_true")
-    args = p.parse_args(argv)
 
-    def command() -> int:
-        job = job_from_args(args)
-        items = read_science(os.path.expanduser(args.question_file), os.path.expanduser(args.image_folder),
-                             args.single_pred_prompt)
-        run_answering(items, job, loader_from_args(args), args.num_chunks, args.chunk_idx)
-        return 0
 
-    return run_command("model_vqa_science", command)
+def _read_items(args: argparse.Namespace) -> list[Item]:
+    return read_science(os.path.expanduser(args.question_file), os.path.expanduser(args.image_folder),
+                        args.single_pred_prompt)
+
+
+ANSWERER = Answerer("python -m llava.eval.model_vqa_science", max_new_tokens=1024, read_items=_read_items,
+                    add_flags=_add_flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return ANSWERER.main(argv)
 
 
 if __name__ == "__main__":

@@ -8,27 +8,13 @@ as a dict (`score_from_args`) and prints them as the original does (`format_metr
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 from llava.console import exit_with, run_command
-from llava.errors import InputError
+from llava.eval.scoring import SCORERS, scorer
 from llava.eval.scoring.command import run_scorer
-
-# benchmark name -> module under llava.eval.scoring (the module's NAME is the same)
-SCORERS = {
-    "pope": "pope", "science_qa": "science_qa", "mme": "mme", "seed": "seed", "mmbench": "mmbench",
-    "textvqa": "textvqa", "vqav2": "vqav2", "vizwiz": "vizwiz", "gqa": "gqa",
-}
-
-
-def scorer(name: str) -> ModuleType:
-    """The scoring module of a benchmark, or an InputError listing the known names."""
-    if name not in SCORERS:
-        raise InputError(f"unknown benchmark {name!r}; known: {', '.join(sorted(SCORERS))}")
-    return importlib.import_module(f"llava.eval.scoring.{SCORERS[name]}")
+from llava.eval.suite import add_run_command
 
 
 def score(name: str, argv: Sequence[str], as_json: bool = False) -> int:
@@ -38,7 +24,7 @@ def score(name: str, argv: Sequence[str], as_json: bool = False) -> int:
 
 def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     """`llava eval score BENCH [the benchmark's own flags] [--json]` on the top-level parser."""
-    p = subparsers.add_parser("eval", help="score benchmark answers (no model needed)",
+    p = subparsers.add_parser("eval", help="score benchmark answers (no model needed), or run a suite",
                               description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="eval_command", required=True)
     s = sub.add_parser("score", help="score an answers file as the benchmark's own script does",
@@ -48,6 +34,7 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print the metrics as JSON")
     s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     s.set_defaults(func=_score_command)
+    add_run_command(sub)
 
 
 def _score_command(args: argparse.Namespace) -> int:

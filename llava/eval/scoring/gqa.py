@@ -217,6 +217,11 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return score(questions, predictions, choices, args.consistency, predictions_file, choices_file)
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """GQA eval.py's accuracy (the paper's column)."""
+    return "accuracy", metrics["accuracy"], 100.0
+
+
 def format_metrics(metrics: dict) -> str:
     """The original's metrics block (its leading blank line, banners and loading lines left out)."""
     lines = []

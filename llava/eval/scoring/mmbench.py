@@ -165,6 +165,12 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """The local circular accuracy where the TSV has answers (the official number comes from the server)."""
+    circular = metrics.get("circular") or {}
+    return "circular accuracy (local)", circular.get("accuracy"), 100.0
+
+
 def format_metrics(metrics: dict) -> str:
     """Upstream prints nothing; this says what was written and the local accuracy if any."""
     out = [f"Wrote {metrics['upload_file']} ({metrics['answered']} of {metrics['total']} questions answered)"]

@@ -155,6 +155,11 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return score_results_dir(results_dir)
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """The paper's MME number: the perception total (10 subtasks, at most 2000)."""
+    return "Perception", metrics["Perception"]["total"], 200.0 * len(metrics["Perception"]["tasks"])
+
+
 def format_metrics(metrics: dict) -> str:
     """calculation.py's printout, byte for byte (its print() spacing included)."""
     out = []

@@ -108,6 +108,12 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return score_pope_files(args.annotation_dir, args.question_file, args.result_file)
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """The paper's POPE number: F1 (percent) averaged over the categories scored."""
+    f1 = [m["f1"] for m in metrics["categories"].values()]
+    return "F1, mean of categories", (100 * sum(f1) / len(f1) if f1 else None), 100.0
+
+
 def format_metrics(metrics: dict) -> str:
     """Upstream's printout, category by category (floats with Python's repr, then a %.3f line)."""
     out = []

@@ -122,6 +122,11 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """SQA-IMG, the paper's column: accuracy on the questions with an image."""
+    return "IMG-Accuracy", metrics["img_accuracy"], 100.0
+
+
 def format_metrics(metrics: dict) -> str:
     return (f"Total: {metrics['total']}, Correct: {metrics['correct']}, Accuracy: {metrics['accuracy']:.2f}%, "
             f"IMG-Accuracy: {metrics['img_accuracy']:.2f}%")

@@ -106,6 +106,13 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """Image accuracy (LLaVA-1.5's SEED column), else the total."""
+    if metrics.get("image") is not None:
+        return "image accuracy", metrics["image"], 100.0
+    return "total accuracy", metrics["total"], 100.0
+
+
 def format_metrics(metrics: dict) -> str:
     out = [f"{name}: {acc:.2f}%" for name, acc in metrics["per_type"].items()]
     if metrics["total"] is not None:

@@ -128,6 +128,12 @@ def score_from_args(args: argparse.Namespace) -> dict:
     return score(args.annotation_file, args.result_file, args.result_dir)
 
 
+def headline(metrics: dict) -> tuple[str, float | None, float]:
+    """Accuracy of the --result-file run (or of the first file of --result-dir)."""
+    runs = metrics["runs"]
+    return "accuracy", (runs[0]["accuracy"] if runs else None), 100.0
+
+
 def format_metrics(metrics: dict) -> str:
     """The original's output: the --result-file run, then the folder's files in name order."""
     lines: list[str] = []
