@@ -67,6 +67,33 @@ def test_left_padded_batch_equals_each_alone(tiny):
     assert _greedy(static, reqs) == _greedy(engine, reqs)
 
 
+def test_prefill_in_chunks_under_a_token_budget_gives_the_same_answers(tiny, monkeypatch):
+    """On a CPU a big batch is prefilled (tower and language model) in row chunks that fit a token
+    budget; with a budget of a few prompts' size every chunk boundary is crossed, answers unchanged."""
+    import llava.generate.engine as engine_module
+
+    model, tok = tiny
+    prompts = [_prompt(model, n, k, seed=10 + i) for i, (n, k) in enumerate([(20, 1), (4, 0), (9, 2), (15, 1), (2, 1)])]
+
+    def requests() -> list[Request]:  # pixels, so the engine's own tower pass runs (and is chunked)
+        return [Request(r.input_ids, pixel_values=pixels, image_sizes=[(28, 28)] * len(pixels)) for r, pixels in prompts]
+
+    engine = Engine(model, tok, eos_token_ids=[])
+    monkeypatch.setattr(engine_module, "PREFILL_TOKEN_BUDGET", {})
+    whole = _greedy(engine, requests())
+    longest = max(len(r.input_ids) for r, _ in prompts)
+    monkeypatch.setattr(engine_module, "PREFILL_TOKEN_BUDGET", {"cpu": 2 * longest})
+    assert engine._prefill_chunks(5, longest) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert _greedy(engine, requests()) == whole
+    # A budget of two image crops (5 tokens each): one prompt per forward, the tower in groups.
+    encoded: list[int] = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda pixels, sizes: encoded.append(len(pixels)) or original(pixels, sizes))
+    monkeypatch.setattr(engine_module, "PREFILL_TOKEN_BUDGET", {"cpu": 10})
+    assert _greedy(engine, requests()) == whole == [_greedy(engine, [r])[0] for r in requests()]
+    assert encoded[:3] == [1, 2, 2]  # crops per pass (requests have 1, 0, 2, 1, 1): groups never split a request
+
+
 def test_rows_that_finish_early_leave_the_batch(tiny):
     model, tok = tiny
     reqs = [_prompt(model, 20, 1, seed=5)[0], _prompt(model, 3, 0, seed=6)[0], _prompt(model, 8, 1, seed=7)[0]]

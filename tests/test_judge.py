@@ -78,17 +78,17 @@ def test_llava_bench_review_resume_and_printout(judge, tmp_path):
                                     "--judge-key-env", "MY_JUDGE_KEY"] + FAST
     out = cli("eval", "score", "llava_bench", *args, env={"MY_JUDGE_KEY": "sk-test"})
     assert out.returncode == 0, out.stderr
-    # parsed: q1 (8,7) q2 (7,9) q4 (6,3) q6 (10,8); q3 unparseable, q5 failed.
-    # all: s1 = 31/4 = 7.75, s2 = 27/4 = 6.75 -> 6.75/7.75 = 87.10 %; conv: 7.5, 8.0 -> 106.67 %
-    # detail: 6, 3 -> 50 %; complex: 10, 8 -> 80 %
+    # parsed: q1 (8,7) q2 (7,9) q4 (6,3) q6 (10,8); q3 unparseable -> (-1,-1) averaged in as upstream;
+    # q5 failed, left out. all: s1 = 30/5 = 6.0, s2 = 26/5 = 5.2 -> 86.67 %; conv: 7.5, 8.0 -> 106.67 %
+    # detail (-1,-1),(6,3): 2.5, 1.0 -> 40 %; complex: 10, 8 -> 80 %
     assert out.stdout.splitlines() == [
         "review_m",
-        "all 87.1 77.5 67.5",
+        "all 86.7 60.0 52.0",
         "llava_bench_complex 80.0 100.0 80.0",
         "llava_bench_conv 106.7 75.0 80.0",
-        "llava_bench_detail 50.0 60.0 30.0",
+        "llava_bench_detail 40.0 25.0 10.0",
         "=================================",
-        "unparseable judge replies: 1 (left out of the means; a rerun asks again)",
+        "unparseable judge replies: 1 (scored -1 -1 and averaged in, as upstream; a rerun asks again)",
         "failed judge calls: 1 (left out of the means; a rerun asks again)",
     ]
     assert "question 5: judge call failed" in out.stderr and "question 3: unparseable" in out.stderr
@@ -165,7 +165,8 @@ def test_parse_score(reply, scores):
 
 
 def test_summarize_upstream_files(tmp_path, capsys):
-    # upstream keeps [-1, -1] rows; we count them apart. -i drops question 3.
+    # [-1, -1] rows are averaged in, as upstream, and counted. -i drops question 3 (upstream would not:
+    # it compares the string "3" with the integer 3).
     rows = [{"question_id": 1, "category": "llava_bench_conv", "tuple": [8, 6]},
             {"question_id": 2, "category": "llava_bench_conv", "tuple": [-1, -1]},
             {"question_id": 3, "category": "llava_bench_detail", "tuple": [1, 1]},
@@ -173,10 +174,11 @@ def test_summarize_upstream_files(tmp_path, capsys):
     write_jsonl(tmp_path / "gpt4_text_run.jsonl", rows)
     write_jsonl(tmp_path / "notes.jsonl", [{"x": 1}])  # not a review file name: skipped with -d
     assert summarize_gpt_review.main(["-d", str(tmp_path), "-i", "3"]) == 0
-    # all: (8,6), (6,6) -> 7.0, 6.0 -> 85.71 %; conv: (8,6) -> 75 %
+    # all: (8,6), (-1,-1), (6,6) -> 13/3 = 4.333, 11/3 = 3.667 (rounded to 3 places first) -> 84.63 %;
+    # conv: (8,6), (-1,-1) -> 3.5, 2.5 -> 71.43 %
     assert capsys.readouterr().out.splitlines() == [
-        "run", "all 85.7 70.0 60.0", "llava_bench_conv 75.0 80.0 60.0", "=================================",
-        "unparseable judge replies: 1 (left out of the means; a rerun asks again)"]
+        "run", "all 84.6 43.3 36.7", "llava_bench_conv 71.4 35.0 25.0", "=================================",
+        "unparseable judge replies: 1 (scored -1 -1 and averaged in, as upstream; a rerun asks again)"]
     assert summarize_gpt_review.main([]) == 2
     assert "-f/--files" in capsys.readouterr().err
 

@@ -38,6 +38,10 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
+    def row_view(self, rows: slice) -> "KVCache":
+        """These batch rows as views: a forward over them writes into this cache (chunked prefill)."""
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values])
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows leave the batch)."""
         self.keys = [k.index_select(0, index) for k in self.keys]

@@ -33,6 +33,11 @@ __all__ = ["SamplingParams", "Request", "Completion", "ContextTooLong", "DecodeS
 
 CACHE_KINDS = ("dynamic", "static")
 FORWARDS = ("auto", "lean", "transformers")
+# Prefill (tower and language model) runs at most this many tokens per forward on these devices.
+# On a 2-core CPU, 16 bench-200m questions (400-token prompts, 197-token images) prefilled in one
+# forward took 1.7x as long as in row chunks (benchmarks/README.md): the [rows, tokens, 3072] MLP
+# activations outgrow the caches. GPUs want the whole batch at once, so they have no budget.
+PREFILL_TOKEN_BUDGET = {"cpu": 1024}
 
 
 @dataclass
@@ -178,7 +183,9 @@ class Engine:
         if self._lean_fits(capacity):
             cache = self.lean.new_cache(len(requests), capacity, dev, embeds.dtype)
             padded = min(lengths) < prompt_len
-            logits = self.lean.forward(embeds, positions, mask if padded else None, cache, 0)
+            logits = torch.cat([self.lean.forward(embeds[rows], positions[rows], mask[rows] if padded else None,
+                                                  cache.row_view(rows), 0)
+                                for rows in self._prefill_chunks(len(requests), prompt_len)])
             return DecodeState(cache=cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
                                length=prompt_len, logits=logits, rows=list(range(len(requests))), padded=padded)
         cache = self._new_cache(capacity)
@@ -188,15 +195,33 @@ class Engine:
         return DecodeState(cache=cache, attention_mask=mask, position_ids=positions[:, -1:] + 1,
                            length=prompt_len, logits=out.logits[:, -1], rows=list(range(len(requests))))
 
+    def _prefill_chunks(self, batch: int, prompt_len: int) -> list[slice]:
+        """Row ranges that each fit the device's prefill token budget (all rows at once without one)."""
+        budget = PREFILL_TOKEN_BUDGET.get(self.device.type)
+        step = batch if budget is None else max(1, budget // prompt_len)
+        return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
     def encode_pending(self, requests: Sequence[Request]) -> None:
-        """Encode the images that requests carry as pixels, all in one tower pass, and keep the features."""
+        """Encode the images that requests carry as pixels and keep the features: one tower pass for
+        all of them, or one per group of requests within the device's prefill token budget."""
         pending = [r for r in requests if r.pixel_values]
-        if not pending:
-            return
-        features = self.model.encode_images([p for r in pending for p in r.pixel_values],
-                                            [s for r in pending for s in r.image_sizes])
+        budget = PREFILL_TOKEN_BUDGET.get(self.device.type)
+        tokens_per_crop = self.model.config.patches_per_side ** 2 + 1
+        group: list[Request] = []
+        for i, r in enumerate(pending):
+            group.append(r)
+            crops = sum(int(p.shape[0]) for q in group for p in q.pixel_values)
+            following = pending[i + 1] if i + 1 < len(pending) else None
+            if following is None or (budget is not None and (crops + sum(
+                    int(p.shape[0]) for p in following.pixel_values)) * tokens_per_crop > budget):
+                self._encode_group(group)
+                group = []
+
+    def _encode_group(self, requests: Sequence[Request]) -> None:
+        features = self.model.encode_images([p for r in requests for p in r.pixel_values],
+                                            [s for r in requests for s in r.image_sizes])
         start = 0
-        for r in pending:
+        for r in requests:
             n = len(r.pixel_values)
             r.image_features, r.pixel_values, r.image_sizes = features[start:start + n], [], []
             start += n

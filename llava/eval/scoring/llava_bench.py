@@ -21,9 +21,12 @@ means are rounded to 3 decimals before the ratio, the printed numbers to 1; rows
 Where we differ, on purpose:
 - Parse: first line, commas to spaces, split on any whitespace (upstream splits on single spaces,
   so "8, 7" or a trailing space is unparseable there); exactly two finite numbers, else unparseable.
-- Unparseable replies and failed calls (`"failed": true`) are written with tuple [-1, -1], counted
-  (`unparseable`, `failed`) and left out of the means; upstream averages the -1s in, dragging
-  both means down. Upstream's own review files are summarized by the same rule.
+- A failed call (`"failed": true`, tuple [-1, -1]; upstream retries forever instead) is counted
+  and left out of the means. An unparseable reply is kept as upstream does, tuple [-1, -1]
+  averaged into the means (so a review file gives upstream's numbers), and counted apart
+  (`unparseable`), so the printout says how many there were.
+- `-i/--ignore` compares ids as text; upstream compares argparse's strings with the JSON's
+  integer ids, so for LLaVA-Bench's integer ids it ignores nothing.
 - Resume: rows are matched by `question_id`, not by position. A rerun first drops the failed and
   unparseable rows from the review file (rewritten whole, atomically) and asks the judge again
   for those and for every question without a row; rows with parsed scores are kept as they are,
@@ -161,16 +164,16 @@ def _stats(pairs: list[list[float]]) -> dict:
 
 
 def summarize(rows: Iterable[dict], name: str, ignore: Iterable[str] = ()) -> dict:
-    """Per-category numbers as upstream prints them, with unparseable and failed rows counted apart."""
+    """Per-category numbers as upstream prints them (unparseable rows in as -1 -1), failed rows left out."""
     ignore, groups, counts = set(ignore), {}, {"ok": 0, "failed": 0, "unparseable": 0}
     for row in rows:
         if str(row.get("question_id")) in ignore:
             continue
         status = _status(row)
         counts[status] += 1
-        if status != "ok":
+        if status == "failed":
             continue
-        pair = [float(s) for s in row.get("tuple", row.get("score"))]
+        pair = [float(s) for s in row.get("tuple", row.get("score"))] if status == "ok" else [-1.0, -1.0]
         groups.setdefault("all", []).append(pair)
         if "category" in row:
             groups.setdefault(str(row["category"]), []).append(pair)
@@ -213,7 +216,8 @@ def format_metrics(metrics: dict) -> str:
         out.append(f"{category} {relative} {m['reference']} {m['model']}")
     out.append("=" * 33)
     if metrics["unparseable"]:
-        out.append(f"unparseable judge replies: {metrics['unparseable']} (left out of the means; a rerun asks again)")
+        out.append(f"unparseable judge replies: {metrics['unparseable']} (scored -1 -1 and averaged in, as upstream; "
+                   "a rerun asks again)")
     if metrics["failed"]:
         out.append(f"failed judge calls: {metrics['failed']} (left out of the means; a rerun asks again)")
     return "\n".join(out)
