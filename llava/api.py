@@ -284,10 +284,8 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
         get_template(_check_text(template, "template"))  # an unknown name fails before the load, not after
     target = resolve_device(device)
     chosen_dtype = resolve_dtype(target, dtype)
+    # Quantized while loading: each linear is quantized as its weights arrive (never a full-precision copy).
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
-                                 vision_tower=vision_tower, device=target, dtype=chosen_dtype)
-    if quantize:
-        from llava.model.quantize import quantize_language_model
-
-        quantize_language_model(checkpoint.model, QUANTIZE_MODES.get(quantize, quantize))
+                                 vision_tower=vision_tower, device=target, dtype=chosen_dtype,
+                                 quantize=QUANTIZE_MODES.get(quantize, quantize) if quantize else None)
     return LlavaPipeline(checkpoint, template=template)

@@ -34,8 +34,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from llava.checkpoint import convert
 
     convert(args.src, args.dst, to=args.to, model_base=args.model_base, vision_tower=args.vision_tower,
-            overwrite=args.overwrite)
-    print(f"wrote {args.to} layout to {args.dst}")
+            overwrite=args.overwrite, quant=args.quant)
+    print(f"wrote {args.to} layout to {args.dst}" if args.to != "gguf" else f"wrote GGUF files to {args.dst}")
     return 0
 
 
@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_args(chat)
     chat.set_defaults(func=run_chat)
 
-    conv = sub.add_parser("convert", help="convert a checkpoint between the llava-hf and original layouts")
+    conv = sub.add_parser("convert", help="convert a checkpoint between the llava-hf and original layouts, "
+                                          "or to GGUF files for llama.cpp")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--to", choices=["hf", "original"], default="hf")
+    conv.add_argument("--to", choices=["hf", "original", "gguf"], default="hf")
+    conv.add_argument("--quant", default=None, help="GGUF weight type: f32, f16 (default), bf16, q8_0, q4_0")
     conv.add_argument("--model-base", default=None, help="base LM, for a LoRA or projector-only source")
     conv.add_argument("--vision-tower", default=None)
     conv.add_argument("--overwrite", action="store_true", help="replace DST when it exists and is not empty")

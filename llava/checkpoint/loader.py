@@ -109,20 +109,24 @@ def _first_lm_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def load_checkpoint(path: str | os.PathLike, model_base: str | None = None, vision_tower: str | None = None,
-                    device: str | torch.device | None = None,
-                    dtype: torch.dtype | str | None = None) -> LoadedCheckpoint:
+                    device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                    quantize: str | None = None) -> LoadedCheckpoint:
     """Load any supported checkpoint folder or hub name into an eval-mode LlavaModel + tokenizer + processor.
 
-    `dtype="auto"` keeps the stored dtype (what `convert` uses); None picks per device.
+    `dtype="auto"` keeps the stored dtype (what `convert` uses); None picks per device. Weights
+    are read one tensor at a time straight into the model, in `dtype`, on `device`.
+    `quantize` ("int8-dynamic" or "int8", "bnb-8bit" or "8bit", "bnb-4bit" or "4bit"; see
+    `llava.model.quantize`) quantizes the language model as it loads, each linear as soon as
+    its weights are in, so its full-precision form never exists at once (LoRA checkpoints are
+    merged first, then quantized).
     """
     folder, name = resolve_path(path)
-    return _load(folder, name, model_base, vision_tower, device, dtype)
+    return _load(folder, name, model_base, vision_tower, device, dtype, quantize)
 
 
-def _load(folder: str, name: str, model_base: str | None, vision_tower: str | None,
-          device: str | torch.device | None, dtype: torch.dtype | str | None) -> LoadedCheckpoint:
-    layout = detect_layout(folder)
-    tok_folder = folder
+def _read_layout(folder: str, layout: str, model_base: str | None,
+                 vision_tower: str | None) -> tuple[LlavaConfig, dict[str, torch.Tensor], str]:
+    """(config, weights by our names, not yet read: see `StoredTensor`, tokenizer folder) of a folder."""
     if layout in ("original-projector", "original-lora"):
         if model_base is None:
             kind = "a projector-only" if layout == "original-projector" else "a LoRA"
@@ -131,24 +135,49 @@ def _load(folder: str, name: str, model_base: str | None, vision_tower: str | No
         base_folder, _ = resolve_path(model_base)
         reader = read_projector_only if layout == "original-projector" else read_lora
         config, state = reader(folder, base_folder, vision_tower)
-        tok_folder = folder if has_tokenizer(folder) else base_folder
-    else:
-        if model_base is not None:
-            warnings.warn(f"{folder} is a full {layout} checkpoint; model_base={model_base!r} is ignored", stacklevel=3)
-        config, state = read_hf(folder) if layout == "hf" else read_original(folder, vision_tower)
+        return config, state, folder if has_tokenizer(folder) else base_folder
+    if model_base is not None:
+        warnings.warn(f"{folder} is a full {layout} checkpoint; model_base={model_base!r} is ignored", stacklevel=4)
+    config, state = read_hf(folder) if layout == "hf" else read_original(folder, vision_tower)
+    return config, state, folder
+
+
+def _load(folder: str, name: str, model_base: str | None, vision_tower: str | None,
+          device: str | torch.device | None, dtype: torch.dtype | str | None,
+          quantize: str | None = None) -> LoadedCheckpoint:
+    from llava.model.quantize import check_mode, linear_quantizer, quantize_language_model, quantized_layers
+
+    layout = detect_layout(folder)
+    config, state, tok_folder = _read_layout(folder, layout, model_base, vision_tower)
     target = resolve_device(device)
     chosen = _first_lm_dtype(state) if dtype == "auto" else resolve_dtype(target, dtype)
-    model = build_model(config, state, chosen, tower_source=vision_tower or config.vision_tower_name)
+    mode = check_mode(quantize, target, chosen) if quantize else None  # before any weight is read
+    # Read before the weights: the tokens the original's loader adds may grow the vocabulary, and
+    # then lm_head is quantized only once resized.
+    tokenizer = read_tokenizer(tok_folder, config.text_config if layout != "hf" else None)
+    if layout != "hf":
+        add_special_tokens(tokenizer, _original_tokens(config))
+    grows = len(tokenizer) > config.text_config.vocab_size
+    # A LoRA's deltas merge into full-precision weights: its model is quantized whole, once merged.
+    streaming = linear_quantizer(mode, target, chosen, keep_output=grows) \
+        if mode and layout != "original-lora" else None
+    model = build_model(config, state, chosen, tower_source=vision_tower or config.vision_tower_name,
+                        device=target, quantize_linear=streaming)
     del state
     if layout == "original-lora":
         model.language_model = merge_lora(model.language_model, folder)
         model.config.text_config = model.language_model.config
-    tokenizer = read_tokenizer(tok_folder, model.config.text_config if layout != "hf" else None)
     convention = "hf" if layout == "hf" and token_id(tokenizer, IMAGE_TOKEN) is not None else "original"
     if layout != "hf":
-        _add_original_tokens(model, tokenizer)
+        resize_vocab(model, len(tokenizer))
     model.vision_tower.requires_grad_(False)
-    model = model.to(target).eval()
+    model = model.eval()
+    if mode:
+        quantize_language_model(model, mode, compute_dtype=chosen)  # what is left (a resized lm_head, a LoRA model)
+        for layer in quantized_layers(model.language_model):
+            # As quantizing a loaded model leaves them (so outputs match): in eval mode bitsandbytes
+            # switches to other CPU kernels (4-bit weights repacked), whose results differ slightly.
+            layer.train()
     return LoadedCheckpoint(model, tokenizer, image_processor_for(model.config, folder), layout, convention, name)
 
 
@@ -190,14 +219,19 @@ def read_tokenizer(folder: str, text_config: PretrainedConfig | None = None) -> 
                               "or corrupt: download or save it again") from None
 
 
+def _original_tokens(config: LlavaConfig) -> list[str]:
+    """The tokens the original's loader adds per config flags."""
+    tokens = []
+    if config.extra.get("mm_use_im_patch_token"):
+        tokens.append("<im_patch>")
+    if config.extra.get("mm_use_im_start_end"):
+        tokens += ["<im_start>", "<im_end>"]
+    return tokens
+
+
 def _add_original_tokens(model: LlavaModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """The tokens the original's loader adds per config flags, and the matching embedding rows."""
-    tokens = []
-    if model.config.extra.get("mm_use_im_patch_token"):
-        tokens.append("<im_patch>")
-    if model.config.extra.get("mm_use_im_start_end"):
-        tokens += ["<im_start>", "<im_end>"]
-    add_special_tokens(tokenizer, tokens)
+    add_special_tokens(tokenizer, _original_tokens(model.config))
     resize_vocab(model, len(tokenizer))
 
 
@@ -240,7 +274,7 @@ def save_checkpoint(model: LlavaModel, tokenizer: PreTrainedTokenizerBase, image
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", model_base: str | None = None,
-            vision_tower: str | None = None, overwrite: bool = False) -> LoadedCheckpoint:
+            vision_tower: str | None = None, overwrite: bool = False, quant: str | None = None) -> LoadedCheckpoint:
     """Load `src` (any layout, stored dtype kept) and save it to `dst` in layout `to`.
 
     `dst` must be new or empty unless `overwrite`; it may never be `src`, inside it or around
@@ -248,15 +282,31 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", mode
     is deleted only then), so an interrupted convert leaves no half-written `dst`. The
     template is written into the config, so the converted folder keeps the one `src`'s name
     implied whatever `dst` is called.
+
+    `to="gguf"` writes llama.cpp's two files instead, `<name>-<quant>.gguf` and
+    `mmproj-<name>-f16.gguf` (`quant`: f32, f16 (default), bf16, q8_0 or q4_0; the mmproj is f32
+    for f32; see `llava.checkpoint.gguf_export`), and returns the loaded source.
     """
-    if to not in SAVE_LAYOUTS:
-        raise InputError(f"cannot convert to layout {to!r}; valid: {', '.join(SAVE_LAYOUTS)}")
+    if to not in (*SAVE_LAYOUTS, "gguf"):
+        raise InputError(f"cannot convert to layout {to!r}; valid: {', '.join(SAVE_LAYOUTS)}, gguf")
+    if quant is not None and to != "gguf":
+        raise InputError(f"quant={quant!r} (--quant) applies only to GGUF output (to='gguf', --to gguf)")
+    if to == "gguf":
+        from llava.checkpoint.gguf_export import check_gguf_output, check_quant, export_gguf
+
+        quant = check_quant(quant or "f16")
     folder, name = resolve_path(src)
-    target = check_output(folder, dst, overwrite)  # before minutes of loading
+    # before minutes of loading
+    target = check_gguf_output(folder, dst, overwrite) if to == "gguf" else check_output(folder, dst, overwrite)
     ckpt = _load(folder, name, model_base, vision_tower, device="cpu", dtype="auto")
     ckpt.model.config.template = ckpt.model.config.template or template_for_model(ckpt.name)
     with atomic_output(target, overwrite) as tmp:
-        save_checkpoint(ckpt.model, ckpt.tokenizer, ckpt.image_processor, tmp, layout=to)
+        if to == "gguf":
+            export_gguf(ckpt, tmp, quant)
+        else:
+            save_checkpoint(ckpt.model, ckpt.tokenizer, ckpt.image_processor, tmp, layout=to)
+    if to == "gguf":
+        return ckpt
     return dataclasses.replace(ckpt, layout=to, convention="hf" if to == "hf" else "original")
 
 

@@ -33,10 +33,7 @@ def load_pretrained_model(model_path: str, model_base: str | None, model_name: s
     The layout is detected from the files, not from `model_name` (so a LoRA folder without
     "lora" in its name still loads); `device_map`/`use_flash_attn` are accepted and ignored.
     """
+    quantize = "bnb-8bit" if load_8bit else "bnb-4bit" if load_4bit else None  # applied while loading
     ckpt = load_checkpoint(model_path, model_base=model_base, device=_device(device),
-                           vision_tower=kwargs.get("vision_tower"))
-    if load_8bit or load_4bit:
-        from llava.model.quantize import quantize_language_model
-
-        quantize_language_model(ckpt.model, "bnb-8bit" if load_8bit else "bnb-4bit")
+                           vision_tower=kwargs.get("vision_tower"), quantize=quantize)
     return ckpt.tokenizer, ckpt.model, ckpt.image_processor, ckpt.model.config.context_length

@@ -12,11 +12,17 @@ Modes:
 - "bnb-8bit": bitsandbytes LLM.int8() (`Linear8bitLt`, outlier threshold 6.0).
 - "bnb-4bit": bitsandbytes NF4 with double quantization (`Linear4bit`), QLoRA's format.
   Both bnb modes keep lm_head unquantized, as transformers' bitsandbytes integration does.
+
+The checkpoint loader quantizes while it reads (`linear_quantizer`: each linear as soon as its
+weights are in), then calls `quantize_language_model` for what is left (lm_head, after any
+vocabulary resize); the layers are the ones a load-then-quantize makes, identical outputs.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,6 +31,7 @@ from llava.errors import InputError, MissingDependency
 from llava.model.llava import LlavaModel
 
 MODES = ("int8-dynamic", "bnb-8bit", "bnb-4bit")
+ALIASES = {"int8": "int8-dynamic", "8bit": "bnb-8bit", "4bit": "bnb-4bit"}  # llava.load's and the CLI's names
 SKIP_BNB = ("lm_head",)
 
 
@@ -32,6 +39,7 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
     """Quantize `model.language_model`'s linear layers in place and return the model.
 
     `compute_dtype` (bnb-4bit only) is the dtype matmuls run in; default: the model's dtype.
+    Layers already quantized (by a quantizing load) are left as they are.
     """
     if mode not in MODES:
         raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
@@ -42,19 +50,88 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
     return model
 
 
-def _int8_dynamic(model: LlavaModel) -> None:
-    device = model.device
+def check_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The mode's full name, once it is known to work for a model in `dtype` on `device` (before
+    a loader reads any weight): int8-dynamic needs fp32 on the CPU, bnb modes need bitsandbytes."""
+    mode = ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode == "int8-dynamic":
+        _check_int8(torch.device(device), dtype)
+    else:
+        _import_bnb()
+    return mode
+
+
+def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_output: bool = False
+                     ) -> Callable[[LlavaModel, str, nn.Linear], nn.Module | None]:
+    """For a loader: `(model, name, linear) ->` the quantized layer that replaces one just-filled
+    language-model linear (None: keep it), so the full-precision model never exists at once.
+
+    `keep_output` keeps the output layer (lm_head) for `quantize_language_model` to quantize once
+    the model is complete, for a loader that resizes the vocabulary first. `dtype` is the model's
+    dtype (bnb-4bit's compute dtype, as `quantize_language_model` takes it).
+    """
+    mode = check_mode(mode, device, dtype)
+    bnb = None if mode == "int8-dynamic" else _import_bnb()
+
+    def quantize(model: LlavaModel, name: str, linear: nn.Linear) -> nn.Module | None:
+        if not name.startswith("language_model."):
+            return None
+        if keep_output and linear is model.language_model.get_output_embeddings():
+            return None
+        if mode == "int8-dynamic":
+            return _int8_linear(linear)
+        if name.split(".")[-1] in SKIP_BNB:
+            return None
+        return _bnb_linear(bnb, linear, 8 if mode == "bnb-8bit" else 4, dtype).to(device)  # .to() quantizes
+
+    return quantize
+
+
+def quantized_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers of `module` that quantizing made (torch.ao dynamic int8, bitsandbytes 8- and 4-bit)."""
+    kinds: tuple[type, ...] = (torch.ao.nn.quantized.dynamic.Linear,)
+    if "bitsandbytes" in sys.modules:
+        bnb = sys.modules["bitsandbytes"]
+        kinds += (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    return [m for m in module.modules() if isinstance(m, kinds)]
+
+
+def _check_int8(device: torch.device, dtype: torch.dtype) -> None:
     if device.type != "cpu":
         raise ValueError(f"int8-dynamic quantization runs on CPU only, but the model is on {device}; "
                          "move it with model.to('cpu') first, or use mode 'bnb-8bit' / 'bnb-4bit' on a GPU")
-    if model.dtype != torch.float32:
-        raise ValueError(f"int8-dynamic quantization expects fp32 weights, got {model.dtype}; "
+    if dtype != torch.float32:
+        raise ValueError(f"int8-dynamic quantization expects fp32 weights, got {dtype}; "
                          "call model.float() first")
+
+
+def _int8_dynamic(model: LlavaModel) -> None:
+    _check_int8(model.device, model.dtype)
+    _quantize_dynamic(model.language_model)
+
+
+def _quantize_dynamic(module: nn.Module) -> None:
+    """`quantize_dynamic` in place. The `qconfig` it leaves on each replaced linear refers back to
+    that linear (a reference cycle), which would keep its fp32 weight alive until Python's cycle
+    collector happens to run, long after the load: it is dropped here, freeing the weight at once."""
     from torch.ao.quantization import quantize_dynamic
 
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     with warnings.catch_warnings():  # the API is deprecated in favour of torchao, which is slower here
         warnings.simplefilter("ignore")
-        quantize_dynamic(model.language_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    for linear in linears:
+        if hasattr(linear, "qconfig"):
+            del linear.qconfig
+
+
+def _int8_linear(linear: nn.Linear) -> nn.Module:
+    """One linear through the same `quantize_dynamic` call as a whole model (same layer, same weights)."""
+    holder = nn.Sequential(linear)
+    _quantize_dynamic(holder)
+    return holder[0]
 
 
 def _import_bnb():
@@ -69,8 +146,9 @@ def _import_bnb():
 def _bitsandbytes(model: LlavaModel, bits: int, compute_dtype: torch.dtype) -> None:
     bnb = _import_bnb()
     device = model.device
+    done = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
     targets = [(name, module) for name, module in model.language_model.named_modules()
-               if isinstance(module, nn.Linear) and name.split(".")[-1] not in SKIP_BNB]
+               if isinstance(module, nn.Linear) and not isinstance(module, done) and name.split(".")[-1] not in SKIP_BNB]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.language_model.get_submodule(parent_name) if parent_name else model.language_model
@@ -81,13 +159,15 @@ def _bnb_linear(bnb, linear: nn.Linear, bits: int, compute_dtype: torch.dtype) -
     """An unquantized bnb layer holding `linear`'s weights on CPU; moving it to a device quantizes it."""
     has_bias = linear.bias is not None
     weight = linear.weight.data.detach().cpu()
+    # device="meta": the layer's own placeholder weight, replaced just below, costs no memory and no
+    # random init (an fp32 matrix per layer, whose freed pages the heap would keep during a load).
     if bits == 8:
         new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
-                                  has_fp16_weights=False, threshold=6.0)
+                                  has_fp16_weights=False, threshold=6.0, device="meta")
         new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                compress_statistics=True, quant_type="nf4")
+                                compress_statistics=True, quant_type="nf4", device="meta")
         new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
                                        module=new)
     if has_bias:
