@@ -28,14 +28,23 @@ import multiprocessing
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import PIL
 
-from llava.data.synth_scene import (BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, WORDS, Scene, render,
-                                    sample_scene)
-from llava.data.synth_text import (CAPTION_PROMPTS, CATEGORIES, LETTERS, MC_SUFFIX, QA, SHORT_SUFFIX, caption,
-                                   conversation, make_qa, text_conversation)
+from llava.data.synth_scene import BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, WORDS, Scene, render, sample_scene
+from llava.data.synth_text import (
+    CAPTION_PROMPTS,
+    CATEGORIES,
+    LETTERS,
+    MC_SUFFIX,
+    QA,
+    SHORT_SUFFIX,
+    caption,
+    conversation,
+    make_qa,
+    text_conversation,
+)
 
 FORMAT_VERSION = 1
 DEFAULT_IMAGE_SIZE = 96
@@ -65,33 +74,37 @@ def answer_vocab(category: str, max_objects: int = MAX_OBJECTS) -> list[str]:
     }[category]
 
 
+def scene_where(rng: random.Random, size: int, build: Callable[[random.Random, Scene], Any],
+                max_objects: int = MAX_OBJECTS, **hints: Any) -> tuple[Scene, Any]:
+    """A scene for which `build(rng, scene)` is not None, and what it built (scenes are drawn until one fits)."""
+    for _ in range(1000):
+        scene = sample_scene(rng, size, max_objects=max_objects, **hints)
+        made = build(rng, scene)
+        if made is not None:
+            return scene, made
+    raise RuntimeError(f"no scene fits {build!r} with hints {hints}")  # pragma: no cover - all builders are reachable
+
+
+def ask(rng: random.Random, size: int, category: str, target: str | None = None,
+        max_objects: int = MAX_OBJECTS) -> tuple[Scene, QA]:
+    """A scene and its canonical question of `category` (answer `target` when given), sampled with
+    hints where chance alone is too rare, until the question can be asked about it unambiguously."""
+    hints: dict[str, Any] = {}
+    if category in ("count", "shape", "word") and target is not None:
+        hints[category] = int(target) if category == "count" else target
+    elif category == "word":
+        hints["word"] = True
+    return scene_where(rng, size, lambda r, s: make_qa(r, s, category, target, canonical=True), max_objects, **hints)
+
+
 def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE,
                max_objects: int = MAX_OBJECTS) -> Iterable[tuple[Scene, QA]]:
-    """The eval set's (scene, question) pairs: category i % 7, its answer cycling through the vocabulary.
-
-    Each question gets its own scene, sampled (with hints where chance alone is too rare)
-    until the question with the wanted answer can be asked about it unambiguously.
-    """
+    """The eval set's (scene, question) pairs: category i % 7, its answer cycling through the vocabulary,
+    each question with its own scene (`ask`)."""
     for i in range(eval_n):
         category = CATEGORIES[i % len(CATEGORIES)]
         vocab = answer_vocab(category, max_objects)
-        target = vocab[(i // len(CATEGORIES)) % len(vocab)]
-        rng = _rng(seed, "eval", i)
-        hints: dict[str, Any] = {}
-        if category == "count":
-            hints["count"] = int(target)
-        elif category == "word":
-            hints["word"] = target
-        elif category == "shape":
-            hints["shape"] = target
-        for _ in range(1000):
-            scene = sample_scene(rng, image_size, max_objects=max_objects, **hints)
-            qa = make_qa(rng, scene, category, target, canonical=True)
-            if qa is not None:
-                yield scene, qa
-                break
-        else:  # pragma: no cover - every target is reachable; this guards future vocabulary edits
-            raise RuntimeError(f"eval question {i}: no scene found for {category}={target!r}")
+        yield ask(_rng(seed, "eval", i), image_size, category, vocab[(i // len(CATEGORIES)) % len(vocab)], max_objects)
 
 
 def load_scenes(folder: str | os.PathLike, split: str | None = None) -> dict[str, Scene]:

@@ -8,8 +8,8 @@ import csv
 import io
 import random
 
-from llava.data.synth import answer_vocab, png_bytes
-from llava.data.synth_bench_short import Bench, ask, plural, sentence, subject
+from llava.data.synth import answer_vocab, ask, png_bytes
+from llava.data.synth_bench_short import Bench, plural, sentence, subject
 from llava.data.synth_scene import Scene, sample_scene
 from llava.data.synth_text import (
     DETAIL_PROMPTS,

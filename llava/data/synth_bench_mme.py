@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from llava.data.synth import answer_vocab
-from llava.data.synth_bench_short import Bench, position_names, scene_where, subject
+from llava.data.synth import answer_vocab, scene_where
+from llava.data.synth_bench_short import Bench, position_names, subject
 from llava.data.synth_scene import BACKGROUNDS, PLURALS, Scene, sample_scene
 from llava.data.synth_text import SHORT_SUFFIX, caption, make_qa
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from llava.data.synth import answer_vocab, png_bytes
-from llava.data.synth_scene import PLURALS, Scene, sample_scene
+from llava.data.synth import answer_vocab, ask, png_bytes, scene_where
+from llava.data.synth_scene import PLURALS, Scene
 from llava.data.synth_text import QA, TEMPLATES, count_word, make_qa
 
 # The canonical position question, as a pattern that gives back its two object names.
@@ -25,27 +25,6 @@ _POSITION = re.compile(
 
 
 # -- helpers shared by every writer -------------------------------------------------------------------
-
-
-def scene_where(rng: random.Random, size: int, build: Callable[[random.Random, Scene], Any],
-                **hints: Any) -> tuple[Scene, Any]:
-    """A scene for which `build(rng, scene)` is not None, and what it built (scenes are drawn until one fits)."""
-    for _ in range(1000):
-        scene = sample_scene(rng, size, **hints)
-        made = build(rng, scene)
-        if made is not None:
-            return scene, made
-    raise RuntimeError(f"no scene fits {build!r} with hints {hints}")  # pragma: no cover - all builders are reachable
-
-
-def ask(rng: random.Random, size: int, category: str, target: str | None = None) -> tuple[Scene, QA]:
-    """A scene and its canonical question of `category` (answer `target` when given), as the eval set asks."""
-    hints: dict[str, Any] = {}
-    if category in ("count", "shape", "word") and target is not None:
-        hints[category] = int(target) if category == "count" else target
-    elif category == "word":
-        hints["word"] = True
-    return scene_where(rng, size, lambda r, s: make_qa(r, s, category, target, canonical=True), **hints)
 
 
 def subject(qa: QA) -> str:
