@@ -59,11 +59,12 @@ class Judge:
     attempts: int = 4
     backoff: float = 1.0
     timeout: float = 120.0
+    max_tokens: int = 1024
 
-    def chat(self, messages: list[dict], temperature: float, max_tokens: int) -> str:
+    def chat(self, messages: list[dict], temperature: float, max_tokens: int | None = None) -> str:
         """The reply text of one chat completion (retried as the module docstring says)."""
         body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode("utf-8")
+                           "max_tokens": max_tokens or self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -162,7 +163,8 @@ def judge_all(output: str | Path, items: Sequence[tuple[str, T]], done: Callable
     return rows
 
 
-def add_judge_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+def add_judge_arguments(parser: argparse.ArgumentParser, default_model: str, default_max_tokens: int,
+                        max_tokens_note: str) -> None:
     g = parser.add_argument_group("judge (any OpenAI-compatible chat-completions endpoint)")
     g.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL") or DEFAULT_URL,
                    help="base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or OpenAI)")
@@ -172,6 +174,8 @@ def add_judge_arguments(parser: argparse.ArgumentParser, default_model: str) -> 
     g.add_argument("--judge-retries", type=int, default=4, help="attempts per call (default 4)")
     g.add_argument("--judge-backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
     g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per HTTP request")
+    g.add_argument("--max-tokens", type=int, default=default_max_tokens,
+                   help=f"most tokens per judge reply ({max_tokens_note})")
 
 
 def judge_from_args(args: argparse.Namespace) -> Judge:
@@ -188,4 +192,7 @@ def judge_from_args(args: argparse.Namespace) -> Judge:
         raise InputError("--judge-model is empty: name the judge's model")
     if args.judge_retries < 1 or args.judge_backoff < 0 or args.judge_timeout <= 0:
         raise InputError("--judge-retries must be >= 1, --judge-backoff >= 0 and --judge-timeout > 0")
-    return Judge(args.judge_url, args.judge_model, key, args.judge_retries, args.judge_backoff, args.judge_timeout)
+    if args.max_tokens < 1:
+        raise InputError("--max-tokens must be at least 1")
+    return Judge(args.judge_url, args.judge_model, key, args.judge_retries, args.judge_backoff, args.judge_timeout,
+                 args.max_tokens)

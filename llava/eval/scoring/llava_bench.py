@@ -142,12 +142,12 @@ def _status(row: dict) -> str:
     return "ok" if ok else "unparseable"
 
 
-def review_one(judge: Judge, job: dict, max_tokens: int) -> dict:
+def review_one(judge: Judge, job: dict) -> dict:
     """One review row: upstream's fields, or `failed` with the reason when the call never succeeded."""
     row = dict(job["row"])
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": job["content"]}]
     try:
-        reply = judge.chat(messages, TEMPERATURE, max_tokens)
+        reply = judge.chat(messages, TEMPERATURE)
     except JudgeCallFailed as err:
         print(f"{NAME}: question {row['question_id']}: judge call failed: {err}", file=sys.stderr)
         return {**row, "content": None, "tuple": [-1, -1], "failed": True, "error": str(err)}
@@ -194,17 +194,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference answers (answers_gpt4.jsonl), then the model's answers")
     parser.add_argument("-r", "--rule", default=str(DEFAULT_RULE), help="rule.json (default: our shipped rules)")
     parser.add_argument("-o", "--output", required=True, help="review JSONL (appended; a rerun resumes)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="most tokens per judge reply (default 1024)")
-    add_judge_arguments(parser, DEFAULT_MODEL)
+    add_judge_arguments(parser, DEFAULT_MODEL, default_max_tokens=1024, max_tokens_note="default 1024")
 
 
 def score_from_args(args: argparse.Namespace) -> dict:
-    if args.max_tokens < 1:
-        raise InputError("--max-tokens must be at least 1")
     judge = judge_from_args(args)
     items = [(str(job["row"]["question_id"]), job) for job in _load_jobs(args)]
-    rows = judge_all(args.output, items, lambda r: _status(r) == "ok",
-                     lambda job: review_one(judge, job, args.max_tokens))
+    rows = judge_all(args.output, items, lambda r: _status(r) == "ok", lambda job: review_one(judge, job))
     return summarize(rows, review_name(args.output))
 
 

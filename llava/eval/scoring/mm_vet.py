@@ -36,7 +36,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from llava.errors import DataError, InputError
+from llava.errors import DataError
 from llava.eval.judge import (
     Judge,
     JudgeCallFailed,
@@ -138,7 +138,7 @@ def load_answers(path: str) -> dict[str, str]:
     return answers
 
 
-def grade_one(judge: Judge, sample: dict, max_tokens: int) -> dict:
+def grade_one(judge: Judge, sample: dict) -> dict:
     """One grade row; up to five tries for a reply that parses, then 0.0 as the official grader."""
     row = {"question_id": sample["question_id"], "capability": sample["capability"], "answer": sample["answer"],
            "prediction": sample["prediction"]}
@@ -147,7 +147,7 @@ def grade_one(judge: Judge, sample: dict, max_tokens: int) -> dict:
     for attempt, temperature in enumerate(TEMPERATURES):
         messages = [{"role": "user", "content": prompt + (NUDGE if attempt else "")}]
         try:
-            reply = judge.chat(messages, temperature, max_tokens)
+            reply = judge.chat(messages, temperature)
         except JudgeCallFailed as err:
             print(f"{NAME}: question {sample['question_id']}: judge call failed: {err}", file=sys.stderr)
             return {**row, "content": replies, "score": None, "failed": True, "error": str(err)}
@@ -185,13 +185,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-file", required=True, help="MM-Vet questions JSONL (or the official mm-vet.json)")
     parser.add_argument("--result-file", required=True, help="answers JSONL (or {\"v1_<qid>\": text} JSON)")
     parser.add_argument("--output", required=True, help="grade JSONL (appended; a rerun resumes)")
-    parser.add_argument("--max-tokens", type=int, default=3, help="most tokens per judge reply (official: 3)")
-    add_judge_arguments(parser, DEFAULT_MODEL)
+    add_judge_arguments(parser, DEFAULT_MODEL, default_max_tokens=3, max_tokens_note="official: 3")
 
 
 def score_from_args(args: argparse.Namespace) -> dict:
-    if args.max_tokens < 1:
-        raise InputError("--max-tokens must be at least 1")
     judge = judge_from_args(args)
     questions, answers = load_questions(args.question_file), load_answers(args.result_file)
     missing = [q["id"] for q in questions if q["id"] not in answers]
@@ -200,7 +197,7 @@ def score_from_args(args: argparse.Namespace) -> dict:
                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     items = [(str(q["question_id"]), {**q, "prediction": answers[q["id"]]}) for q in questions]
     rows = judge_all(args.output, items, lambda r: not r.get("failed"),
-                     lambda sample: grade_one(judge, sample, args.max_tokens))
+                     lambda sample: grade_one(judge, sample))
     return summarize(rows)
 
 
