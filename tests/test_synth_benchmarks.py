@@ -16,11 +16,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from judge_helpers import running_judge
 
 import llava
 from llava.api import DEFAULT_MODEL
@@ -233,28 +232,11 @@ def test_vqav2_mixes_answer_spellings_so_only_canonical_ones_get_full_credit(ben
         assert any(normalize_answer(x) != canonical for x in answers)  # e.g. "a red circle" for "red"
 
 
-class _FakeJudge(BaseHTTPRequestHandler):
-    """An OpenAI-style endpoint that rates every answer as good as the reference."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        reply = "1.0" if len(body["messages"]) == 1 else "8 8\nBoth answers are right."  # MM-Vet / LLaVA-Bench
-        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_judged_benchmarks_are_read_by_their_scorers(bench, tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    try:
+    with running_judge() as judge:  # rates every answer as good as the reference
+        judge.script.update({"[Assistant 1]": [(200, "8 8\nBoth answers are right.")],  # LLaVA-Bench
+                             "": [(200, "1.0")]})  # MM-Vet
+        url = judge.url
         items = items_of(bench, "llava_bench")
         refs = {r["question_id"]: r["text"] for r in map(json.loads, (bench / "llava_bench" / "answers_gpt4.jsonl")
                                                         .read_text().splitlines())}
@@ -268,8 +250,6 @@ def test_judged_benchmarks_are_read_by_their_scorers(bench, tmp_path):
         m = score(bench, "mm_vet", answers, tmp_path, url)
         assert m["graded"] == len(items) and m["total"] == 100.0
         assert set(m["capabilities"]) == {"rec", "ocr", "spat", "math", "gen"}
-    finally:
-        server.shutdown()
 
 
 def test_shipped_model_through_the_real_answerer_and_scorer(bench, tmp_path):
