@@ -209,15 +209,18 @@ class RunOptions:
     only: Sequence[str] = ()
 
 
-def answer_argv(bench: Benchmark, suite: Suite, opts: RunOptions) -> list[str]:
+def answering_args(bench: Benchmark, suite: Suite, opts: RunOptions) -> argparse.Namespace:
+    """The benchmark's answering command line (its answerer's own flags), parsed."""
     settings = {**bench.settings, **({"batch_size": opts.batch_size} if opts.batch_size else {})}
     argv = ["--question-file", str(bench.question_file), "--answers-file", str(answers_file(bench, opts))]
     argv += ["--image-folder", str(bench.image_folder)] if bench.image_folder else []
     argv += ["--model-path", opts.model] if opts.model else []
     argv += ["--conv-mode", suite.conv_mode] if suite.conv_mode else []
     argv += ["--device", opts.device] if opts.device else []
-    return argv + flags_to_argv({**settings, **bench.answer_args}, answerer(bench).parser(_RaisingParser),
-                                f"suite {suite.name!r}, benchmark {bench.name!r}, answering")
+    parser = answerer(bench).parser(_RaisingParser)
+    argv += flags_to_argv({**settings, **bench.answer_args}, parser,
+                          f"suite {suite.name!r}, benchmark {bench.name!r}, answering")
+    return parser.parse_args(argv)
 
 
 def answerer(bench: Benchmark) -> Any:
@@ -228,7 +231,8 @@ def answers_file(bench: Benchmark, opts: RunOptions) -> Path:
     return opts.out / "answers" / f"{bench.name}.jsonl"
 
 
-def score_argv(bench: Benchmark, suite: Suite, opts: RunOptions, scorer: Any) -> list[str]:
+def scoring_args(bench: Benchmark, suite: Suite, opts: RunOptions, scorer: Any) -> argparse.Namespace:
+    """The benchmark's scorer flags, placeholders filled, parsed by the scorer's own parser."""
     places = {"suite": str(suite.path.parent), "answers": str(answers_file(bench, opts)),
               "answers_dir": str(opts.out / "answers"), "experiment": bench.name,
               "out": str(opts.out / "work" / bench.name), "judge_url": opts.judge_url or "",
@@ -237,20 +241,18 @@ def score_argv(bench: Benchmark, suite: Suite, opts: RunOptions, scorer: Any) ->
     filled = {k: _fill(v, places, f"{where}.{k}") for k, v in bench.score_args.items()}
     parser = _RaisingParser(prog=f"llava eval score {bench.scorer}")
     scorer.add_arguments(parser)
-    return flags_to_argv(filled, parser, where)
-
-
-def parse_scorer_args(scorer: Any, argv: Sequence[str], where: str) -> argparse.Namespace:
-    parser = _RaisingParser(prog=where)
-    scorer.add_arguments(parser)
+    argv = flags_to_argv(filled, parser, where)
     try:
         return parser.parse_args(argv)
     except InputError as err:
-        raise InputError(f"{where}: {err}") from None
+        raise InputError(f"benchmark {bench.name!r}, score flags: {err}") from None
 
 
 # Running -----------------------------------------------------------------------------------------
-def check(suite: Suite, opts: RunOptions) -> list[tuple[Benchmark, Any, argparse.Namespace]]:
+Plan = tuple[Benchmark, Any, argparse.Namespace, argparse.Namespace]  # benchmark, scorer, answering, scoring
+
+
+def check(suite: Suite, opts: RunOptions) -> list[Plan]:
     """Every selected benchmark's answerer flags and scorer flags, parsed before any model loads."""
     from llava.eval.answering import job_from_args
     from llava.eval.scoring import scorer as scorer_module
@@ -267,13 +269,12 @@ def check(suite: Suite, opts: RunOptions) -> list[tuple[Benchmark, Any, argparse
             scorer = scorer_module(bench.scorer)
         except InputError as err:
             raise InputError(f"suite {suite.name!r}, benchmark {bench.name!r}: {err}") from None
-        answer_args = answerer(bench).parser(_RaisingParser).parse_args(answer_argv(bench, suite, opts))
+        answering = answering_args(bench, suite, opts)
         try:  # sampling values are checked too (this imports torch, so it is not counted as answering time)
-            job_from_args(answer_args, answerer(bench).key_fields)
+            job_from_args(answering, answerer(bench).key_fields)
         except InputError as err:
             raise InputError(f"suite {suite.name!r}, benchmark {bench.name!r}: {err}") from None
-        parse_scorer_args(scorer, score_argv(bench, suite, opts, scorer), f"benchmark {bench.name!r}, score flags")
-        plans.append((bench, scorer, answer_args))
+        plans.append((bench, scorer, answering, scoring_args(bench, suite, opts, scorer)))
     return plans
 
 
@@ -297,13 +298,13 @@ def run_suite(suite: Suite, opts: RunOptions) -> tuple[dict, dict[str, str]]:
         return load
 
     results: dict[str, dict] = {}
-    for bench, scorer, answer_args in plans:
+    for bench, scorer, answering, scoring in plans:
         (opts.out / "work" / bench.name).mkdir(parents=True, exist_ok=True)
         print(f"== {bench.name}: answering {bench.question_file.name}", file=sys.stderr)
         started, loading_before = time.perf_counter(), load_seconds[0]
-        answered = answerer(bench).answer(answer_args, load=shared_load(answer_args))
+        answered = answerer(bench).answer(answering, load=shared_load(answering))
         seconds = time.perf_counter() - started - (load_seconds[0] - loading_before) if answered else 0.0
-        results[bench.name] = _score(bench, suite, opts, scorer) | {
+        results[bench.name] = _score(bench, scorer, scoring, opts) | {
             "scorer": bench.scorer, "answers_file": str(answers_file(bench, opts)),
             "answers": len(read_rows(answers_file(bench, opts))), "answered_now": answered,
             "answer_seconds": round(seconds, 2)}
@@ -312,10 +313,9 @@ def run_suite(suite: Suite, opts: RunOptions) -> tuple[dict, dict[str, str]]:
     return summary, write_reports(summary, opts.out)
 
 
-def _score(bench: Benchmark, suite: Suite, opts: RunOptions, scorer: Any) -> dict:
+def _score(bench: Benchmark, scorer: Any, args: argparse.Namespace, opts: RunOptions) -> dict:
     if getattr(scorer, "NEEDS_JUDGE", False) and not opts.judge_url:
         return {"status": "skipped", "reason": "a judged benchmark: give --judge-url and --judge-model"}
-    args = parse_scorer_args(scorer, score_argv(bench, suite, opts, scorer), f"benchmark {bench.name!r}, score flags")
     try:
         metrics = scorer.score_from_args(args)
     except (LlavaError, OSError) as err:
