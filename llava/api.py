@@ -25,6 +25,7 @@ from llava.checkpoint import LoadedCheckpoint, load_checkpoint
 from llava.device import resolve_device, resolve_dtype
 from llava.errors import InputError, InputTypeError, PromptError
 from llava.generate.engine import Completion, Engine, Request, SamplingParams
+from llava.model.quantize import ALIASES as QUANTIZE_ALIASES
 from llava.processing.image import load_image
 from llava.processing.templates import Template, get_template, template_for_model
 from llava.processing.tokenize import IMAGE_TAG, check_image_count, tokenize_prompt
@@ -55,7 +56,7 @@ def wrap_image_tags(prompt: str) -> str:
 
 
 _IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, PIL.Image.Image)
-QUANTIZE_MODES = {"int8": "int8-dynamic", "8bit": "bnb-8bit", "4bit": "bnb-4bit"}
+QUANTIZE_MODES = QUANTIZE_ALIASES  # llava.load's names -> llava.model.quantize modes
 
 
 def _as_list(images: Images, where: str = "images") -> list[ImageInput]:
@@ -287,5 +288,5 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
     # Quantized while loading: each linear is quantized as its weights arrive (never a full-precision copy).
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
                                  vision_tower=vision_tower, device=target, dtype=chosen_dtype,
-                                 quantize=QUANTIZE_MODES.get(quantize, quantize) if quantize else None)
+                                 quantize=quantize)
     return LlavaPipeline(checkpoint, template=template)

@@ -126,13 +126,16 @@ def test_load_pretrained_model_signature(ckpt_dir):
 
 def test_im_start_end_checkpoints_wrap_each_image(ckpt_dir):
     from llava.api import wrap_image_tags
-    from llava.checkpoint.loader import _add_original_tokens
+    from llava.checkpoint.build import resize_vocab
+    from llava.checkpoint.loader import _original_tokens
+    from llava.checkpoint.tokenizer import add_special_tokens
 
     assert wrap_image_tags("<image>\nA <im_start><image><im_end> B") == (
         "<im_start><image><im_end>\nA <im_start><image><im_end> B")
     pipe = llava.load(ckpt_dir, device="cpu")
     pipe.model.config.extra["mm_use_im_start_end"] = True  # as an original v1-era config sets it
-    _add_original_tokens(pipe.model, pipe.tokenizer)
+    add_special_tokens(pipe.tokenizer, _original_tokens(pipe.model.config))  # as the loader does
+    resize_vocab(pipe.model, len(pipe.tokenizer))
     start, end = pipe.tokenizer.convert_tokens_to_ids(["<im_start>", "<im_end>"])
     ids = pipe.prepare("What is shown?", images=IMAGE).request.input_ids
     image = pipe.model.config.image_token_index

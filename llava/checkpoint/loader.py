@@ -229,12 +229,6 @@ def _original_tokens(config: LlavaConfig) -> list[str]:
     return tokens
 
 
-def _add_original_tokens(model: LlavaModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The tokens the original's loader adds per config flags, and the matching embedding rows."""
-    add_special_tokens(tokenizer, _original_tokens(model.config))
-    resize_vocab(model, len(tokenizer))
-
-
 # Saving ---------------------------------------------------------------------------------------
 def prepare_for_hf(model: LlavaModel, tokenizer: PreTrainedTokenizerBase) -> int:
     """Give the tokenizer an `<image>` special token whose id is the model's placeholder id.
