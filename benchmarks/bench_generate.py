@@ -55,7 +55,7 @@ class Row:
 
 
 # Memory ----------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -63,18 +63,24 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def reset_peak_rss() -> None:
+    """Make the peak RSS (VmHWM) the current RSS, after handing freed heap back so the baseline is
+    honest: a peak read later is then the next work's own (Linux >= 4.0; OSError elsewhere)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def timed_peak_rss_rise(fn: Callable[[], Timing]) -> tuple[Timing, float]:
     """(fn's result, MB by which the peak RSS during fn() exceeds the RSS before; NaN where unsupported)."""
-    gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so the baseline is honest
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        before = _status_kb("VmRSS")
+        reset_peak_rss()
+        before = status_kb("VmRSS")
     except OSError:
         before = None
     result = fn()
-    return result, float("nan") if before is None else (_status_kb("VmHWM") - before) / 1024
+    return result, float("nan") if before is None else (status_kb("VmHWM") - before) / 1024
 
 
 def cpu_stall_us() -> int | None:

@@ -40,25 +40,6 @@ CASES = [  # (entry, dtype, quantize)
 
 
 # Memory -------------------------------------------------------------------------------------------
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    """Make VmHWM the current RSS (Linux >= 4.0), so the peak read later is this load's own."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def model_bytes(model) -> int:
     """Bytes the model holds: parameters and buffers (tied ones once), plus what quantized layers keep
     outside them (torch.ao's packed int8 weights and scales, bitsandbytes' scales and NF4 statistics)."""
@@ -120,6 +101,8 @@ def child(folder: str, entry: str, dtype: str, quantize: str | None) -> dict:
     import transformers  # noqa: F401
     from transformers import CLIPVisionModel, LlamaForCausalLM  # noqa: F401
 
+    from bench_generate import reset_peak_rss, status_kb  # after torch and transformers: no new overhead
+
     import llava
     from llava.api import QUANTIZE_MODES, LlavaPipeline
     from llava.checkpoint import load_checkpoint
@@ -127,7 +110,7 @@ def child(folder: str, entry: str, dtype: str, quantize: str | None) -> dict:
     if quantize in ("8bit", "4bit"):
         import bitsandbytes  # noqa: F401
     base = status_kb("VmRSS") * 1024
-    reset_peak()
+    reset_peak_rss()
     start = time.perf_counter()
     if entry == "api":
         model = llava.load(folder, dtype=dtype, quantize=quantize).model
