@@ -122,7 +122,7 @@ class Prepared:
 
 
 class LlavaPipeline:
-    def __init__(self, checkpoint: LoadedCheckpoint, template: str | None = None) -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, template: str | None = None, compile: bool = False) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
@@ -130,7 +130,8 @@ class LlavaPipeline:
         self.name = checkpoint.name
         auto = checkpoint.model.config.template
         self.template: Template = get_template(template or auto or template_for_model(self.name))
-        self.engine = Engine(self.model, self.tokenizer, context_length=self.model.config.context_length)
+        self.engine = Engine(self.model, self.tokenizer, context_length=self.model.config.context_length,
+                             compile=compile)
 
     # Building requests -------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[ImageInput]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
@@ -271,10 +272,12 @@ class LlavaPipeline:
 
 def load(path: str | os.PathLike | None = None, model_base: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, vision_tower: str | None = None, template: str | None = None,
-         quantize: str | None = None) -> LlavaPipeline:
+         quantize: str | None = None, compile: bool = False) -> LlavaPipeline:
     """Load a checkpoint (any supported layout, local folder or hub name) into a ready pipeline.
 
-    quantize: None, "int8" (dynamic int8 on CPU), "8bit" or "4bit" (bitsandbytes).
+    quantize: None, "int8" (dynamic int8 on CPU), "int8-weight" / "int4" (weight-only on CPU),
+    "8bit" or "4bit" (bitsandbytes). compile: compile the engine's one-row decode step
+    (`Engine(compile=True)`).
     """
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"path must be a folder or hub name, not {type(path).__name__}")
@@ -289,4 +292,4 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
                                  vision_tower=vision_tower, device=target, dtype=chosen_dtype,
                                  quantize=quantize)
-    return LlavaPipeline(checkpoint, template=template)
+    return LlavaPipeline(checkpoint, template=template, compile=compile)

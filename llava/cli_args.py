@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-QUANTIZE_FLAGS = (("load_8bit", "8bit"), ("load_4bit", "4bit"), ("int8", "int8"))
+QUANTIZE_FLAGS = (("load_8bit", "8bit"), ("load_4bit", "4bit"), ("int8", "int8"), ("int8_weight", "int8-weight"),
+                  ("int4", "int4"))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--load-8bit", action="store_true", help="8-bit weights through bitsandbytes")
     q.add_argument("--load-4bit", action="store_true", help="4-bit nf4 weights through bitsandbytes")
     q.add_argument("--int8", action="store_true", help="dynamic int8 language model (CPU)")
+    q.add_argument("--int8-weight", action="store_true", help="weight-only int8 language model (CPU)")
+    q.add_argument("--int4", action="store_true", help="weight-only 4-bit language model, groups of 32 (CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-row decode step with torch.compile (20-60 s once; faster batch-1 decoding)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
@@ -59,7 +64,8 @@ def images_from(args: argparse.Namespace) -> list:
 
 
 def quantize_from(args: Any) -> str | None:
-    """`llava.load`'s quantize mode from --load-8bit / --load-4bit / --int8 (absent flags count as off)."""
+    """`llava.load`'s quantize mode from --load-8bit / --load-4bit / --int8 / --int8-weight / --int4
+    (absent flags count as off)."""
     return next((mode for flag, mode in QUANTIZE_FLAGS if getattr(args, flag, False)), None)
 
 
@@ -68,4 +74,5 @@ def load_from_args(args: argparse.Namespace):
     from llava.api import load
 
     return load(args.model, model_base=args.model_base, device=args.device, dtype=args.dtype,
-                vision_tower=args.vision_tower, template=args.template, quantize=quantize_from(args))
+                vision_tower=args.vision_tower, template=args.template, quantize=quantize_from(args),
+                compile=getattr(args, "compile", False))

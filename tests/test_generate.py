@@ -215,8 +215,10 @@ def test_bf16_on_cpu_runs(tiny):
 
 @pytest.mark.slow
 def test_compiled_static_decode_matches_eager(tiny):
-    """torch.compile of the decode step (static cache) gives the same greedy tokens, padding included."""
+    """torch.compile of transformers' decode step (static cache) gives the same greedy tokens, padding
+    included (the lean forward's compiled step: tests/test_compiled_decode.py)."""
     model, tok = tiny
     reqs = [_prompt(model, 6, 1, seed=17)[0], _prompt(model, 2, 0, seed=18)[0]]
-    compiled = Engine(model, tok, eos_token_ids=[], compile=True)
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True, forward="transformers")
+    assert compiled.lean is None
     assert _greedy(compiled, reqs, n=6) == _greedy(Engine(model, tok, eos_token_ids=[]), reqs, n=6)

@@ -5,8 +5,9 @@ per-token work outside the model is kept to one sampled-id read per step. Two fo
 swappable under the loop: the lean one (`llava.generate.decoder`: the model's own modules
 over a preallocated KV cache, for Llama, Mistral and Qwen2) and transformers' public
 forward (`inputs_embeds`, `attention_mask`, `position_ids`, `cache`, `logits_to_keep`),
-which serves every other causal LM. Both run in any dtype and with int8 or bitsandbytes
-linears; `compile=True` compiles transformers' decode step.
+which serves every other causal LM. Both run in any dtype and with quantized linears.
+`compile=True` compiles the lean forward's one-row decode step (`llava.generate.compiled`),
+or transformers' decode step over its static cache for other models.
 
 Batching uses left padding: every row's last prompt token sits in the same column, so one
 `logits_to_keep=1` prefill gives each row's next-token logits, and position ids come from
@@ -24,6 +25,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
 from llava.errors import ContextTooLong  # re-exported: raised here
+from llava.generate.compiled import CompiledDecoder
 from llava.generate.decoder import KVCache, LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.generate.sampling import SamplingParams, make_generator, sample
@@ -100,11 +102,13 @@ class Engine:
     forward="auto" uses the lean forward when the language model is a Llama, Mistral or Qwen2
     (and the batch fits any sliding window), transformers' forward otherwise; "lean" insists
     (ValueError with the reason when it cannot), "transformers" never uses it. The cache
-    options belong to transformers' forward: cache="static" preallocates its KV cache, and
-    compile=True runs its decode step through `torch.compile` with the static cache (fixed
-    shapes avoid recompiles). The lean forward always preallocates. On a 2-core CPU
-    (benchmarks/README.md) it decodes the tiny model ~2.5x as fast as transformers'
-    `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 15-45 s up front.
+    options belong to transformers' forward: cache="static" preallocates its KV cache. The lean
+    forward always preallocates. compile=True compiles the decode step: on the lean forward its
+    one-row step (`CompiledDecoder`; larger batches stay eager, where MKL's GEMM is faster), on
+    transformers' forward its step over the static cache (fixed shapes avoid recompiles). On a
+    2-core CPU (benchmarks/README.md) the lean forward decodes the tiny model ~2.5x as fast as
+    transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
+    up front and lifts bench-200m's batch-1 decode ~2.5x.
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
@@ -126,14 +130,16 @@ class Engine:
         self.forward_kind = forward
         self._cache_arg = cache_argument(self.lm)
         self.lean: LlamaFamilyDecoder | None = None
-        if forward == "lean" or (forward == "auto" and cache == "dynamic" and not compile):
+        self.compiled_lean: CompiledDecoder | None = None
+        if forward == "lean" or (forward == "auto" and (cache == "dynamic" or compile)):
             reason = unsupported_reason(self.lm, capacity=1)
             if reason is None:
                 self.lean = LlamaFamilyDecoder(self.lm)
+                self.compiled_lean = CompiledDecoder(self.lean) if compile else None
             elif forward == "lean":
                 raise ValueError(f"the lean forward cannot run this language model: {reason}; use forward='auto'")
         self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
-        if compile:
+        if compile and self.lean is None:
             # torch's default shape policy: the first shape compiles static, a second one compiles a
             # dynamic graph that then serves every batch size and cache bucket without recompiling.
             self._decode_forward = torch.compile(self._forward_one)
@@ -265,7 +271,10 @@ class Engine:
     def decode_step(self, state: DecodeState, next_tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B] ids), advance the state in place, return [B, V] logits."""
         state.length += 1
-        if isinstance(state.cache, KVCache):
+        if isinstance(state.cache, KVCache) and self.compiled_lean is not None and len(state.rows) == 1:
+            logits = self.compiled_lean.step(next_tokens.view(-1, 1), state.position_ids, state.attention_mask,
+                                             state.cache, state.length - 1)
+        elif isinstance(state.cache, KVCache):
             logits = self.lean.forward(self.lean.embed(next_tokens.view(-1, 1)), state.position_ids,
                                        state.attention_mask if state.padded else None, state.cache, state.length - 1)
         else:

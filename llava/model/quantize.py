@@ -9,6 +9,10 @@ Modes:
 - "int8-dynamic": `torch.ao.quantization.quantize_dynamic` on every nn.Linear of the language
   model (lm_head included: it is the largest single matrix). CPU only; int8 weights,
   activations quantized on the fly.
+- "int8-weight" / "int4-weight": weight-only int8 (per output row) and 4-bit (groups of 32)
+  through PyTorch's packed CPU kernels (`llava.model.woq`), lm_head included; activations stay
+  in the model's dtype (fp32 or bf16). The fastest CPU decoding, with `Engine(compile=True)`.
+  Layers whose shape the kernels cannot take stay unquantized (`llava.model.woq`).
 - "bnb-8bit": bitsandbytes LLM.int8() (`Linear8bitLt`, outlier threshold 6.0).
 - "bnb-4bit": bitsandbytes NF4 with double quantization (`Linear4bit`), QLoRA's format.
   Both bnb modes keep lm_head unquantized, as transformers' bitsandbytes integration does.
@@ -29,9 +33,12 @@ from torch import nn
 
 from llava.errors import InputError, MissingDependency
 from llava.model.llava import LlavaModel
+from llava.model.woq import WEIGHT_ONLY
 
-MODES = ("int8-dynamic", "bnb-8bit", "bnb-4bit")
-ALIASES = {"int8": "int8-dynamic", "8bit": "bnb-8bit", "4bit": "bnb-4bit"}  # llava.load's and the CLI's names
+MODES = ("int8-dynamic", "int8-weight", "int4-weight", "bnb-8bit", "bnb-4bit")
+# llava.load's and the CLI's names
+ALIASES = {"int8": "int8-dynamic", "int8-weight": "int8-weight", "int4": "int4-weight", "8bit": "bnb-8bit",
+           "4bit": "bnb-4bit"}
 SKIP_BNB = ("lm_head",)
 
 
@@ -45,6 +52,8 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
         raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "int8-dynamic":
         _int8_dynamic(model)
+    elif mode in WEIGHT_ONLY:
+        _weight_only(model, mode)
     else:
         _bitsandbytes(model, bits=8 if mode == "bnb-8bit" else 4, compute_dtype=compute_dtype or model.dtype)
     return model
@@ -52,12 +61,15 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
 
 def check_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
     """The mode's full name, once it is known to work for a model in `dtype` on `device` (before
-    a loader reads any weight): int8-dynamic needs fp32 on the CPU, bnb modes need bitsandbytes."""
+    a loader reads any weight): int8-dynamic needs fp32 on the CPU, the weight-only modes the CPU,
+    bnb modes need bitsandbytes."""
     mode = ALIASES.get(mode, mode)
     if mode not in MODES:
         raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "int8-dynamic":
         _check_int8(torch.device(device), dtype)
+    elif mode in WEIGHT_ONLY:
+        _check_weight_only(mode, torch.device(device))
     else:
         _import_bnb()
     return mode
@@ -73,7 +85,7 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
     dtype (bnb-4bit's compute dtype, as `quantize_language_model` takes it).
     """
     mode = check_mode(mode, device, dtype)
-    bnb = None if mode == "int8-dynamic" else _import_bnb()
+    bnb = _import_bnb() if mode.startswith("bnb") else None
 
     def quantize(model: LlavaModel, name: str, linear: nn.Linear) -> nn.Module | None:
         if not name.startswith("language_model."):
@@ -82,6 +94,8 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
             return None
         if mode == "int8-dynamic":
             return _int8_linear(linear)
+        if mode in WEIGHT_ONLY:
+            return WEIGHT_ONLY[mode].from_linear(linear) if WEIGHT_ONLY[mode].fits(linear) else None
         if name.split(".")[-1] in SKIP_BNB:
             return None
         return _bnb_linear(bnb, linear, 8 if mode == "bnb-8bit" else 4, dtype).to(device)  # .to() quantizes
@@ -90,8 +104,8 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
 
 
 def quantized_layers(module: nn.Module) -> list[nn.Module]:
-    """The layers of `module` that quantizing made (torch.ao dynamic int8, bitsandbytes 8- and 4-bit)."""
-    kinds: tuple[type, ...] = (torch.ao.nn.quantized.dynamic.Linear,)
+    """The layers of `module` that quantizing made (torch.ao dynamic int8, weight-only, bitsandbytes)."""
+    kinds: tuple[type, ...] = (torch.ao.nn.quantized.dynamic.Linear, *WEIGHT_ONLY.values())
     if "bitsandbytes" in sys.modules:
         bnb = sys.modules["bitsandbytes"]
         kinds += (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
@@ -105,6 +119,21 @@ def _check_int8(device: torch.device, dtype: torch.dtype) -> None:
     if dtype != torch.float32:
         raise ValueError(f"int8-dynamic quantization expects fp32 weights, got {dtype}; "
                          "call model.float() first")
+
+
+def _check_weight_only(mode: str, device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(f"{mode} quantization uses PyTorch's packed CPU kernels, but the model is on {device}; "
+                         "use bnb-8bit / bnb-4bit on a GPU")
+
+
+def _weight_only(model: LlavaModel, mode: str) -> None:
+    _check_weight_only(mode, model.device)
+    lm = model.language_model
+    kind = WEIGHT_ONLY[mode]
+    for name, linear in [(n, m) for n, m in lm.named_modules() if type(m) is nn.Linear and kind.fits(m)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(lm.get_submodule(parent_name) if parent_name else lm, child, kind.from_linear(linear))
 
 
 def _int8_dynamic(model: LlavaModel) -> None:

@@ -1,0 +1,95 @@
+"""The lean forward's one-row decode step, compiled over a static KV cache (gpt-fast's recipe).
+
+Batch-1 decoding on a CPU is a memory-bandwidth problem: every weight is read once per
+token. MKL's and oneDNN's matrix-vector products read weights at 11-16 GB/s on our 2-core
+machines whatever the thread count, while the memory gives ~32 GB/s. Written as a
+multiply-and-sum (`gemv`) inside a compiled graph, Inductor emits one vectorised loop per
+matrix that streams its rows across the threads at 25-30 GB/s (benchmarks/README.md). So
+the compiled step computes plain CPU linears that way, and everything else (norms, rotary,
+attention, weight-only int8/int4 layers) as the eager lean forward does.
+
+Only single-row batches take this step (`Engine` runs larger batches on the eager lean
+forward): at 8 rows the same reductions re-read each weight row per input row and ran ~3x
+slower than MKL's GEMM, and attending over a static cache's whole capacity reads up to twice
+the KV cache a batch needs.
+
+Shapes are static so the graph is compiled once: the cache has a fixed capacity, the step
+writes its keys and values at a column given as a tensor (`index_copy_`), and attends over
+the whole capacity with an additive mask built from the row mask and that column. A second
+capacity triggers one more compilation with it symbolic (torch's default policy); compiling
+bench-200m takes 20-60 s on 2 cores, once per process (Inductor caches kernels on disk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llava.generate.decoder import KVCache, Linear, LlamaFamilyDecoder, _rms_norm, plan_layers, rotary_tables, rotate
+
+
+def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight.T (+ bias), as a multiply-and-sum over the input axis in fp32.
+
+    Laid out [out, rows, in] so the generated loop walks the weight once, row by row.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out = (weight.float().unsqueeze(1) * rows.float().unsqueeze(0)).sum(-1).t().to(x.dtype)
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(part, tuple):
+        return part(x)  # weight-only int8 picks its own compiled form; other layers run as they are
+    weight, bias = part
+    if x.device.type == "cpu":
+        return gemv(weight, bias, x)
+    return F.linear(x, weight, bias)
+
+
+class CompiledDecoder:
+    """`step` runs one token through a one-row `KVCache` like `LlamaFamilyDecoder.forward`, compiled.
+
+    The layers are planned once, here: the compiled graph belongs to the model as it was when
+    the engine was made (a model cast, quantized or given adapters later needs a new Engine).
+    """
+
+    def __init__(self, decoder: LlamaFamilyDecoder) -> None:
+        self.decoder = decoder
+        self.layers = plan_layers(decoder.lm)
+        self._compiled = torch.compile(self._step, dynamic=None)
+
+    def step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+             cache: KVCache, column: int) -> torch.Tensor:
+        """Token ids [B, 1] at rotary positions [B, 1], written at cache column `column`; `key_mask`
+        [B, capacity] marks the real columns (1). Returns [B, V] logits."""
+        where = torch.tensor([column], device=token_ids.device)
+        return self._compiled(token_ids, position_ids, key_mask, where, cache.keys, cache.values)
+
+    def _step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+              column: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        dec = self.decoder
+        body = dec.lm.model
+        hidden = dec.lm.get_input_embeddings()(token_ids)
+        batch, capacity = key_mask.shape
+        rotary = rotary_tables(*body.rotary_emb(hidden, position_ids))
+        visible = (key_mask != 0) & (torch.arange(capacity, device=key_mask.device) <= column)
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        heads, kv_heads, dim = dec.n_heads, dec.n_kv_heads, dec.head_dim
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(layer.input_norm, hidden)
+            qk = torch.cat((decode_linear(layer.q, x), decode_linear(layer.k, x)), dim=-1)
+            qk = rotate(qk.view(batch, 1, heads + kv_heads, dim).transpose(1, 2), *rotary)
+            keys[i].index_copy_(2, column, qk[:, heads:])
+            values[i].index_copy_(2, column, decode_linear(layer.v, x).view(batch, 1, kv_heads, dim).transpose(1, 2))
+            q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
+            out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, scale=dec.scale)
+            hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))
+            x = _rms_norm(layer.post_norm, hidden)
+            gated = layer.act(decode_linear(layer.gate, x)) * decode_linear(layer.up, x)
+            hidden = hidden + decode_linear(layer.down, gated)
+        last = _rms_norm(body.norm, hidden[:, -1])
+        head = dec.lm.get_output_embeddings()
+        return decode_linear((head.weight, head.bias) if type(head) is torch.nn.Linear else head, last)

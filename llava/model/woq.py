@@ -1,0 +1,165 @@
+"""Weight-only quantized linears for CPU decoding: int8 per output channel, int4 in groups of 32.
+
+Decoding one token reads every language-model weight once, so on a CPU its speed is weight
+bytes over memory bandwidth. These layers keep the weights small and leave the activations in
+the model's dtype (no activation quantization, unlike torch.ao's dynamic int8), computing with
+PyTorch's own packed CPU kernels:
+
+- `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
+  one per 32 weights). Few rows go through `aten._weight_int8pack_mm`; many rows (a prefill)
+  through a dequantized matrix and the model dtype's GEMM, several times faster there. Inside
+  `torch.compile` (the compiled decode step, `llava.generate.compiled`) few rows take a
+  reduction over the weight read as int32 words, which Inductor turns into one streaming loop
+  at near memory bandwidth; its columns are stored in the order that makes those words line up
+  with contiguous slices of the input (`_word_order`).
+- `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
+  group, as q4_1), packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
+  `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x slower with fp32 ones).
+
+Both are CPU-only: the packed formats are the CPU kernels'. Outputs come back in the input's
+dtype, so an fp32 or bf16 model keeps its dtype everywhere else. A linear whose shape a
+kernel cannot take (`fits`: int8 needs in_features % 4 == 0; int4 in_features % 32 == 0 and
+out_features % 16 == 0, e.g. an odd-sized vocabulary's lm_head) is left unquantized by
+`llava.model.quantize`, as torchao's configs leave such layers.
+
+Scales are stored as integer views of their float bits: a model-wide `.to(dtype)` (a loader's,
+a user's) casts floating buffers, which would round the fp32 scales to bf16 or hand the int4
+kernel fp32 scales it rejects.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INT4_GROUP = 32
+FEW_ROWS = 16  # up to this many rows use the packed matrix-vector kernels; more rows dequantize
+
+
+def _word_order(in_features: int) -> torch.Tensor:
+    """Stored column c holds input column order[c]: byte k of int32 word j is column k * (in/4) + j,
+    so the word's k-th byte multiplies the contiguous input slice x[k * in/4 : (k + 1) * in/4]."""
+    quarter = in_features // 4
+    return torch.arange(in_features).view(4, quarter).t().reshape(-1)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """int8 weights ([out, in], columns in `_word_order`), fp32 per-row scales, optional bias."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 order: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale_bits", scale.float().view(torch.int32))  # float bits (module docstring)
+        self.register_buffer("bias", bias)
+        self.register_buffer("order", order, persistent=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scale_bits.view(torch.float32)
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        return linear.in_features % 4 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        _check_cpu(linear, "int8-weight")
+        if not cls.fits(linear):
+            raise ValueError(f"int8-weight needs in_features divisible by 4, got {linear.in_features}")
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(1).clamp(min=1e-12) / 127
+        order = _word_order(linear.in_features)
+        quantized = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)[:, order].contiguous()
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(quantized, scale, bias, order)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in the model's column order, in `dtype`."""
+        weight = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
+        weight[:, self.order] = (self.weight.float() * self.scale[:, None]).to(dtype)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > FEW_ROWS:
+            out = nn.functional.linear(x, self.dequantized(x.dtype))
+        elif torch.compiler.is_compiling():
+            out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
+        else:
+            permuted = x.reshape(rows, -1)[:, self.order].to(torch.bfloat16)
+            out = torch.ops.aten._weight_int8pack_mm(permuted, self.weight, self.scale.to(torch.bfloat16))
+            out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _word_reduction(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, in] -> [rows, out] as one reduction over int32 words (written for Inductor, which
+        fuses it into a single pass over the weight; eager it would materialise four matrices)."""
+        words = self.weight.view(torch.int32)  # [out, in / 4]
+        parts = x.float().view(x.shape[0], 4, -1)
+        acc = None
+        for k in range(4):
+            signed_byte = ((words << (24 - 8 * k)) >> 24).float()
+            term = (signed_byte * parts[:, k, None, :]).sum(-1)
+            acc = term if acc is None else acc + term
+        return (acc * self.scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """4-bit weights in PyTorch's CPU int4pack layout, bf16 (scale, zero) per group of 32 inputs."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)
+        # Float bits as integers (module docstring).
+        self.register_buffer("scales_and_zeros_bits", scales_and_zeros.view(torch.int16))
+        self.register_buffer("bias", bias)
+
+    @property
+    def scales_and_zeros(self) -> torch.Tensor:
+        return self.scales_and_zeros_bits.view(torch.bfloat16)
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4WeightOnlyLinear":
+        _check_cpu(linear, "int4-weight")
+        out_features, in_features = linear.weight.shape
+        if not cls.fits(linear):
+            raise ValueError(f"int4-weight needs in_features divisible by {INT4_GROUP} and out_features by 16 "
+                             f"(the kernel's packing), got {in_features} -> {out_features}")
+        groups = linear.weight.detach().float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(out_features, in_features), 1)
+        # The kernel computes (code - 8) * scale + zero, so zero is the value of code 8.
+        scales_and_zeros = torch.stack((scale, low + 8 * scale), -1).transpose(0, 1).contiguous().bfloat16()
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(packed, scales_and_zeros, bias, in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+WEIGHT_ONLY = {"int8-weight": Int8WeightOnlyLinear, "int4-weight": Int4WeightOnlyLinear}
+
+
+def _check_cpu(linear: nn.Linear, mode: str) -> None:
+    if linear.weight.device.type != "cpu":
+        raise ValueError(f"{mode} quantization uses PyTorch's packed CPU kernels, but the model is on "
+                         f"{linear.weight.device}; use bnb-8bit / bnb-4bit on a GPU")
