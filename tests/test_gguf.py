@@ -259,6 +259,28 @@ def test_language_model_rebuilt_from_the_gguf_gives_the_same_logits(tiny):
     assert _rebuilt_logits_equal(_files(root / "f32")[0], src.model)
 
 
+def test_llama_cpp_runs_the_export_with_our_greedy_tokens(tiny):
+    """Where llama-cpp-python is installed (an optional benchmark dependency, not in CI: it builds
+    from source), llama.cpp itself loads the f32 export and decodes our greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llava.generate import Engine, Request, SamplingParams
+
+    root, src = tiny
+    ids = [1, 40, 41, 300, 7, 2, 55, 90]
+    ours = Engine(src.model, src.tokenizer, eos_token_ids=[]).generate(
+        [Request(ids)], SamplingParams(max_new_tokens=16, temperature=0))[0].token_ids
+    llm = llama_cpp.Llama(str(next((root / "f32").glob("tiny-llava-f32.gguf"))), n_ctx=64, verbose=False)
+    try:
+        theirs = []
+        for token in llm.generate(ids, top_k=1, temp=0.0):
+            theirs.append(token)
+            if len(theirs) == len(ours):
+                break
+    finally:
+        llm.close()
+    assert theirs == ours
+
+
 # mmproj ----------------------------------------------------------------------------------------------
 def test_mmproj_metadata(tiny):
     root, src = tiny

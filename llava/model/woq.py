@@ -83,8 +83,9 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > FEW_ROWS:
-            out = nn.functional.linear(x, self.dequantized(x.dtype))
+        if rows > FEW_ROWS:  # the input's columns gathered into the stored order: cheaper than scattering W's
+            stored = (self.weight.float() * self.scale[:, None]).to(x.dtype)
+            out = nn.functional.linear(x[..., self.order], stored)
         elif torch.compiler.is_compiling():
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
