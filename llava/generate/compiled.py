@@ -39,6 +39,17 @@ def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> to
     return out if bias is None else out + bias
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one query per head (q [B, KV, G, D]; keys/values [B, KV, C, D]; additive mask
+    [B, 1, 1, C]) written out as reductions in fp32, which Inductor fuses into two passes over
+    the cache. torch's CPU flash-attention kernel took ~0.5 ms per layer in bf16 for one query
+    over 512 columns, 40% of a bench-200m step."""
+    scores = (q.float().unsqueeze(3) * keys.float().unsqueeze(2)).sum(-1) * scale + mask.float()
+    weights = torch.softmax(scores, dim=-1)  # [B, KV, G, C]
+    return (weights.unsqueeze(-1) * values.float().unsqueeze(2)).sum(-2).to(q.dtype)
+
+
 def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(part, tuple):
         return part(x)  # weight-only int8 picks its own compiled form; other layers run as they are
@@ -85,7 +96,7 @@ class CompiledDecoder:
             keys[i].index_copy_(2, column, qk[:, heads:])
             values[i].index_copy_(2, column, decode_linear(layer.v, x).view(batch, 1, kv_heads, dim).transpose(1, 2))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
-            out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, scale=dec.scale)
+            out = decode_attention(q, keys[i], values[i], mask, dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))
             x = _rms_norm(layer.post_norm, hidden)
             gated = layer.act(decode_linear(layer.gate, x)) * decode_linear(layer.up, x)
