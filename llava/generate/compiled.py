@@ -25,7 +25,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llava.generate.decoder import KVCache, Linear, LlamaFamilyDecoder, _rms_norm, plan_layers, rotary_tables, rotate
+from llava.generate.decoder import (
+    KVCache,
+    Linear,
+    LlamaFamilyDecoder,
+    _linear_part,
+    _rms_norm,
+    plan_layers,
+    rotary_tables,
+    rotate,
+)
 
 
 def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -39,18 +48,8 @@ def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> to
     return out if bias is None else out + bias
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Attention of one query per head (q [B, KV, G, D]; keys/values [B, KV, C, D]; additive mask
-    [B, 1, 1, C]) written out as reductions in fp32, which Inductor fuses into two passes over
-    the cache. torch's CPU flash-attention kernel took ~0.5 ms per layer in bf16 for one query
-    over 512 columns, 40% of a bench-200m step."""
-    scores = (q.float().unsqueeze(3) * keys.float().unsqueeze(2)).sum(-1) * scale + mask.float()
-    weights = torch.softmax(scores, dim=-1)  # [B, KV, G, C]
-    return (weights.unsqueeze(-1) * values.float().unsqueeze(2)).sum(-2).to(q.dtype)
-
-
 def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
+    """A planned linear inside the compiled step: plain CPU weights as `gemv`, modules as themselves."""
     if not isinstance(part, tuple):
         return part(x)  # weight-only int8 picks its own compiled form; other layers run as they are
     weight, bias = part
@@ -96,11 +95,10 @@ class CompiledDecoder:
             keys[i].index_copy_(2, column, qk[:, heads:])
             values[i].index_copy_(2, column, decode_linear(layer.v, x).view(batch, 1, kv_heads, dim).transpose(1, 2))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
-            out = decode_attention(q, keys[i], values[i], mask, dec.scale)
+            out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, scale=dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))
             x = _rms_norm(layer.post_norm, hidden)
             gated = layer.act(decode_linear(layer.gate, x)) * decode_linear(layer.up, x)
             hidden = hidden + decode_linear(layer.down, gated)
         last = _rms_norm(body.norm, hidden[:, -1])
-        head = dec.lm.get_output_embeddings()
-        return decode_linear((head.weight, head.bias) if type(head) is torch.nn.Linear else head, last)
+        return decode_linear(_linear_part(dec.lm.get_output_embeddings()), last)
