@@ -152,3 +152,17 @@ def test_load_quantizes_weight_only_and_compiles():
     answer = pipe.generate("What color is the circle?", images=["examples/color.png"], temperature=0,
                            max_new_tokens=8)
     assert answer == reference
+
+
+def test_command_line_flags_choose_the_mode_and_compilation(capsys):
+    from llava.cli import build_parser
+    from llava.cli_args import quantize_from
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--query", "q", "--int4", "--compile"])
+    assert (quantize_from(args), args.compile) == ("int4", True)
+    args = parser.parse_args(["run", "--query", "q", "--int8-weight"])
+    assert (quantize_from(args), args.compile) == ("int8-weight", False)
+    with pytest.raises(SystemExit):  # one quantization at a time
+        parser.parse_args(["run", "--query", "q", "--int4", "--int8"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -108,7 +108,7 @@ class Engine:
     transformers' forward its step over the static cache (fixed shapes avoid recompiles). On a
     2-core CPU (benchmarks/README.md) the lean forward decodes the tiny model ~2.5x as fast as
     transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
-    up front and lifts bench-200m's batch-1 decode ~2.5x.
+    up front and lifts bench-200m's batch-1 decode 2-3x.
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,

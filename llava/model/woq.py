@@ -37,8 +37,9 @@ FEW_ROWS = 16  # up to this many rows use the packed matrix-vector kernels; more
 
 
 def _word_order(in_features: int) -> torch.Tensor:
-    """Stored column c holds input column order[c]: byte k of int32 word j is column k * (in/4) + j,
-    so the word's k-th byte multiplies the contiguous input slice x[k * in/4 : (k + 1) * in/4]."""
+    """Stored column c holds input column order[c]: byte k of int32 word j (little-endian, as on
+    every CPU torch runs on) is column k * (in/4) + j, so the word's k-th byte multiplies the
+    contiguous input slice x[k * in/4 : (k + 1) * in/4]."""
     quarter = in_features // 4
     return torch.arange(in_features).view(4, quarter).t().reshape(-1)
 
