@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from llava.checkpoint import keys
-from llava.checkpoint.io import as_tensor, check_state, read_json_object, read_weight_headers, tied_targets
+from llava.checkpoint.io import check_state, read_json_object, read_weight_headers, tied_targets
 from llava.checkpoint.paths import hub_snapshot, looks_like_hub_id
+from llava.checkpoint.stored import as_tensor
 from llava.config import LlavaConfig
 from llava.errors import CheckpointError, CheckpointMismatch, CheckpointNotFound, LlavaError
 from llava.model.llava import LlavaModel

@@ -17,7 +17,8 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from llava.checkpoint import keys
-from llava.checkpoint.io import read_state_dict, write_safetensors
+from llava.checkpoint.io import write_safetensors
+from llava.checkpoint.stored import read_state_dict
 from llava.checkpoint.tokenizer import IMAGE_TOKEN, complete_tokenizer_files, token_id
 from llava.config import LlavaConfig
 from llava.errors import CheckpointError

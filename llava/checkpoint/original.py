@@ -21,8 +21,9 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from llava.checkpoint import keys
 from llava.checkpoint.hf import EXTRA_KEY, is_hf_config
-from llava.checkpoint.io import read_json_object, read_state_dict, write_weights
+from llava.checkpoint.io import read_json_object, write_weights
 from llava.checkpoint.paths import hub_snapshot, looks_like_hub_id
+from llava.checkpoint.stored import read_state_dict
 from llava.config import CLIP_L_336, LlavaConfig
 from llava.errors import CheckpointError, CheckpointMismatch, CheckpointNotFound
 from llava.model.anyres import parse_pinpoints

@@ -16,8 +16,9 @@ from torch import nn
 
 from llava.checkpoint import keys
 from llava.checkpoint.hf import is_hf_config
-from llava.checkpoint.io import load_torch_file, load_weights_file, read_json_object, read_state_dict
+from llava.checkpoint.io import load_torch_file, load_weights_file, read_json_object
 from llava.checkpoint.original import from_original_config, is_original_config, read_config
+from llava.checkpoint.stored import read_state_dict
 from llava.config import LlavaConfig
 from llava.errors import CheckpointError, CheckpointMismatch, MissingDependency
 
