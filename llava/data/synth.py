@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 
 import PIL
 
+from llava.data.synth_phrasing import VARIED_TEMPLATES
 from llava.data.synth_scene import BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, WORDS, Scene, render, sample_scene
 from llava.data.synth_text import (
     CAPTION_PROMPTS,
@@ -45,13 +46,18 @@ from llava.data.synth_text import (
     make_qa,
     text_conversation,
 )
+from llava.data.synth_varied import BACKGROUND_TINTS, sample_varied_scene
 
 FORMAT_VERSION = 1
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_EVAL_N = 1400  # 200 per category
+# The classic world (one look, a few wordings: what the bundled model was first trained on) and the
+# varied one (`llava.data.synth_varied`: many looks, canvases and wordings, sentence answers too).
+WORLDS: dict[str, Callable[..., Scene]] = {"classic": sample_scene, "varied": sample_varied_scene}
+VARIED_SENTENCE_SHARE = 0.2  # varied chats: questions asked without the short-answer instruction
 
-__all__ = ["generate", "load_scenes", "eval_items", "train_scene", "answer_vocab", "png_bytes", "DEFAULT_IMAGE_SIZE",
-           "DEFAULT_EVAL_N"]
+__all__ = ["generate", "load_scenes", "eval_items", "train_scene", "answer_vocab", "image_bytes", "image_name",
+           "chat", "DEFAULT_IMAGE_SIZE", "DEFAULT_EVAL_N", "WORLDS"]
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -59,11 +65,25 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"llava-synth:{seed}:{split}:{index}")
 
 
-def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE,
-                max_objects: int = MAX_OBJECTS) -> tuple[random.Random, Scene]:
+def _world(name: str) -> Callable[..., Scene]:
+    try:
+        return WORLDS[name]
+    except KeyError:
+        raise ValueError(f"unknown synthetic world {name!r}; valid: {', '.join(WORLDS)}") from None
+
+
+def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, max_objects: int = MAX_OBJECTS,
+                world: str = "classic") -> tuple[random.Random, Scene]:
     """Training scene `index` of a seed, and its rng positioned for writing its texts."""
     rng = _rng(seed, "train", index)
-    return rng, sample_scene(rng, image_size, max_objects=max_objects)
+    return rng, _world(world)(rng, image_size, max_objects=max_objects)
+
+
+def chat(rng: random.Random, scene: Scene, world: str = "classic") -> list[tuple[str, str]]:
+    """A training conversation about the scene, worded as its world words them."""
+    if world == "varied":
+        return conversation(rng, scene, pool=VARIED_TEMPLATES, sentence_p=VARIED_SENTENCE_SHARE)
+    return conversation(rng, scene)
 
 
 def answer_vocab(category: str, max_objects: int = MAX_OBJECTS) -> list[str]:
@@ -75,10 +95,11 @@ def answer_vocab(category: str, max_objects: int = MAX_OBJECTS) -> list[str]:
 
 
 def scene_where(rng: random.Random, size: int, build: Callable[[random.Random, Scene], Any],
-                max_objects: int = MAX_OBJECTS, **hints: Any) -> tuple[Scene, Any]:
+                max_objects: int = MAX_OBJECTS, world: str = "classic", **hints: Any) -> tuple[Scene, Any]:
     """A scene for which `build(rng, scene)` is not None, and what it built (scenes are drawn until one fits)."""
+    sample = _world(world)
     for _ in range(1000):
-        scene = sample_scene(rng, size, max_objects=max_objects, **hints)
+        scene = sample(rng, size, max_objects=max_objects, **hints)
         made = build(rng, scene)
         if made is not None:
             return scene, made
@@ -86,7 +107,7 @@ def scene_where(rng: random.Random, size: int, build: Callable[[random.Random, S
 
 
 def ask(rng: random.Random, size: int, category: str, target: str | None = None,
-        max_objects: int = MAX_OBJECTS) -> tuple[Scene, QA]:
+        max_objects: int = MAX_OBJECTS, world: str = "classic") -> tuple[Scene, QA]:
     """A scene and its canonical question of `category` (answer `target` when given), sampled with
     hints where chance alone is too rare, until the question can be asked about it unambiguously."""
     hints: dict[str, Any] = {}
@@ -94,17 +115,19 @@ def ask(rng: random.Random, size: int, category: str, target: str | None = None,
         hints[category] = int(target) if category == "count" else target
     elif category == "word":
         hints["word"] = True
-    return scene_where(rng, size, lambda r, s: make_qa(r, s, category, target, canonical=True), max_objects, **hints)
+    return scene_where(rng, size, lambda r, s: make_qa(r, s, category, target, canonical=True), max_objects, world,
+                       **hints)
 
 
-def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE,
-               max_objects: int = MAX_OBJECTS) -> Iterable[tuple[Scene, QA]]:
+def eval_items(seed: int, eval_n: int, image_size: int = DEFAULT_IMAGE_SIZE, max_objects: int = MAX_OBJECTS,
+               world: str = "classic") -> Iterable[tuple[Scene, QA]]:
     """The eval set's (scene, question) pairs: category i % 7, its answer cycling through the vocabulary,
     each question with its own scene (`ask`)."""
     for i in range(eval_n):
         category = CATEGORIES[i % len(CATEGORIES)]
         vocab = answer_vocab(category, max_objects)
-        yield ask(_rng(seed, "eval", i), image_size, category, vocab[(i // len(CATEGORIES)) % len(vocab)], max_objects)
+        yield ask(_rng(seed, "eval", i), image_size, category, vocab[(i // len(CATEGORIES)) % len(vocab)], max_objects,
+                  world)
 
 
 def load_scenes(folder: str | os.PathLike, split: str | None = None) -> dict[str, Scene]:
@@ -115,11 +138,19 @@ def load_scenes(folder: str | os.PathLike, split: str | None = None) -> dict[str
     return {r["image"]: Scene.from_dict(r["scene"]) for r in rows if split in (None, r["split"])}
 
 
-def png_bytes(scene: Scene) -> bytes:
-    """The rendered scene as PNG bytes; PIL writes no timestamps, so equal scenes give equal bytes."""
+def image_bytes(scene: Scene) -> bytes:
+    """The rendered scene as PNG bytes (JPEG when the scene says so); PIL writes no timestamps, so
+    equal scenes give equal bytes."""
     buf = io.BytesIO()
-    render(scene).save(buf, format="PNG", compress_level=6)
+    if scene.jpeg:
+        render(scene).save(buf, format="JPEG", quality=scene.jpeg)
+    else:
+        render(scene).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def image_name(stem: str, scene: Scene) -> str:
+    return f"images/{stem}.{'jpg' if scene.jpeg else 'png'}"
 
 
 def _write_images(root: Path, jobs: list[tuple[str, Scene]], workers: int) -> list[str]:
@@ -131,9 +162,9 @@ def _write_images(root: Path, jobs: list[tuple[str, Scene]], workers: int) -> li
     (root / "images").mkdir(parents=True, exist_ok=True)
     if workers > 1 and len(jobs) >= 512:  # below that, starting processes costs more than it saves
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            blobs = pool.imap(png_bytes, [scene for _, scene in jobs], chunksize=64)
+            blobs = pool.imap(image_bytes, [scene for _, scene in jobs], chunksize=64)
             return [_save(root, name, data) for (name, _), data in zip(jobs, blobs)]
-    return [_save(root, name, png_bytes(scene)) for name, scene in jobs]
+    return [_save(root, name, image_bytes(scene)) for name, scene in jobs]
 
 
 def _save(root: Path, name: str, data: bytes) -> str:
@@ -160,8 +191,12 @@ def _conv(turns: list[tuple[str, str]], image: bool) -> list[dict[str, str]]:
 
 def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DEFAULT_IMAGE_SIZE,
              eval_n: int = DEFAULT_EVAL_N, text_only: int | None = None, workers: int = 1,
-             text_mc: float = 0.0, max_objects: int = MAX_OBJECTS) -> dict[str, Any]:
+             text_mc: float = 0.0, max_objects: int = MAX_OBJECTS, world: str = "classic") -> dict[str, Any]:
     """Write the dataset (see the module docstring) and return its meta.json contents.
+
+    `world`: "classic" (one look, a few wordings) or "varied" (`llava.data.synth_varied`: canvases,
+    scales, shades, strokes, backgrounds, noise, JPEG, many wordings and sentence answers; its
+    images are PNG or JPEG, and `image_size` is ignored as the canvas varies).
 
     `text_only`: number of image-free instruct chats (default n // 10); `text_mc`: the share of
     their questions asked as lettered multiple choice (`text_conversation`); `max_objects`: at
@@ -176,6 +211,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         raise ValueError(f"text_mc is a share of questions, in [0, 1]; got {text_mc}")
     if not 2 <= max_objects <= MAX_OBJECTS:  # left/right questions need two objects
         raise ValueError(f"max_objects must be in 2..{MAX_OBJECTS}; got {max_objects}")
+    _world(world)
     if image_size < 48:
         raise ValueError(f"image_size {image_size} is too small for five shapes and a word; use >= 48")
     root = Path(out_dir)
@@ -184,21 +220,21 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
 
     pretrain, instruct, scenes = [], [], []
     for i in range(n):
-        rng, scene = train_scene(seed, i, image_size, max_objects)
-        name = f"images/{i:06d}.png"
+        rng, scene = train_scene(seed, i, image_size, max_objects, world)
+        name = image_name(f"{i:06d}", scene)
         jobs.append((name, scene))
         scenes.append({"image": name, "split": "train", "scene": scene.to_dict()})
         rid = f"synth-{i:06d}"
         pretrain.append({"id": rid, "image": name, "conversations": _conv(
             [(rng.choice(CAPTION_PROMPTS), caption(scene))], image=True)})
-        instruct.append({"id": rid, "image": name, "conversations": _conv(conversation(rng, scene), image=True)})
+        instruct.append({"id": rid, "image": name, "conversations": _conv(chat(rng, scene, world), image=True)})
     for j in range(text_only):
         rng = _rng(seed, "text", j)
         instruct.append({"id": f"synth-text-{j:05d}", "conversations": _conv(text_conversation(rng, text_mc), image=False)})
 
     questions = []
-    for i, (scene, qa) in enumerate(eval_items(seed, eval_n, image_size, max_objects)):
-        name = f"images/eval_{i:05d}.png"
+    for i, (scene, qa) in enumerate(eval_items(seed, eval_n, image_size, max_objects, world)):
+        name = image_name(f"eval_{i:05d}", scene)
         jobs.append((name, scene))
         scenes.append({"image": name, "split": "eval", "scene": scene.to_dict()})
         questions.append({"question_id": i, "image": name, "text": qa.text, "answer": qa.answer,
@@ -215,9 +251,11 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
     meta = {
         "format": "llava-synth", "version": FORMAT_VERSION, "seed": seed, "n": n, "eval_n": eval_n,
         "text_only": text_only, "text_mc": text_mc, "image_size": image_size,
+        **({"world": world} if world != "classic" else {}),  # classic meta.json keeps its old bytes
         "pillow": PIL.__version__,  # rendering (font rasterisation) is byte-stable for one Pillow version
         "vocab": {"colors": {k: list(v) for k, v in COLORS.items()}, "shapes": list(SHAPES), "sizes": list(SIZES),
-                  "words": list(WORDS), "backgrounds": list(BACKGROUNDS), "max_objects": max_objects},
+                  "words": list(WORDS), "backgrounds": list(BACKGROUND_TINTS if world == "varied" else BACKGROUNDS),
+                  "max_objects": max_objects},
         "categories": list(CATEGORIES), "suffixes": {"short": SHORT_SUFFIX, "mc": MC_SUFFIX},
         "eval_per_category": {c: sum(q["category"] == c for q in questions) for c in CATEGORIES},
         "files": files,

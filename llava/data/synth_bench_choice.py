@@ -8,7 +8,7 @@ import csv
 import io
 import random
 
-from llava.data.synth import answer_vocab, ask, png_bytes
+from llava.data.synth import answer_vocab, ask, image_bytes
 from llava.data.synth_bench_short import Bench, plural, sentence, subject
 from llava.data.synth_scene import Scene, sample_scene
 from llava.data.synth_text import (
@@ -117,7 +117,7 @@ def write_mmbench(b: Bench) -> int:
         hint = f"The image has a {scene.background} background." if i % 4 == 3 else ""
         category, l2 = MMBENCH_CATEGORIES[qa.category]
         cells = options + [""] * (len(LETTERS) - len(options))
-        image = base64.b64encode(png_bytes(scene)).decode("ascii")
+        image = base64.b64encode(image_bytes(scene)).decode("ascii")
         writer.writerow([i, qa.question, hint, *cells, LETTERS[answer], category, "synth", l2, "", "dev", image])
     b.write("mmbench_dev_synth.tsv", out.getvalue())
     return b.n

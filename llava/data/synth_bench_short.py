@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from llava.data.synth import answer_vocab, ask, png_bytes, scene_where
+from llava.data.synth import answer_vocab, ask, image_bytes, scene_where
 from llava.data.synth_scene import PLURALS, Scene
 from llava.data.synth_text import QA, TEMPLATES, count_word, make_qa
 
@@ -85,7 +85,7 @@ class Bench:
         return rng, scene, qa
 
     def png(self, rel: str, scene: Scene) -> bytes:
-        data = png_bytes(scene)
+        data = image_bytes(scene)
         self.write(rel, data)
         return data
 

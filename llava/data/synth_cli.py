@@ -36,6 +36,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the text-only questions asked as lettered multiple choice (default 0)")
     p.add_argument("--max-objects", type=int, default=MAX_OBJECTS,
                    help=f"objects a scene at most, 2-{MAX_OBJECTS} (default {MAX_OBJECTS}; fewer make a simpler world)")
+    p.add_argument("--world", choices=("classic", "varied"), default="classic",
+                   help="classic: one look, a few wordings; varied: many canvases, scales, shades, strokes, "
+                        "backgrounds and wordings (default classic)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="rendering processes (output does not depend on it)")
     p.add_argument("--json", action="store_true", help="print meta.json instead of a summary")
@@ -94,7 +97,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     meta = generate(args.out, seed=args.seed, n=args.n, image_size=args.image_size, eval_n=args.eval_n,
                     text_only=args.text_only, workers=args.workers, text_mc=args.text_mc,
-                    max_objects=args.max_objects)
+                    max_objects=args.max_objects, world=args.world)
     if args.json:
         print(json.dumps(meta, indent=2))
     else:

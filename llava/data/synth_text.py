@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
+from llava.data.synth_phrasing import CAPTION_PROMPTS, DETAIL_PROMPTS, TEMPLATES, VARIED_TEMPLATES
 from llava.data.synth_scene import COLORS, MAX_OBJECTS, PLURALS, SHAPES, Obj, Scene
 
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -23,41 +24,6 @@ CATEGORIES: tuple[str, ...] = ("color", "shape", "count", "exist", "position", "
 LETTERS = "ABCD"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 MIN_DX = 0.15  # position questions: centres at least this fraction of the image width apart
-
-# Captions requests: the brief-description prompts of the original's LLaVA-Pretrain set.
-CAPTION_PROMPTS = (
-    "Describe the image concisely.",
-    "Provide a brief description of the given image.",
-    "Offer a succinct explanation of the picture presented.",
-    "Summarize the visual content of the image.",
-    "Give a short and clear explanation of the subsequent image.",
-    "Share a concise interpretation of the image provided.",
-    "Present a compact description of the photo's key features.",
-    "Relay a brief, clear account of the picture shown.",
-    "Render a clear and concise summary of the photo.",
-    "Write a terse but informative summary of the picture.",
-    "Create a compact narrative representing the image presented.",
-)
-DETAIL_PROMPTS = (
-    "Describe the image in detail.",
-    "What is in this image? Describe it in detail.",
-    "Give a detailed description of the image.",
-)
-
-# The first template of each list is the canonical (eval) phrasing.
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "color": ("What color is the {shape}?", "What is the color of the {shape}?", "Which color is the {shape}?"),
-    "shape": ("What shape is the {color} object?", "What is the shape of the {color} object?",
-              "Which shape is {color}?"),
-    "count": ("How many {plural} are there?", "How many {plural} are in the image?",
-              "How many {plural} can you see?"),
-    "exist": ("Is there a {color} {shape} in the image?", "Is there a {color} {shape}?",
-              "Does the image contain a {color} {shape}?"),
-    "position": ("Is the {a} to the left or right of the {b}?", "Is the {a} on the left or the right of the {b}?"),
-    "word": ("What word is written in the image?", "What does the text in the image say?",
-             "Which word is printed in the image?"),
-}
-
 
 @dataclass(frozen=True)
 class QA:
@@ -68,40 +34,63 @@ class QA:
     answer: str
     key: str  # the fact asked about: a chat asks each fact once, whatever the phrasing
     suffix: str = SHORT_SUFFIX
+    sentence: str = ""  # the answer as a sentence, for the question asked without the short-answer suffix
 
     @property
     def text(self) -> str:
         return self.question + self.suffix
 
 
-def _template(rng: random.Random, category: str, canonical: bool) -> str:
-    options = TEMPLATES[category]
-    return options[0] if canonical or rng.random() < 0.5 else rng.choice(options[1:])
+Pool = Mapping[str, tuple[str, ...]]
+
+
+def _template(rng: random.Random, category: str, canonical: bool, pool: Pool | None = None,
+              lone: Sequence[Obj] = ()) -> str:
+    """The canonical wording, or a paraphrase: the classic world's half the time, any of `pool`'s
+    (the varied world's) uniformly; with `lone` (the scene's only object) half of those questions
+    use the wordings that name nothing ("What shape is the object?")."""
+    if canonical:
+        return TEMPLATES[category][0]
+    if pool is None:
+        options = TEMPLATES[category]
+        return options[0] if rng.random() < 0.5 else rng.choice(options[1:])
+    if len(lone) == 1 and f"{category}_single" in pool and rng.random() < 0.5:
+        return rng.choice(pool[f"{category}_single"])
+    return rng.choice(pool[category])
 
 
 # -- one question per category -----------------------------------------------------------------
 # Each maker returns None when the scene cannot support the question (with that answer).
 
 
-def color_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def color_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+             pool: Pool | None = None) -> QA | None:
     """Colour of the only object of some shape."""
-    pool = [o for o in scene.objects if scene.count(shape=o.shape) == 1 and target in (None, o.color)]
-    if not pool:
+    objs = [o for o in scene.objects if scene.count(shape=o.shape) == 1 and target in (None, o.color)]
+    if not objs:
         return None
-    o = rng.choice(pool)
-    return QA("color", _template(rng, "color", canonical).format(shape=o.shape), o.color, f"color:{o.shape}")
+    o = rng.choice(objs)
+    lone = len(scene.objects) == 1
+    question = _template(rng, "color", canonical, pool, scene.objects).format(shape=o.shape)
+    sentence = f"It is {o.color}." if lone else f"The {o.shape} is {o.color}."
+    return QA("color", question, o.color, f"color:{o.shape}", sentence=sentence)
 
 
-def shape_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def shape_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+             pool: Pool | None = None) -> QA | None:
     """Shape of the only object of some colour."""
-    pool = [o for o in scene.objects if scene.count(color=o.color) == 1 and target in (None, o.shape)]
-    if not pool:
+    objs = [o for o in scene.objects if scene.count(color=o.color) == 1 and target in (None, o.shape)]
+    if not objs:
         return None
-    o = rng.choice(pool)
-    return QA("shape", _template(rng, "shape", canonical).format(color=o.color), o.shape, f"shape:{o.color}")
+    o = rng.choice(objs)
+    lone = len(scene.objects) == 1
+    question = _template(rng, "shape", canonical, pool, scene.objects).format(color=o.color)
+    sentence = f"It is a {o.shape}." if lone else f"The {o.color} object is a {o.shape}."
+    return QA("shape", question, o.shape, f"shape:{o.color}", sentence=sentence)
 
 
-def count_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def count_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+             pool: Pool | None = None) -> QA | None:
     """Number (1-5) of objects of a shape.
 
     A count value is picked first, weighted by itself: most scenes have some shape exactly
@@ -117,26 +106,30 @@ def count_qa(rng: random.Random, scene: Scene, target: str | None = None, canoni
     values = sorted(by_count)
     k = rng.choices(values, weights=values)[0]
     shape = rng.choice(by_count[k])
-    return QA("count", _template(rng, "count", canonical).format(plural=PLURALS[shape]), str(k), f"count:{shape}")
+    question = _template(rng, "count", canonical, pool).format(plural=PLURALS[shape])
+    sentence = f"There is one {shape}." if k == 1 else f"There are {count_word(k)} {PLURALS[shape]}."
+    return QA("count", question, str(k), f"count:{shape}", sentence=sentence)
 
 
-def exist_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def exist_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+             pool: Pool | None = None) -> QA | None:
     """Is there a <colour> <shape>? Negatives are plausible: the shape or the colour is in the scene."""
     if target is None:
         target = rng.choice(("Yes", "No"))
     present = {(o.color, o.shape) for o in scene.objects}
     if target == "Yes":
-        pool = sorted(present)
+        pairs = sorted(present)
     else:
         near = {(c, s) for c in COLORS for s in SHAPES
                 if (c, s) not in present and (scene.count(shape=s) or scene.count(color=c))}
         far = {(c, s) for c in COLORS for s in SHAPES} - present
-        pool = sorted(near if near and rng.random() < 0.8 else far)
-    if not pool:
+        pairs = sorted(near if near and rng.random() < 0.8 else far)
+    if not pairs:
         return None
-    color, shape = rng.choice(pool)
-    return QA("exist", _template(rng, "exist", canonical).format(color=color, shape=shape), target,
-              f"exist:{color} {shape}")
+    color, shape = rng.choice(pairs)
+    question = _template(rng, "exist", canonical, pool).format(color=color, shape=shape)
+    sentence = f"Yes, there is a {color} {shape}." if target == "Yes" else f"No, there is no {color} {shape}."
+    return QA("exist", question, target, f"exist:{color} {shape}", sentence=sentence)
 
 
 def _nameable(scene: Scene) -> list[Obj]:
@@ -144,7 +137,8 @@ def _nameable(scene: Scene) -> list[Obj]:
     return [o for o in scene.objects if scene.count(shape=o.shape, color=o.color) == 1]
 
 
-def position_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def position_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+                pool: Pool | None = None) -> QA | None:
     """Is A to the left or right of B, for two nameable objects whose centres are clearly apart."""
     objs = _nameable(scene)
     pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1:] if abs(a.x - b.x) >= MIN_DX * scene.size]
@@ -155,14 +149,17 @@ def position_qa(rng: random.Random, scene: Scene, target: str | None = None, can
         target = rng.choice(("left", "right"))
     if (a.x < b.x) != (target == "left"):
         a, b = b, a
-    question = _template(rng, "position", canonical).format(a=a.name, b=b.name)
-    return QA("position", question, target, "position:" + "/".join(sorted((a.name, b.name))))
+    question = _template(rng, "position", canonical, pool).format(a=a.name, b=b.name)
+    return QA("position", question, target, "position:" + "/".join(sorted((a.name, b.name))),
+              sentence=f"The {a.name} is to the {target} of the {b.name}.")
 
 
-def word_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def word_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+            pool: Pool | None = None) -> QA | None:
     if not scene.word or target not in (None, scene.word):
         return None
-    return QA("word", _template(rng, "word", canonical), scene.word, "word")
+    return QA("word", _template(rng, "word", canonical, pool), scene.word, "word",
+              sentence=f"The word is '{scene.word}'.")
 
 
 MC_KINDS: dict[str, tuple[Callable[..., QA | None], list[str]]] = {
@@ -172,14 +169,15 @@ MC_KINDS: dict[str, tuple[Callable[..., QA | None], list[str]]] = {
 }
 
 
-def mc_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False) -> QA | None:
+def mc_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
+          pool: Pool | None = None) -> QA | None:
     """A colour, shape or count question with four lettered options; `target` is the right letter."""
     letter = target if target is not None else rng.choice(LETTERS)
     kinds = list(MC_KINDS)
     rng.shuffle(kinds)
     for kind in kinds:
         make, vocab = MC_KINDS[kind]
-        base = make(rng, scene, None, canonical)
+        base = make(rng, scene, None, canonical, pool)
         if base is None:
             continue
         options = rng.sample([v for v in vocab if v != base.answer], len(LETTERS) - 1)
@@ -196,9 +194,10 @@ MAKERS: dict[str, Callable[..., QA | None]] = {
 
 
 def make_qa(rng: random.Random, scene: Scene, category: str, target: str | None = None,
-            canonical: bool = False) -> QA | None:
-    """A question of `category` (with answer `target` when given) about the scene, or None."""
-    return MAKERS[category](rng, scene, target, canonical)
+            canonical: bool = False, pool: Pool | None = None) -> QA | None:
+    """A question of `category` (with answer `target` when given) about the scene, or None; `pool`:
+    the wordings paraphrases come from (None: the classic world's `TEMPLATES`)."""
+    return MAKERS[category](rng, scene, target, canonical, pool)
 
 
 # -- captions and descriptions -----------------------------------------------------------------
@@ -260,11 +259,13 @@ WEIGHTS: dict[str, float] = {"color": 2.0, "shape": 1.0, "count": 2.5, "exist": 
 
 
 def conversation(rng: random.Random, scene: Scene, min_qa: int = 3, max_qa: int = 6,
-                 detail_p: float = 0.2) -> list[tuple[str, str]]:
+                 detail_p: float = 0.2, pool: Pool | None = None, sentence_p: float = 0.0) -> list[tuple[str, str]]:
     """(human, gpt) turns about one image: sometimes a detailed description, then short-answer questions.
 
     Each fact is asked once; existence questions alternate towards the rarer answer so that
-    "Yes" and "No" stay balanced even though absent things outnumber present ones.
+    "Yes" and "No" stay balanced even though absent things outnumber present ones. `pool`: the
+    wordings (None: the classic world's); `sentence_p`: the share of questions asked without the
+    short-answer instruction and answered in a sentence ("The circle is red.").
     """
     turns: list[tuple[str, str]] = []
     if rng.random() < detail_p:
@@ -280,13 +281,16 @@ def conversation(rng: random.Random, scene: Scene, min_qa: int = 3, max_qa: int 
         target = None
         if category == "exist":
             target = min(yes_no, key=lambda a: (yes_no[a], rng.random()))
-        qa = make_qa(rng, scene, category, target)
+        qa = make_qa(rng, scene, category, target, pool=pool)
         if qa is None or qa.key in asked:
             continue
         asked.add(qa.key)
         if category == "exist":
             yes_no[qa.answer] += 1
-        turns.append((qa.text, qa.answer))
+        if sentence_p and qa.sentence and rng.random() < sentence_p:
+            turns.append((qa.question, qa.sentence))
+        else:
+            turns.append((qa.text, qa.answer))
     if not turns:  # a scene too uniform for any unambiguous question still has a description
         turns.append((rng.choice(DETAIL_PROMPTS), description(scene)))
     return turns
@@ -364,4 +368,5 @@ def text_conversation(rng: random.Random, mc: float = 0.0) -> list[tuple[str, st
 
 
 __all__ = ["SHORT_SUFFIX", "MC_SUFFIX", "CATEGORIES", "LETTERS", "CAPTION_PROMPTS", "DETAIL_PROMPTS", "TEMPLATES",
+           "VARIED_TEMPLATES",
            "QA", "make_qa", "caption", "description", "conversation", "text_conversation", "text_mc", "MIN_DX"]

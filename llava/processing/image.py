@@ -183,11 +183,21 @@ class ImageProcessor:
         top, left = (height - crop) // 2, (width - crop) // 2
         return arr[top:top + crop, left:left + crop]
 
+    def square_pixels(self, img: PIL.Image.Image) -> np.ndarray:
+        """One image as the [S, S, 3] uint8 pixels the tower sees, before rescale and normalise:
+        padded to a square first under 'pad', then resized (and centre-cropped)."""
+        img = to_rgb(img)
+        if self.aspect == "pad":
+            img = _padded_square(img, self.background)
+        return self._resized_pixels(img)
+
+    def _resized_pixels(self, img: PIL.Image.Image) -> np.ndarray:
+        arr = np.asarray(self._resize(to_rgb(img)), dtype=np.uint8)
+        return self._center_crop(arr) if self.resize_mode == "shortest_edge" else arr
+
     def preprocess(self, img: PIL.Image.Image) -> Tensor:
         """One image -> [3, S, S] float32: resize, (centre crop), rescale, normalise."""
-        arr = np.asarray(self._resize(to_rgb(img)), dtype=np.uint8)
-        if self.resize_mode == "shortest_edge":
-            arr = self._center_crop(arr)
+        arr = self._resized_pixels(img)
         x = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
         x = (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

@@ -63,6 +63,7 @@ class RecipeSize:
     text_chats: float = 0.1  # text-only chats per scene, in every data set and the LM's corpus
     text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
     max_objects: int = MAX_OBJECTS  # objects a scene at most, in training and held-out data (fewer: a simpler world)
+    world: str = "classic"  # the synthetic world (llava.data.synth.WORLDS): "varied" draws and words it many ways
     save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
     eval_batch: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,11 +116,12 @@ class _Timer:
 
 
 # the spec fields each stage-0 model depends on: a restarted run keeps the model only if they are unchanged
+_DATA_FIELDS = ("n", "vocab", "text_chats", "text_mc", "max_objects", "world")
 _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
-    "stage0_tokenizer": ("n", "vocab", "text_chats", "text_mc", "max_objects"),
-    "stage0_vision": ("n", "vocab", "text_chats", "text_mc", "max_objects", "vision", "vision_steps", "vision_batch",
-                      "vision_lr", "vision_scenes", "vision_negatives", "grounding_weight", "order_weight"),
-    "stage0_lm": ("n", "vocab", "text_chats", "text_mc", "max_objects", "lm", "lm_steps", "lm_batch", "lm_scenes"),
+    "stage0_tokenizer": _DATA_FIELDS,
+    "stage0_vision": _DATA_FIELDS + ("vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
+                                     "vision_negatives", "grounding_weight", "order_weight"),
+    "stage0_lm": _DATA_FIELDS + ("lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
 
 
@@ -154,13 +156,13 @@ _RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", 
 def _train_config(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
                   max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
                   vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
-                  **model: str) -> TrainConfig:
+                  image_aspect_ratio: str | None = None, **model: str) -> TrainConfig:
     """One `llava train` run as the trainer's own config."""
     return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
                        max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
                        lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
                        device=device, progress=False, logging_steps=5, overwrite=True, template=template,
-                       save_steps=save_steps, save_total_limit=1,
+                       save_steps=save_steps, save_total_limit=1, image_aspect_ratio=image_aspect_ratio,
                        unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr, **model)
 
 
@@ -222,13 +224,15 @@ def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
 def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
                   seed: int, max_steps: int | None, template: str | None = None,
                   unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
-                  save_steps: int = 0, **model: str) -> str:
+                  save_steps: int = 0, image_aspect_ratio: str | None = None, **model: str) -> str:
     """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
     parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
     parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
               f"--micro-batch-size {batch}", "--grad-accum 1", "--model-max-length 512", "--no-gradient-checkpointing"]
     if template:
         parts.append(f"--template {template}")
+    if image_aspect_ratio:
+        parts.append(f"--image-aspect-ratio {image_aspect_ratio}")
     if unfreeze_vision_tower:
         parts.append("--unfreeze-vision-tower")
     if vision_tower_lr is not None:
@@ -315,7 +319,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     def same_data(meta: dict[str, Any], n: int, text_only: int) -> bool:
         """An earlier data folder is this run's (older ones, without text_mc in meta.json, had none)."""
         return (meta.get("seed"), meta.get("n"), meta.get("eval_n"), meta.get("text_only"), meta.get("text_mc", 0.0),
-                meta.get("vocab", {}).get("max_objects")) == (seed, n, 0, text_only, spec.text_mc, spec.max_objects)
+                meta.get("vocab", {}).get("max_objects"), meta.get("world", "classic")) == (
+                    seed, n, 0, text_only, spec.text_mc, spec.max_objects, spec.world)
 
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
@@ -325,12 +330,12 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                 reused.add("data")
                 return meta
         return generate(data, seed=seed, n=spec.n, eval_n=0, text_only=text_chats(spec.n), text_mc=spec.text_mc,
-                        max_objects=spec.max_objects, workers=workers)
+                        max_objects=spec.max_objects, workers=workers, world=spec.world)
 
     meta = timer.run("data", _data)
     # held out twice over: its own seed, and the eval stream of that seed
     eval_meta = timer.run("eval_data", lambda: generate(eval_dir, seed=eval_seed(seed), n=0, eval_n=spec.eval_n,
-                                                               max_objects=spec.max_objects))
+                                                        max_objects=spec.max_objects, world=spec.world))
     corpus = [os.path.join(data, "pretrain.json"), os.path.join(data, "instruct.json")]
 
     def _tok():
@@ -355,7 +360,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                 reused.add(name)
         else:
             generate(folder, seed=seed, n=n, eval_n=0, text_only=text_only, text_mc=spec.text_mc,
-                     max_objects=spec.max_objects, workers=workers)
+                     max_objects=spec.max_objects, workers=workers, world=spec.world)
         return folder
 
     def _vision_scenes() -> tuple[str, str]:
@@ -387,7 +392,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     else:
         lm_scenes = max(spec.n, spec.lm_scenes)
         lm_docs = grounded_docs(seed, lm_scenes, n_text=text_chats(lm_scenes), text_mc=spec.text_mc,
-                                max_objects=spec.max_objects)
+                                max_objects=spec.max_objects, world=spec.world)
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
             lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed,
             device=device, check_dir=eval_dir))
@@ -397,7 +402,9 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                                                            name="train_data"))
     s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"), image_folder=train_data,
                    epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr, seed=seed, max_steps=spec.s1_max_steps,
-                   device=device, language_model=lm, vision_tower=tower, save_steps=spec.save_steps)
+                   device=device, language_model=lm, vision_tower=tower, save_steps=spec.save_steps,
+                   # the varied world's canvases are not square: keep all of them, as LLaVA-1.5 does
+                   image_aspect_ratio="pad" if spec.world == "varied" else None)
     # with a tail, stage 2's first phase trains into its own folder and the tail ends in OUT/stage2
     s2_first = os.path.join(out, "stage2_phase1") if spec.s2_tail_epochs else s2
     # template: else the stage-1 checkpoint's own template (plain) would be kept

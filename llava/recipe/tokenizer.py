@@ -39,19 +39,19 @@ Doc = tuple[str, list[tuple[int, int]]]  # rendered text, character spans the lo
 
 
 def grounded_docs(seed: int, n_scenes: int, n_text: int = 0, template: str = "vicuna_v1",
-                  text_mc: float = 0.0, max_objects: int = MAX_OBJECTS) -> list[Doc]:
+                  text_mc: float = 0.0, max_objects: int = MAX_OBJECTS, world: str = "classic") -> list[Doc]:
     """Stage-2 chats and captions with each image replaced by its scene's description, in words.
 
     Scenes `0..n_scenes-1` of the synthetic training stream (the first `n` are exactly the
     dataset's images and chats; the rest are never rendered: text is cheap, pixels are not),
     plus `n_text` text-only chats (`text_mc` of their questions lettered multiple choice, as in
-    `generate`; `max_objects` too), each with the spans of its assistant turns. An LM trained on
+    `generate`; `max_objects` and `world` too), each with the spans of its assistant turns. An LM trained on
     these learns to answer from what precedes the question, where the image tokens will later
     sit. With a text-only corpus instead, the recipe's model ignored its image tokens entirely
     (same loss with real, shuffled or zero images); with this one it gets well above chance.
     """
-    from llava.data.synth import _rng, train_scene
-    from llava.data.synth_text import CAPTION_PROMPTS, caption, conversation, description, text_conversation
+    from llava.data.synth import _rng, chat, train_scene
+    from llava.data.synth_text import CAPTION_PROMPTS, caption, description, text_conversation
 
     tmpl = get_template(template)
 
@@ -61,9 +61,9 @@ def grounded_docs(seed: int, n_scenes: int, n_text: int = 0, template: str = "vi
     docs = []
     for i in range(n_scenes):
         # the same draws, in the same order, as llava.data.synth.generate
-        rng, scene = train_scene(seed, i, max_objects=max_objects)
+        rng, scene = train_scene(seed, i, max_objects=max_objects, world=world)
         prompt, cap = rng.choice(CAPTION_PROMPTS), caption(scene)
-        turns = [t for qa in conversation(rng, scene) for t in qa]
+        turns = [t for qa in chat(rng, scene, world) for t in qa]
         desc = description(scene)
         docs.append(doc([f"{desc}\n{prompt}", cap]))
         docs.append(doc([f"{desc}\n{turns[0]}"] + turns[1:]))

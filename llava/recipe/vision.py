@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES
+from llava.processing.image import ImageProcessor
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
 from llava.recipe.grounding import GroundingHead, caption_order, grounding_loss, grounding_scores, grounding_targets
 from llava.recipe.tokenizer import IMAGE_TOKEN
@@ -251,20 +252,24 @@ def _to(t: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor
     return t[0].to(device), t[1].to(device)
 
 
-def load_pairs(pretrain_json: str, image_folder: str, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """All (image, caption) pairs of a LLaVA-Pretrain file: uint8 images (N, H, W, 3) and captions."""
+def load_pairs(pretrain_json: str, image_folder: str, limit: int | None = None,
+               image_size: int = 96) -> tuple[np.ndarray, list[str]]:
+    """All (image, caption) pairs of a LLaVA-Pretrain file: uint8 images (N, S, S, 3) and captions."""
     with open(pretrain_json, encoding="utf-8") as f:
         records = json.load(f)[:limit]
     captions = [rec["conversations"][-1]["value"].replace(IMAGE_TOKEN, "").strip() for rec in records]
-    return read_images(image_folder, [rec["image"] for rec in records]), captions
+    return read_images(image_folder, [rec["image"] for rec in records], image_size), captions
 
 
-def read_images(folder: str, names: list[str]) -> np.ndarray:
-    """uint8 RGB images (N, H, W, 3) from files under `folder`."""
+def read_images(folder: str, names: list[str], image_size: int = 96) -> np.ndarray:
+    """uint8 RGB images (N, S, S, 3) from files under `folder`, as the LLaVA image processor with
+    'pad' hands them to the tower (a square S-pixel image passes unchanged; any other is padded to a
+    square and resized), so the tower pretrains on what it will see inside the VLM."""
+    processor = ImageProcessor(crop_size=image_size, aspect="pad")
     images = []
     for name in names:
         with PIL.Image.open(os.path.join(folder, name)) as im:
-            images.append(np.asarray(im.convert("RGB")))
+            images.append(processor.square_pixels(im))
     return np.stack(images)
 
 
@@ -281,14 +286,14 @@ def tokenize_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str], m
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
-def scene_pairs(data_dir: str, split: str = "eval") -> tuple[np.ndarray, list[str]]:
+def scene_pairs(data_dir: str, split: str = "eval", image_size: int = 96) -> tuple[np.ndarray, list[str]]:
     """(images, captions) of a synth folder's `split` scenes, captioned as the pretraining set is: the
     held-out pairs of the binding check (the eval seed's scenes, never trained on)."""
     from llava.data.synth import load_scenes
     from llava.data.synth_text import caption
 
     scenes = load_scenes(data_dir, split)
-    return read_images(data_dir, list(scenes)), [caption(scene) for scene in scenes.values()]
+    return read_images(data_dir, list(scenes), image_size), [caption(scene) for scene in scenes.values()]
 
 
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
@@ -305,7 +310,7 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
-    images, captions = load_pairs(pretrain_json, image_folder)
+    images, captions = load_pairs(pretrain_json, image_folder, image_size=spec.image_size)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
     if order_weight and not grounding_weight:
         raise ValueError("order_weight needs the grounding head: set grounding_weight > 0 too")
