@@ -34,6 +34,35 @@ def metrics_table(real: Mapping[str, Any], blank: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def out_of_style_section(oos: Mapping[str, Any], set_info: Mapping[str, Any]) -> str:
+    """Markdown: the out-of-style set per category, training vs held-out wordings, blank images, targets."""
+    from llava.eval.out_of_style import TARGETS as OOS_TARGETS
+
+    chance = oos["all"].get("chance", {})
+    rows = ["| category | n | training wordings % | held-out wordings % | all % | blank-image % | chance % | target % |",
+            "|---|---|---|---|---|---|---|---|"]
+    for cat, s in oos["all"]["categories"].items():
+        rows.append(f"| {cat} | {s['n']} | {oos['train']['accuracy'][cat]:.1f} | {oos['heldout']['accuracy'][cat]:.1f} "
+                    f"| {s['accuracy']:.1f} | {oos['blank']['accuracy'][cat]:.1f} | {chance.get(cat, float('nan')):.1f} "
+                    f"| {OOS_TARGETS.get(cat, float('nan')):.0f} |")
+    rows.append(f"| overall | {oos['all']['n']} | {oos['train']['overall']:.1f} | {oos['heldout']['overall']:.1f} | "
+                f"{oos['all']['overall']:.1f} | {oos['blank']['overall']:.1f} | {chance.get('overall', float('nan')):.1f} | |")
+    f1 = {part: oos[part].get("exist", {}).get("f1", float("nan")) for part in ("train", "heldout", "all", "blank")}
+    return f"""## Pictures drawn another way (out-of-style set)
+
+Pictures from an independent renderer (`llava.eval.drawn`: numpy rasterisation, its own shades,
+canvases 64-640 px and non-square, object sizes, outlines, backgrounds, noise, PNG and JPEG), never
+used for training, each question asked once in a training wording and once in a wording training
+never uses (`llava.eval.out_of_style`, seed {set_info.get('seed', '?')}, {set_info.get('per_cell', '?')} questions per
+category and wording, `eval.jsonl` SHA-256 `{set_info.get('eval_sha256', '?')}`); short-answer instruction, temperature 0.
+
+{chr(10).join(rows)}
+
+Yes/no F1 (yes = positive): training wordings {f1['train']:.3f}, held-out {f1['heldout']:.3f}, all {f1['all']:.3f}
+(target {OOS_TARGETS['exist_f1']}), blank images {f1['blank']:.3f}.
+"""
+
+
 def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     m = summary["metrics"]
     times = summary["times"]
@@ -73,6 +102,13 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
               f" (so the patch tokens keep where they are)" if v.get("sincos_positions") else "")
     lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
     lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
+    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {})) + "\n"
+           if "out_of_style" in m else "")
+    look = ("\nThe varied world (`llava.data.synth_varied`): canvases of 64-384 px up to 2:1 either way (padded to a "
+            "square by the image processor, as LLaVA-1.5 does), one shape filling the picture or up to five small "
+            "ones, shades of each colour, filled or outlined, with or without an edge, tinted backgrounds, blur, "
+            "noise and JPEG; questions in many wordings, some answered in sentences."
+            if spec.get("world") == "varied" else "")
     tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"
             if spec.get("s2_tail_epochs") else "")
     return f"""# tiny-llava (trained by the project's own recipe)
@@ -116,7 +152,7 @@ train on the captions and chats of the first {n_train} (scene i is the same in e
 plus {spec.get('text_chats', 0.1):g} text-only chats per scene{text_mc};
 {spec['eval_n']} held-out questions generated with
 seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
-in `eval_results.json`).{world}
+in `eval_results.json`).{world}{look}
 SHA-256 of the generated files (from `meta.json`):
 
 {hashes}{train_hashes}
@@ -129,6 +165,7 @@ SHA-256 of the generated files (from `meta.json`):
 Blank-image scores are the grounding check: with a white image the model should fall to
 about chance.
 
+{oos}
 ## Wall time (seconds, {os.cpu_count()} CPU cores)
 
 | stage | seconds |

@@ -20,10 +20,11 @@ import torch
 from llava.checkpoint import load_tokenizer
 from llava.data.synth_scene import MAX_OBJECTS
 from llava.recipe.common import read_check, read_losses
+from llava.recipe.evaluation import OUT_OF_STYLE_SEED, eval_seed, evaluate_model, write_eval_results
+from llava.recipe.stages import finished_run, resumable_checkpoint, train_command, train_config, train_stage
 from llava.recipe.text import LMSpec, pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import VisionSpec, pretrain_vision, scene_pairs
-from llava.train.config import TrainConfig
 
 
 @dataclass
@@ -66,6 +67,7 @@ class RecipeSize:
     world: str = "classic"  # the synthetic world (llava.data.synth.WORLDS): "varied" draws and words it many ways
     save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
     eval_batch: int = 32
+    out_of_style_per_cell: int = 40  # questions per category and wording of the out-of-style set (0: not run)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,7 +86,7 @@ SIZES: dict[str, RecipeSize] = {
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
                         s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
                         eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, order_weight=1.0,
-                        text_mc=0.5, save_steps=50),
+                        text_mc=0.5, save_steps=50, out_of_style_per_cell=4),
 }
 # The small size trained longer (about 8 min on one thread) in a simpler world, at most 2 objects a
 # scene: it reads the printed word and tells a named object's colour (60%, chance 15). With up to 5
@@ -147,133 +149,6 @@ def _same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSiz
         return value
 
     return all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
-
-
-# where and how a run ran, not what it learnt: a finished run may be reused whatever these were
-_RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", "save_steps", "save_total_limit"})
-
-
-def _train_config(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
-                  max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
-                  vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
-                  image_aspect_ratio: str | None = None, **model: str) -> TrainConfig:
-    """One `llava train` run as the trainer's own config."""
-    return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
-                       max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
-                       lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
-                       device=device, progress=False, logging_steps=5, overwrite=True, template=template,
-                       save_steps=save_steps, save_total_limit=1, image_aspect_ratio=image_aspect_ratio,
-                       unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr, **model)
-
-
-def _train(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Train (from checkpoint folder `resume` when given); the finished stage keeps no checkpoints."""
-    from llava.train import checkpointing as ckpt
-    from llava.train.loop import train
-
-    result = train(replace(cfg, resume=resume) if resume else cfg)
-    for _, folder in ckpt.complete_checkpoints(cfg.out):  # the model folder is what ships
-        ckpt.discard(folder)
-    return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s,
-            **({"resumed_from": os.path.basename(resume)} if resume else {})}
-
-
-def _same_run(state: dict[str, Any], cfg: TrainConfig, root: str) -> bool:
-    """Whether a trainer state (a finished run's or a checkpoint's) is of this very config and data.
-
-    Paths inside the run folder `root` compare relative to it, so a moved or copied run folder
-    restarts too."""
-    from llava.train.checkpointing import sha256_file
-
-    saved = state.get("config", {})
-    rel, saved_out = os.path.relpath(cfg.out, root), str(saved.get("out", ""))
-    old_root = saved_out[:-len(rel) - 1] if saved_out.endswith(os.sep + rel) else ""
-
-    def moved(value: Any) -> Any:
-        if old_root and isinstance(value, str) and value.startswith(old_root + os.sep):
-            return root + value[len(old_root):]
-        return value
-
-    now = json.loads(json.dumps(cfg.resolved().to_dict()))  # as the trainer saved it: defaults filled in
-    return (all(moved(saved.get(k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
-            and state.get("data_sha256") == sha256_file(cfg.data))
-
-
-def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
-    """What a finished run of this very config (same data file) left in `cfg.out`, else None.
-
-    A restarted recipe keeps such a stage instead of training it again."""
-    state_file = os.path.join(cfg.out, "trainer_state.json")
-    if not (os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.out, "model.safetensors"))):
-        return None
-    state = _read_json(state_file)
-    if state.get("global_step") != state.get("total_steps") or not _same_run(state, cfg, root):
-        return None
-    return {"reused": True, "steps": state["global_step"], "final_loss": state["loss"],
-            "seconds": state["wall_time_s"]}
-
-
-def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
-    """The latest checkpoint a killed run of this very config left in `cfg.out`, else None."""
-    from llava.train import checkpointing as ckpt
-
-    latest = ckpt.latest_checkpoint(cfg.out)
-    return latest if latest and _same_run(ckpt.read_state(latest), cfg, root) else None
-
-
-def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
-                  seed: int, max_steps: int | None, template: str | None = None,
-                  unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
-                  save_steps: int = 0, image_aspect_ratio: str | None = None, **model: str) -> str:
-    """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
-    parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
-    parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
-              f"--micro-batch-size {batch}", "--grad-accum 1", "--model-max-length 512", "--no-gradient-checkpointing"]
-    if template:
-        parts.append(f"--template {template}")
-    if image_aspect_ratio:
-        parts.append(f"--image-aspect-ratio {image_aspect_ratio}")
-    if unfreeze_vision_tower:
-        parts.append("--unfreeze-vision-tower")
-    if vision_tower_lr is not None:
-        parts.append(f"--vision-tower-lr {vision_tower_lr}")
-    if max_steps:
-        parts.append(f"--max-steps {max_steps}")
-    if device != "cpu":
-        parts.append(f"--device {device}")
-    return " ".join(parts + [f"--seed {seed}"])
-
-
-def evaluate_model(model_dir: str, data_dir: str, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
-    """Held-out scores with real images and with blank ones (the grounding check)."""
-    from llava.api import load
-    from llava.eval.synth import evaluate
-
-    pipe = load(model_dir, device=device)
-    eval_file = os.path.join(data_dir, "eval.jsonl")
-    real = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, model_id="tiny-llava")
-    blank = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True, model_id="tiny-llava")
-    return {"real": real, "blank": blank}
-
-
-def eval_seed(seed: int) -> int:
-    """The held-out set's seed: never the training seed."""
-    return seed + 1
-
-
-def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
-    """`eval_results.json` beside the model: the card's numbers in a form tests re-check."""
-    m = summary["metrics"]
-    results = {"eval_seed": summary["eval_seed"], "eval_n": summary["spec"]["eval_n"],
-               "eval_sha256": summary.get("eval_sha"),
-               "real": {"accuracy": m["real"]["accuracy"], "overall": m["real"]["overall"],
-                        "exist_f1": m["real"]["exist"]["f1"]},
-               "blank": {"accuracy": m["blank"]["accuracy"], "overall": m["blank"]["overall"]},
-               "chance": m["real"]["chance"]}
-    path = os.path.join(model_dir, "eval_results.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    return path
 
 
 def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "full", workers: int = 1,
@@ -420,7 +295,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                                 "vision_tower_lr": spec.s2_tail_tower_lr}))
     reusable = reuse and {"stage0_vision", "stage0_lm"} <= reused
     for name, args in runs:
-        cfg = _train_config(**args)
+        cfg = train_config(**args)
         done = finished_run(cfg, out) if reusable else None
         # a killed stage goes on from its last checkpoint (the trainer re-checks it), unless an earlier one retrained
         resume = resumable_checkpoint(cfg, out) if reusable and not done else None
@@ -428,8 +303,15 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         if done:
             reused.add(name)
             trained_seconds[name] = round(done["seconds"], 1)
-        summary["stages"][name] = timer.run(name, lambda done=done, cfg=cfg, resume=resume: done or _train(cfg, resume))
-    metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device))
+        summary["stages"][name] = timer.run(name, lambda done=done, cfg=cfg, resume=resume: done or train_stage(cfg, resume))
+    oos_dir = None
+    if spec.out_of_style_per_cell:
+        from llava.eval.out_of_style import write_set
+
+        oos_dir = os.path.join(out, "eval_out_of_style")
+        oos_meta = timer.run("out_of_style_data", lambda: write_set(oos_dir, OUT_OF_STYLE_SEED,
+                                                                    spec.out_of_style_per_cell))
+    metrics = timer.run("eval", lambda: evaluate_model(s2, eval_dir, spec.eval_batch, device, oos_dir))
 
     this_run = round(time.perf_counter() - t_all, 1)
     # a kept training stage's own trainer_state says how long it took (an earlier summary may predate it)
@@ -442,6 +324,9 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                    train_data_sha=_read_json(os.path.join(train_data, "meta.json")).get("files", {}),
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
                    commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
+    if oos_dir:
+        summary["out_of_style_set"] = {"seed": OUT_OF_STYLE_SEED, "per_cell": spec.out_of_style_per_cell,
+                                       "eval_sha256": oos_meta["sha256"]}
     with open(summary_file, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, default=str)
     write_card(s2, summary)

@@ -1,0 +1,112 @@
+"""One training stage of the recipe: its trainer config, its shell equivalent, and whether a
+restarted recipe can keep it (finished with the same config and data) or resume it (a checkpoint of
+the same config)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from typing import Any
+
+from llava.train.config import TrainConfig
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# where and how a run ran, not what it learnt: a finished run may be reused whatever these were
+_RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", "save_steps", "save_total_limit"})
+
+
+def train_config(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
+                  max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
+                  vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
+                  image_aspect_ratio: str | None = None, **model: str) -> TrainConfig:
+    """One `llava train` run as the trainer's own config."""
+    return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
+                       max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
+                       lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
+                       device=device, progress=False, logging_steps=5, overwrite=True, template=template,
+                       save_steps=save_steps, save_total_limit=1, image_aspect_ratio=image_aspect_ratio,
+                       unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr, **model)
+
+
+def train_stage(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train (from checkpoint folder `resume` when given); the finished stage keeps no checkpoints."""
+    from llava.train import checkpointing as ckpt
+    from llava.train.loop import train
+
+    result = train(replace(cfg, resume=resume) if resume else cfg)
+    for _, folder in ckpt.complete_checkpoints(cfg.out):  # the model folder is what ships
+        ckpt.discard(folder)
+    return {"steps": result.global_step, "final_loss": result.final_loss, "seconds": result.wall_time_s,
+            **({"resumed_from": os.path.basename(resume)} if resume else {})}
+
+
+def _same_run(state: dict[str, Any], cfg: TrainConfig, root: str) -> bool:
+    """Whether a trainer state (a finished run's or a checkpoint's) is of this very config and data.
+
+    Paths inside the run folder `root` compare relative to it, so a moved or copied run folder
+    restarts too."""
+    from llava.train.checkpointing import sha256_file
+
+    saved = state.get("config", {})
+    rel, saved_out = os.path.relpath(cfg.out, root), str(saved.get("out", ""))
+    old_root = saved_out[:-len(rel) - 1] if saved_out.endswith(os.sep + rel) else ""
+
+    def moved(value: Any) -> Any:
+        if old_root and isinstance(value, str) and value.startswith(old_root + os.sep):
+            return root + value[len(old_root):]
+        return value
+
+    now = json.loads(json.dumps(cfg.resolved().to_dict()))  # as the trainer saved it: defaults filled in
+    return (all(moved(saved.get(k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
+            and state.get("data_sha256") == sha256_file(cfg.data))
+
+
+def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
+    """What a finished run of this very config (same data file) left in `cfg.out`, else None.
+
+    A restarted recipe keeps such a stage instead of training it again."""
+    state_file = os.path.join(cfg.out, "trainer_state.json")
+    if not (os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.out, "model.safetensors"))):
+        return None
+    state = _read_json(state_file)
+    if state.get("global_step") != state.get("total_steps") or not _same_run(state, cfg, root):
+        return None
+    return {"reused": True, "steps": state["global_step"], "final_loss": state["loss"],
+            "seconds": state["wall_time_s"]}
+
+
+def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
+    """The latest checkpoint a killed run of this very config left in `cfg.out`, else None."""
+    from llava.train import checkpointing as ckpt
+
+    latest = ckpt.latest_checkpoint(cfg.out)
+    return latest if latest and _same_run(ckpt.read_state(latest), cfg, root) else None
+
+
+def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
+                  seed: int, max_steps: int | None, template: str | None = None,
+                  unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
+                  save_steps: int = 0, image_aspect_ratio: str | None = None, **model: str) -> str:
+    """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
+    parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
+    parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
+              f"--micro-batch-size {batch}", "--grad-accum 1", "--model-max-length 512", "--no-gradient-checkpointing"]
+    if template:
+        parts.append(f"--template {template}")
+    if image_aspect_ratio:
+        parts.append(f"--image-aspect-ratio {image_aspect_ratio}")
+    if unfreeze_vision_tower:
+        parts.append("--unfreeze-vision-tower")
+    if vision_tower_lr is not None:
+        parts.append(f"--vision-tower-lr {vision_tower_lr}")
+    if max_steps:
+        parts.append(f"--max-steps {max_steps}")
+    if device != "cpu":
+        parts.append(f"--device {device}")
+    return " ".join(parts + [f"--seed {seed}"])
