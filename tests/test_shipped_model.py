@@ -99,6 +99,34 @@ def test_card_metrics_match_a_fresh_evaluation(fresh):
         assert abs(blank["accuracy"][category] - acc) <= TOLERANCE, (category, blank["accuracy"][category], acc)
 
 
+@pytest.fixture(scope="module")
+def out_of_style(pipe, tmp_path_factory):
+    """The card's out-of-style set, regenerated from its seed, answered again by the shipped weights."""
+    from llava.eval.out_of_style import evaluate_out_of_style, write_set
+
+    info = RESULTS["out_of_style"]
+    root = tmp_path_factory.mktemp("out_of_style")
+    meta = write_set(root, seed=info["seed"], per_cell=info["per_cell"])
+    assert meta["sha256"] == info["eval_sha256"], "the out-of-style set changed since the card was written"
+    return evaluate_out_of_style(pipe, root, batch_size=50)
+
+
+@pytest.mark.slow
+def test_card_out_of_style_numbers_match_a_fresh_evaluation(out_of_style):
+    """The card's figures on pictures drawn another way, per category and wording, hold for the shipped weights."""
+    card = (DEFAULT_MODEL / "README.md").read_text()
+    assert "## Pictures drawn another way" in card
+    for part in ("all", "train", "heldout", "blank"):
+        for category, acc in RESULTS["out_of_style"][part]["accuracy"].items():
+            assert abs(out_of_style[part]["accuracy"][category] - acc) <= TOLERANCE, (part, category)
+            if part == "all":
+                assert f"| {category} | " in card and f"{acc:.1f}" in card
+    # the grounding check: blank images sit near chance there too
+    chance = RESULTS["out_of_style"]["chance"]
+    for category, acc in RESULTS["out_of_style"]["blank"]["accuracy"].items():
+        assert acc <= chance[category] + 10, (category, acc)
+
+
 def test_readme_first_command_answers_its_question():
     """The quick start's `llava run ...` (as bash runs it) answers the example's question correctly."""
     line = next(ln for ln in (ROOT / "README.md").read_text().splitlines() if "&& llava run " in ln)

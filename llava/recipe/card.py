@@ -165,8 +165,7 @@ SHA-256 of the generated files (from `meta.json`):
 Blank-image scores are the grounding check: with a white image the model should fall to
 about chance.
 
-{oos}
-## Wall time (seconds, {os.cpu_count()} CPU cores)
+{oos}## Wall time (seconds, {os.cpu_count()} CPU cores)
 
 | stage | seconds |
 |---|---|
