@@ -5,7 +5,8 @@
 
 writes, under `out_dir` (which is also the `image_folder` for every file):
 
-- `images/NNNNNN.png` (training scenes) and `images/eval_NNNNN.png` (held-out eval scenes);
+- `images/NNNNNN.png` (training scenes) and `images/eval_NNNNN.png` (held-out eval scenes; `.jpg`
+  for the varied world's JPEG pictures);
 - `pretrain.json`: LLaVA-Pretrain-style captions, one per training image (stage 1);
 - `instruct.json`: LLaVA-Instruct-style multi-turn chats about the same images, plus some
   text-only chats (stage 2);
