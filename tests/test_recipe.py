@@ -234,6 +234,24 @@ def test_stage0_models_are_kept_only_for_the_same_text_data():
     assert _same_stage0_spec("stage0_lm", older, before)  # the LM does not read the tower
 
 
+def test_a_stage0_model_records_its_spec_so_a_killed_run_keeps_only_what_still_fits(tmp_path):
+    """A run killed before writing its summary leaves stage-0 models behind; each has its spec beside
+    it, so a restart with another tower spec or world retrains what depends on it, keeps the rest."""
+    from llava.recipe.tiny import SIZES, STAGE0_SPEC_FILE, _same_stage0_spec, stage0_spec
+
+    spec = SIZES["full"]
+    (tmp_path / STAGE0_SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec)))
+    recorded = stage0_spec(str(tmp_path), earlier_spec=None)
+    longer = dataclasses.replace(spec, vision_steps=spec.vision_steps + 1)
+    assert _same_stage0_spec("stage0_vision", recorded, spec)
+    assert not _same_stage0_spec("stage0_vision", recorded, longer)
+    assert _same_stage0_spec("stage0_lm", recorded, longer)
+    assert not _same_stage0_spec("stage0_lm", recorded, dataclasses.replace(spec, world="varied"))
+    # no record (a folder from before records): the last finished run's summary, else trust the folder
+    assert stage0_spec(str(tmp_path / "older"), {"n": 1}) == {"n": 1}
+    assert stage0_spec(str(tmp_path / "older"), None) is None
+
+
 def test_sincos_positions_start_the_tower_knowing_where_each_patch_is():
     grid = sincos_grid(6, 32)
     assert grid.shape == (36, 32)

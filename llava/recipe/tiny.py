@@ -127,6 +127,16 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+STAGE0_SPEC_FILE = "recipe_spec.json"  # beside each stage-0 model: the recipe spec it was made with
+
+
+def stage0_spec(folder: str, earlier_spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The spec a stage-0 model in `folder` was made with: its own record, else the spec of the last
+    run that finished (older runs wrote no record), else None (trust the folder)."""
+    path = os.path.join(folder, STAGE0_SPEC_FILE)
+    return _read_json(path) if os.path.isfile(path) else earlier_spec
+
+
 def _defaults(cls: type) -> dict[str, Any]:
     """A dataclass's fields that have a plain default, with it."""
     return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
@@ -183,7 +193,14 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
 
     def keep(name: str, path: str) -> bool:
         """A stage-0 model to keep: asked to reuse, it is there, and the spec it depends on is unchanged."""
-        return reuse and os.path.isfile(path) and _same_stage0_spec(name, earlier_spec, spec)
+        return reuse and os.path.isfile(path) and _same_stage0_spec(
+            name, stage0_spec(os.path.dirname(path), earlier_spec), spec)
+
+    def made(folder: str, result: Any) -> Any:
+        """Record beside a stage-0 model the spec it was made with (a run killed before its summary keeps it)."""
+        with open(os.path.join(folder, STAGE0_SPEC_FILE), "w", encoding="utf-8") as f:
+            json.dump(asdict(spec), f, indent=1)
+        return result
 
     reused: set[str] = set()
     trained_seconds: dict[str, float] = {}  # kept training stages' own wall time
@@ -219,7 +236,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
             return load_tokenizer(tok_dir)
         tok = train_tokenizer(chat_texts(corpus), vocab_size=spec.vocab)
         tok.save_pretrained(tok_dir)
-        return tok
+        return made(tok_dir, tok)
 
     tokenizer = timer.run("stage0_tokenizer", _tok)
 
@@ -256,11 +273,11 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: _reused_stage(
             "stage0_vision", tower, ("binding", "grounding")))
     else:
-        summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: pretrain_vision(
+        summary["stages"]["stage0_vision"] = timer.run("stage0_vision", lambda: made(tower, pretrain_vision(
             *_vision_scenes(), tokenizer, tower, spec.vision, steps=spec.vision_steps, batch_size=spec.vision_batch,
             lr=spec.vision_lr, seed=seed, device=device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(eval_dir), grounding_weight=spec.grounding_weight,
-            order_weight=spec.order_weight, check_every=max(1, spec.vision_steps // 6)))
+            order_weight=spec.order_weight, check_every=max(1, spec.vision_steps // 6))))
     if "stage0_tokenizer" in reused and keep("stage0_lm", os.path.join(lm, "model.safetensors")):
         summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: _reused_stage(
             "stage0_lm", lm, ("text_answers",)))
@@ -268,9 +285,9 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         lm_scenes = max(spec.n, spec.lm_scenes)
         lm_docs = grounded_docs(seed, lm_scenes, n_text=text_chats(lm_scenes), text_mc=spec.text_mc,
                                 max_objects=spec.max_objects, world=spec.world)
-        summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: pretrain_lm(
+        summary["stages"]["stage0_lm"] = timer.run("stage0_lm", lambda: made(lm, pretrain_lm(
             lm_docs, tokenizer, lm, spec.lm, steps=spec.lm_steps, batch_size=spec.lm_batch, seed=seed,
-            device=device, check_dir=eval_dir))
+            device=device, check_dir=eval_dir)))
 
     train_data = timer.run("train_data", lambda: _superset(os.path.join(out, "train_data"), spec.train_scenes,
                                                            text_only=text_chats(spec.train_scenes),
