@@ -45,16 +45,16 @@ Pool = Mapping[str, tuple[str, ...]]
 
 
 def _template(rng: random.Random, category: str, canonical: bool, pool: Pool | None = None,
-              lone: Sequence[Obj] = ()) -> str:
+              objects: Sequence[Obj] = ()) -> str:
     """The canonical wording, or a paraphrase: the classic world's half the time, any of `pool`'s
-    (the varied world's) uniformly; with `lone` (the scene's only object) half of those questions
-    use the wordings that name nothing ("What shape is the object?")."""
+    (the varied world's) uniformly; when `objects` (the scene's) is a lone object, half of those
+    questions use the wordings that name nothing ("What shape is the object?")."""
     if canonical:
         return TEMPLATES[category][0]
     if pool is None:
         options = TEMPLATES[category]
         return options[0] if rng.random() < 0.5 else rng.choice(options[1:])
-    if len(lone) == 1 and f"{category}_single" in pool and rng.random() < 0.5:
+    if len(objects) == 1 and f"{category}_single" in pool and rng.random() < 0.5:
         return rng.choice(pool[f"{category}_single"])
     return rng.choice(pool[category])
 
@@ -70,9 +70,8 @@ def color_qa(rng: random.Random, scene: Scene, target: str | None = None, canoni
     if not objs:
         return None
     o = rng.choice(objs)
-    lone = len(scene.objects) == 1
     question = _template(rng, "color", canonical, pool, scene.objects).format(shape=o.shape)
-    sentence = f"It is {o.color}." if lone else f"The {o.shape} is {o.color}."
+    sentence = f"It is {o.color}." if len(scene.objects) == 1 else f"The {o.shape} is {o.color}."
     return QA("color", question, o.color, f"color:{o.shape}", sentence=sentence)
 
 
@@ -83,9 +82,8 @@ def shape_qa(rng: random.Random, scene: Scene, target: str | None = None, canoni
     if not objs:
         return None
     o = rng.choice(objs)
-    lone = len(scene.objects) == 1
     question = _template(rng, "shape", canonical, pool, scene.objects).format(color=o.color)
-    sentence = f"It is a {o.shape}." if lone else f"The {o.color} object is a {o.shape}."
+    sentence = f"It is a {o.shape}." if len(scene.objects) == 1 else f"The {o.color} object is a {o.shape}."
     return QA("shape", question, o.shape, f"shape:{o.color}", sentence=sentence)
 
 
