@@ -42,6 +42,11 @@ class JsonlLog:
             f.write(json.dumps(row) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_losses(path: str | os.PathLike) -> list[float]:
     """The `loss` column of a metrics.jsonl (rows without one are skipped)."""
     out = []

@@ -9,13 +9,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
+from llava.recipe.common import read_json
 from llava.train.config import TrainConfig
-
-
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
 
 # where and how a run ran, not what it learnt: a finished run may be reused whatever these were
 _RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", "save_steps", "save_total_limit"})
@@ -74,7 +69,7 @@ def finished_run(cfg: TrainConfig, root: str) -> dict[str, Any] | None:
     state_file = os.path.join(cfg.out, "trainer_state.json")
     if not (os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.out, "model.safetensors"))):
         return None
-    state = _read_json(state_file)
+    state = read_json(state_file)
     if state.get("global_step") != state.get("total_steps") or not _same_run(state, cfg, root):
         return None
     return {"reused": True, "steps": state["global_step"], "final_loss": state["loss"],

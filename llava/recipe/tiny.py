@@ -19,7 +19,7 @@ import torch
 
 from llava.checkpoint import load_tokenizer
 from llava.data.synth_scene import MAX_OBJECTS
-from llava.recipe.common import read_check, read_losses
+from llava.recipe.common import read_check, read_json, read_losses
 from llava.recipe.evaluation import OUT_OF_STYLE_SEED, eval_seed, evaluate_model, write_eval_results
 from llava.recipe.stages import finished_run, resumable_checkpoint, train_command, train_config, train_stage
 from llava.recipe.text import LMSpec, pretrain_lm
@@ -96,11 +96,6 @@ SIZES["reduced"] = replace(SIZES["small"], vision_steps=300, vision_scenes=1500,
                            s1_max_steps=300, s2_max_steps=3000, s2_tail_max_steps=600, max_objects=2, eval_n=280)
 
 
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 class _Timer:
     """Wall time per named stage, printed as it goes."""
 
@@ -134,7 +129,7 @@ def stage0_spec(folder: str, earlier_spec: dict[str, Any] | None) -> dict[str, A
     """The spec a stage-0 model in `folder` was made with: its own record, else the spec of the last
     run that finished (older runs wrote no record), else None (trust the folder)."""
     path = os.path.join(folder, STAGE0_SPEC_FILE)
-    return _read_json(path) if os.path.isfile(path) else earlier_spec
+    return read_json(path) if os.path.isfile(path) else earlier_spec
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -188,7 +183,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     t_all = time.perf_counter()
     summary_file = os.path.join(out, "recipe_summary.json")
     # a restarted run reports the reused stages' times from the run that made them
-    earlier = _read_json(summary_file) if reuse and os.path.isfile(summary_file) else {}
+    earlier = read_json(summary_file) if reuse and os.path.isfile(summary_file) else {}
     earlier_times, earlier_spec = earlier.get("times", {}), earlier.get("spec")
 
     def keep(name: str, path: str) -> bool:
@@ -217,7 +212,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     def _data() -> dict[str, Any]:
         meta_file = os.path.join(data, "meta.json")
         if reuse and os.path.isfile(meta_file):
-            meta = _read_json(meta_file)
+            meta = read_json(meta_file)
             if same_data(meta, spec.n, text_chats(spec.n)):
                 reused.add("data")
                 return meta
@@ -247,7 +242,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
         if n <= spec.n:
             return data
         meta_file = os.path.join(folder, "meta.json")
-        if reuse and os.path.isfile(meta_file) and same_data(_read_json(meta_file), n, text_only):
+        if reuse and os.path.isfile(meta_file) and same_data(read_json(meta_file), n, text_only):
             if name:
                 reused.add(name)
         else:
@@ -338,7 +333,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     summary.update(times=times, this_run_seconds=this_run, reused_stages=sorted(carried),
                    total_seconds=round(sum(times.values()), 1) if carried else this_run,
                    data_sha=meta.get("files", {}), images_sha=meta.get("images", {}), eval_seed=eval_seed(seed),
-                   train_data_sha=_read_json(os.path.join(train_data, "meta.json")).get("files", {}),
+                   train_data_sha=read_json(os.path.join(train_data, "meta.json")).get("files", {}),
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
                    commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
     if oos_dir:
