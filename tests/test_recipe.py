@@ -130,6 +130,30 @@ def test_grounding_targets_read_from_captions_match_the_scenes():
     assert counts.max() > 1 and (counts == 0).any()  # the scenes cover groups and absent shapes
 
 
+def test_per_query_readout_starts_as_the_shared_head_and_trains_its_own_weights():
+    """The option adds zero-initialised weights per pair and per shape: the same outputs at the start as
+    the shared head from the same seed, then gradients of their own; the DualEncoder takes it from the spec."""
+    from dataclasses import replace
+
+    from llava.recipe.grounding import MAX_COUNT, PAIRS, GroundingHead, grounding_loss
+
+    torch.manual_seed(0)
+    own = GroundingHead(32, per_query_readout=True)
+    torch.manual_seed(0)
+    shared = GroundingHead(32)
+    assert set(own.state_dict()) - set(shared.state_dict()) == {"pair_own", "count_own"}
+    tokens = torch.randn(3, 9, 32)
+    for a, b in zip(own(tokens)[:2], shared(tokens)[:2]):
+        torch.testing.assert_close(a, b)
+    pairs = (torch.rand(3, len(PAIRS)) < 0.1).float()
+    counts = torch.randint(0, MAX_COUNT + 1, (3, 6))
+    grounding_loss(*own(tokens)[:2], pairs, counts).backward()
+    assert own.pair_own.grad.abs().sum() > 0 and own.count_own.grad.abs().sum() > 0
+    model = DualEncoder(100, replace(SMALL_VISION, grounding_per_query_readout=True), grounding=True)
+    assert model.grounding_head.pair_own is not None
+    assert DualEncoder(100, SMALL_VISION, grounding=True).grounding_head.pair_own is None
+
+
 def test_caption_order_ranks_each_pair_by_its_leftmost_object():
     """The order targets follow the scene: a group listed earlier has its leftmost object further left."""
     from llava.data.synth import train_scene

@@ -76,21 +76,31 @@ class GroundingHead(nn.Module):
     outputs give one presence logit each (and with `order`, a left-to-right score each), the shape
     queries' a count distribution each."""
 
-    def __init__(self, width: int, heads: int = 4, order: bool = False) -> None:
+    def __init__(self, width: int, heads: int = 4, order: bool = False, per_query_readout: bool = False) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(len(PAIRS) + len(SHAPES), width) * 0.02)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.pair = nn.Linear(width, 1)
         self.count = nn.Linear(width, MAX_COUNT + 1)
         self.place = nn.Linear(width, 1) if order else None  # made last: without it, the same init as before
+        # Each query's own readout on top of the shared one, from zero (so the start is the shared head's).
+        # Why: with one shared `pair` Linear, "is there a red circle?" can only be answered once the red-
+        # circle query already attends to circles alone; its own weights can read "red and round" off
+        # whatever red patch it finds, which breaks that chicken-and-egg plateau where shapes vary.
+        self.pair_own = nn.Parameter(torch.zeros(len(PAIRS), width)) if per_query_readout else None
+        self.count_own = nn.Parameter(torch.zeros(len(SHAPES), width, MAX_COUNT + 1)) if per_query_readout else None
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """tokens [B, T, W] -> (pair logits [B, len(PAIRS)], count logits [B, len(SHAPES), MAX_COUNT + 1],
         left-to-right scores [B, len(PAIRS)] or None)."""
         out, _ = self.attn(self.queries.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
-        pairs = out[:, :len(PAIRS)]
+        pairs, shapes = out[:, :len(PAIRS)], out[:, len(PAIRS):]
         place = self.place(pairs).squeeze(-1) if self.place is not None else None
-        return self.pair(pairs).squeeze(-1), self.count(out[:, len(PAIRS):]), place
+        pair_logits, count_logits = self.pair(pairs).squeeze(-1), self.count(shapes)
+        if self.pair_own is not None:
+            pair_logits = pair_logits + (pairs * self.pair_own).sum(-1)
+            count_logits = count_logits + torch.einsum("bsw,swk->bsk", shapes, self.count_own)
+        return pair_logits, count_logits, place
 
 
 def _ordered_gaps(place: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

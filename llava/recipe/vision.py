@@ -53,6 +53,8 @@ class VisionSpec:
     max_text_len: int = 96
     # patch position embeddings start as a 2-D sin-cos grid of this scale (0: CLIP's small random init)
     sincos_positions: float = 0.0
+    # the grounding head gives each pair and shape query its own readout (GroundingHead.per_query_readout)
+    grounding_per_query_readout: bool = False
 
 
 def vision_config(spec: VisionSpec) -> CLIPVisionConfig:
@@ -134,7 +136,8 @@ class DualEncoder(nn.Module):
         self.image_proj = nn.Linear(spec.width, spec.embed_dim, bias=False)
         self.text_proj = nn.Linear(spec.text_width, spec.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-        self.grounding_head = GroundingHead(spec.width, order=order) if grounding else None
+        self.grounding_head = GroundingHead(spec.width, order=order,
+                                            per_query_readout=spec.grounding_per_query_readout) if grounding else None
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._encode(pixels)[0]
