@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from bench_generate import cpu_stall_us, decode_weight_bytes, machine, read_bandwidth_gbs
+from bench_generate import FirstStepClock, cpu_stall_us, decode_weight_bytes, machine, read_bandwidth_gbs
 
 from llava.checkpoint.build import image_processor_for
 from llava.checkpoint.gguf_export import export_gguf
@@ -77,24 +77,17 @@ class Variant:
 # Ours ------------------------------------------------------------------------------------------
 def our_variant(precision: str, impl: str, model: LlavaModel, tok, prompt: list[int]) -> Variant:
     engine = Engine(model, tok, eos_token_ids=[], compile=impl.endswith("(compiled)"))
-    clock: list[float] = []
-    step = engine.decode_step
-
-    def clocked_step(state, tokens):  # the first decode step starts once token 1 is out
-        if not clock:
-            clock.append(time.perf_counter())
-        return step(state, tokens)
-    engine.decode_step = clocked_step  # type: ignore[method-assign]
+    clock = FirstStepClock(engine)
 
     def decode(new: int) -> tuple[float, list[int]]:
-        clock.clear()
+        clock.reset()
         out = engine.generate([Request(prompt)], SamplingParams(max_new_tokens=new, temperature=0))[0]
-        return (new - 1) / (time.perf_counter() - clock[0]), out.token_ids
+        return (new - 1) / (time.perf_counter() - clock.first_step), out.token_ids
 
     def batch8(new: int) -> float:
-        clock.clear()
+        clock.reset()
         engine.generate([Request(prompt)] * 8, SamplingParams(max_new_tokens=new, temperature=0))
-        return 8 * (new - 1) / (time.perf_counter() - clock[0])
+        return 8 * (new - 1) / (time.perf_counter() - clock.first_step)
 
     size = (model.config.image_size,) * 2
     n_image = model.image_token_count(size)
@@ -103,11 +96,11 @@ def our_variant(precision: str, impl: str, model: LlavaModel, tok, prompt: list[
     pixels = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
 
     def prefill() -> float:
-        clock.clear()
+        clock.reset()
         t0 = time.perf_counter()
         engine.generate([Request(image_prompt, pixel_values=[pixels.to(model.dtype)], image_sizes=[size])],
                         SamplingParams(max_new_tokens=2, temperature=0))
-        return clock[0] - t0
+        return clock.first_step - t0
 
     return Variant(precision, impl, decode, prefill, batch8, decode_weight_bytes(model))
 
