@@ -238,39 +238,41 @@ def test_stage0_folders_load_with_transformers(synth, tokenizer, tmp_path):
 def test_stage0_models_are_kept_only_for_the_same_text_data():
     """The text-only chats feed the tokenizer (so the tower's captions' ids) and the LM's corpus; the
     world's size (objects a scene) changes every scene, caption and chat."""
-    from llava.recipe.tiny import SIZES, _same_stage0_spec
+    from llava.recipe.sizes import SIZES
+    from llava.recipe.stages import same_stage0_spec
 
     # what the fields' defaults describe: the text data before these fields existed
     before = dataclasses.replace(SIZES["full"], text_chats=0.1, text_mc=0.0)
     older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(before))).items()
              if k not in ("text_chats", "text_mc", "max_objects")}  # a summary written before these fields existed
     for stage in ("stage0_tokenizer", "stage0_vision", "stage0_lm"):
-        assert _same_stage0_spec(stage, older, before)
-        assert not _same_stage0_spec(stage, older, dataclasses.replace(before, max_objects=2))  # other scenes
-        assert not _same_stage0_spec(stage, older, dataclasses.replace(before, text_mc=0.5))
-        assert not _same_stage0_spec(stage, older, dataclasses.replace(before, text_chats=0.5))
-        assert not _same_stage0_spec(stage, older, SIZES["full"])  # the shipped recipe's text data differs
+        assert same_stage0_spec(stage, older, before)
+        assert not same_stage0_spec(stage, older, dataclasses.replace(before, max_objects=2))  # other scenes
+        assert not same_stage0_spec(stage, older, dataclasses.replace(before, text_mc=0.5))
+        assert not same_stage0_spec(stage, older, dataclasses.replace(before, text_chats=0.5))
+        assert not same_stage0_spec(stage, older, SIZES["full"])  # the shipped recipe's text data differs
     # a summary from before the tower's sin-cos positions: its vision spec lacks the field (default 0)
     plain = dataclasses.replace(before, vision=dataclasses.replace(before.vision, sincos_positions=0.0))
     older["vision"].pop("sincos_positions")
-    assert _same_stage0_spec("stage0_vision", older, plain)
-    assert not _same_stage0_spec("stage0_vision", older, before)
-    assert _same_stage0_spec("stage0_lm", older, before)  # the LM does not read the tower
+    assert same_stage0_spec("stage0_vision", older, plain)
+    assert not same_stage0_spec("stage0_vision", older, before)
+    assert same_stage0_spec("stage0_lm", older, before)  # the LM does not read the tower
 
 
 def test_a_stage0_model_records_its_spec_so_a_killed_run_keeps_only_what_still_fits(tmp_path):
     """A run killed before writing its summary leaves stage-0 models behind; each has its spec beside
     it, so a restart with another tower spec or world retrains what depends on it, keeps the rest."""
-    from llava.recipe.tiny import SIZES, STAGE0_SPEC_FILE, _same_stage0_spec, stage0_spec
+    from llava.recipe.sizes import SIZES
+    from llava.recipe.stages import STAGE0_SPEC_FILE, same_stage0_spec, stage0_spec
 
     spec = SIZES["full"]
     (tmp_path / STAGE0_SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec)))
     recorded = stage0_spec(str(tmp_path), earlier_spec=None)
     longer = dataclasses.replace(spec, vision_steps=spec.vision_steps + 1)
-    assert _same_stage0_spec("stage0_vision", recorded, spec)
-    assert not _same_stage0_spec("stage0_vision", recorded, longer)
-    assert _same_stage0_spec("stage0_lm", recorded, longer)
-    assert not _same_stage0_spec("stage0_lm", recorded, dataclasses.replace(spec, world="varied"))
+    assert same_stage0_spec("stage0_vision", recorded, spec)
+    assert not same_stage0_spec("stage0_vision", recorded, longer)
+    assert same_stage0_spec("stage0_lm", recorded, longer)
+    assert not same_stage0_spec("stage0_lm", recorded, dataclasses.replace(spec, world="varied"))
     # no record (a folder from before records): the last finished run's summary, else trust the folder
     assert stage0_spec(str(tmp_path / "older"), {"n": 1}) == {"n": 1}
     assert stage0_spec(str(tmp_path / "older"), None) is None

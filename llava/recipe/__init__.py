@@ -7,6 +7,7 @@ stage 2 instruction tuning, evaluation) at miniature scale on the synthetic data
 
 from llava._lazy import lazy_exports
 
-__getattr__ = lazy_exports(__name__, dict.fromkeys(["SIZES", "RecipeSize", "run_recipe"], "llava.recipe.tiny"))
+__getattr__ = lazy_exports(__name__, {"SIZES": "llava.recipe.sizes", "RecipeSize": "llava.recipe.sizes",
+                                      "run_recipe": "llava.recipe.tiny"})
 
 __all__ = ["run_recipe", "SIZES", "RecipeSize"]

@@ -1,16 +1,61 @@
-"""One training stage of the recipe: its trainer config, its shell equivalent, and whether a
-restarted recipe can keep it (finished with the same config and data) or resume it (a checkpoint of
-the same config)."""
+"""What a restarted recipe may keep: a stage-0 model made with the same spec, and a training stage
+finished with the same config and data (or resumed from a checkpoint of the same config); plus each
+training stage's trainer config and its shell equivalent."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import MISSING, asdict, fields, is_dataclass, replace
 from typing import Any
 
 from llava.recipe.common import read_json
+from llava.recipe.sizes import RecipeSize
 from llava.train.config import TrainConfig
+
+# the spec fields each stage-0 model depends on: a restarted run keeps the model only if they are unchanged
+_DATA_FIELDS = ("n", "vocab", "text_chats", "text_mc", "max_objects", "world")
+_STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
+    "stage0_tokenizer": _DATA_FIELDS,
+    "stage0_vision": _DATA_FIELDS + ("vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
+                                     "vision_negatives", "grounding_weight", "order_weight"),
+    "stage0_lm": _DATA_FIELDS + ("lm", "lm_steps", "lm_batch", "lm_scenes"),
+}
+
+
+STAGE0_SPEC_FILE = "recipe_spec.json"  # beside each stage-0 model: the recipe spec it was made with
+
+
+def stage0_spec(folder: str, earlier_spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The spec a stage-0 model in `folder` was made with: its own record, else the spec of the last
+    run that finished (older runs wrote no record), else None (trust the folder)."""
+    path = os.path.join(folder, STAGE0_SPEC_FILE)
+    return read_json(path) if os.path.isfile(path) else earlier_spec
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """A dataclass's fields that have a plain default, with it."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize) -> bool:
+    """Whether the run that wrote `earlier` (its summary's spec) made stage-0 model `name` as `spec` would.
+    Fields an older summary lacks count as their default, in the nested specs too (VisionSpec,
+    LMSpec). No earlier summary: trust the folder."""
+    if earlier is None:
+        return True
+    defaults = _defaults(RecipeSize)
+    now = json.loads(json.dumps(asdict(spec)))
+
+    def then(k: str) -> Any:
+        value = earlier.get(k, defaults.get(k))
+        nested = getattr(spec, k)
+        if isinstance(value, dict) and is_dataclass(nested):
+            value = {**_defaults(type(nested)), **value}
+        return value
+
+    return all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
+
 
 # where and how a run ran, not what it learnt: a finished run may be reused whatever these were
 _RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", "save_steps", "save_total_limit"})

@@ -1,0 +1,80 @@
+"""The recipe's sizes: one dataclass of everything that scales, and the named presets
+(`llava recipe tiny --size NAME`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from llava.data.synth_scene import MAX_OBJECTS
+from llava.recipe.text import LMSpec
+from llava.recipe.vision import VisionSpec
+
+
+@dataclass
+class RecipeSize:
+    """Everything that scales: data, model sizes, steps and epochs per stage."""
+
+    n: int
+    eval_n: int
+    vocab: int
+    vision: VisionSpec
+    lm: LMSpec
+    vision_steps: int
+    vision_batch: int
+    lm_steps: int
+    lm_batch: int
+    lm_scenes: int  # scenes whose descriptions + chats the LM reads in stage 0 (>= n; text only beyond n)
+    s1_epochs: int
+    s1_batch: int
+    s1_lr: float
+    s2_epochs: int
+    s2_batch: int
+    s2_lr: float
+    s1_max_steps: int | None = None
+    s2_max_steps: int | None = None
+    s2_unfreeze_tower: bool = False  # LLaVA-1.6 style: the tower learns in stage 2 too
+    s2_tail_epochs: int = 0  # stage 2 goes on from its last step at a lower lr (0: one phase)
+    s2_tail_lr: float = 3e-4
+    s2_tail_max_steps: int | None = None
+    s2_tail_unfreeze_tower: bool = False  # the tower learns in the tail (at s2_tail_tower_lr)
+    s2_tail_tower_lr: float | None = None  # None: the tail's lr
+    vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
+    vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
+    train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)
+    vision_lr: float = 1e-3
+    grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
+    order_weight: float = 0.0  # its left-to-right ranking of the caption's groups (puts x into the patch tokens)
+    text_chats: float = 0.1  # text-only chats per scene, in every data set and the LM's corpus
+    text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
+    max_objects: int = MAX_OBJECTS  # objects a scene at most, in training and held-out data (fewer: a simpler world)
+    world: str = "classic"  # the synthetic world (llava.data.synth.WORLDS): "varied" draws and words it many ways
+    save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
+    eval_batch: int = 32
+    out_of_style_per_cell: int = 40  # questions per category and wording of the out-of-style set (0: not run)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SIZES: dict[str, RecipeSize] = {
+    "full": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16, sincos_positions=1.0),
+                       lm=LMSpec(layers=6),
+                       vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
+                       s1_epochs=1, s1_batch=32, s1_lr=1e-3, s2_epochs=4, s2_batch=16, s2_lr=1e-3,
+                       s2_tail_epochs=5, s2_tail_lr=3e-4, vision_scenes=12000, train_scenes=9000,
+                       grounding_weight=1.0, order_weight=1.0, text_chats=0.5, text_mc=0.5),
+    "small": RecipeSize(n=240, eval_n=140, vocab=512,
+                        vision=VisionSpec(patch_size=16, width=64, layers=2, heads=2, text_width=64, text_layers=1,
+                                          embed_dim=64, sincos_positions=1.0),
+                        lm=LMSpec(width=96, layers=2, heads=2, intermediate=256, max_positions=512),
+                        vision_steps=40, vision_batch=48, lm_steps=60, lm_batch=8, lm_scenes=240,
+                        s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
+                        s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
+                        eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, order_weight=1.0,
+                        text_mc=0.5, save_steps=50, out_of_style_per_cell=4),
+}
+# The small size trained longer (about 8 min on one thread) in a simpler world, at most 2 objects a
+# scene: it reads the printed word and tells a named object's colour (60%, chance 15). With up to 5
+# objects the same training left colour at chance (20%): telling which of five objects is "the circle"
+# is what a reduced model does not learn in minutes.
+SIZES["reduced"] = replace(SIZES["small"], vision_steps=300, vision_scenes=1500, train_scenes=1500, lm_steps=200,
+                           s1_max_steps=300, s2_max_steps=3000, s2_tail_max_steps=600, max_objects=2, eval_n=280)
