@@ -306,6 +306,30 @@ def test_sincos_positions_start_the_tower_knowing_where_each_patch_is():
     assert moved(tower) > 3 * moved(plain_tower)
 
 
+def test_the_card_s_train_commands_parse_to_the_configs_the_recipe_trains_with():
+    """Each stage's shell command (on the card), parsed by `llava train`, resolves to the config the recipe
+    ran, but for where and how the run is kept (device: best available; checkpoints, logging, progress)."""
+    import argparse
+    import shlex
+
+    from llava.recipe.stages import train_command, train_config
+    from llava.train.cli import add_train_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    stages = [dict(stage="pretrain", out="o1", data="p.json", image_folder="img", epochs=1, batch=32, lr=1e-3, seed=0,
+                   max_steps=None, language_model="lm", vision_tower="vt", image_aspect_ratio="pad"),
+              dict(stage="finetune", out="o2", data="i.json", image_folder="img", epochs=3, batch=16, lr=3e-4, seed=1,
+                   max_steps=120, model="o1", template="vicuna_v1", unfreeze_vision_tower=True,
+                   vision_tower_lr=1e-4, length_window=16)]
+    run_only = {"save_steps", "save_total_limit", "logging_steps", "progress", "overwrite", "device"}
+    for args in stages:
+        ran = train_config(**args).resolved().to_dict()
+        parsed = config_from_args(parser.parse_args(shlex.split(train_command(**args))[2:])).resolved().to_dict()
+        assert {k: v for k, v in parsed.items() if k not in run_only} == {
+            k: v for k, v in ran.items() if k not in run_only}
+
+
 def test_cli_parses_recipe_flags():
     import argparse
 

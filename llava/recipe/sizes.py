@@ -39,6 +39,7 @@ class RecipeSize:
     s2_tail_max_steps: int | None = None
     s2_tail_unfreeze_tower: bool = False  # the tower learns in the tail (at s2_tail_tower_lr)
     s2_tail_tower_lr: float | None = None  # None: the tail's lr
+    s2_length_window: int = 1  # stage 2 sorts rows by length across this many batches (less padding)
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
     train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)

@@ -64,14 +64,15 @@ _RUN_ONLY_KEYS = frozenset({"out", "overwrite", "progress", "resume", "device", 
 def train_config(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float, seed: int,
                   max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
                   vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
-                  image_aspect_ratio: str | None = None, **model: str) -> TrainConfig:
+                  image_aspect_ratio: str | None = None, length_window: int = 1, **model: str) -> TrainConfig:
     """One `llava train` run as the trainer's own config."""
     return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
                        max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
                        lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
                        device=device, progress=False, logging_steps=5, overwrite=True, template=template,
                        save_steps=save_steps, save_total_limit=1, image_aspect_ratio=image_aspect_ratio,
-                       unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr, **model)
+                       unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr,
+                       length_window=length_window, **model)
 
 
 def train_stage(cfg: TrainConfig, resume: str | None = None) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def _same_run(state: dict[str, Any], cfg: TrainConfig, root: str) -> bool:
         return value
 
     now = json.loads(json.dumps(cfg.resolved().to_dict()))  # as the trainer saved it: defaults filled in
-    return (all(moved(saved.get(k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
+    return (all(moved(TrainConfig.saved_value(saved, k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
             and state.get("data_sha256") == sha256_file(cfg.data))
 
 
@@ -132,7 +133,8 @@ def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
 def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
                   seed: int, max_steps: int | None, template: str | None = None,
                   unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
-                  save_steps: int = 0, image_aspect_ratio: str | None = None, **model: str) -> str:
+                  save_steps: int = 0, image_aspect_ratio: str | None = None, length_window: int = 1,
+                  **model: str) -> str:
     """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
     parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
     parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
@@ -145,6 +147,8 @@ def train_command(stage: str, out: str, data: str, image_folder: str, epochs: in
         parts.append("--unfreeze-vision-tower")
     if vision_tower_lr is not None:
         parts.append(f"--vision-tower-lr {vision_tower_lr}")
+    if length_window != 1:
+        parts.append(f"--length-window {length_window}")
     if max_steps:
         parts.append(f"--max-steps {max_steps}")
     if device != "cpu":

@@ -189,7 +189,8 @@ class _RecipeRun:
         s2_args = dict(stage="finetune", out=s2_first, data=os.path.join(train_data, "instruct.json"),
                        image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr,
                        seed=self.seed, max_steps=spec.s2_max_steps, model=s1, template="vicuna_v1",
-                       save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device)
+                       save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device,
+                       length_window=spec.s2_length_window)
         runs = [("stage1", s1_args), ("stage2_phase1" if spec.s2_tail_epochs else "stage2", s2_args)]
         if spec.s2_tail_epochs:
             runs.append(("stage2", {**s2_args, "out": s2, "model": s2_first, "epochs": spec.s2_tail_epochs,

@@ -75,6 +75,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="rows per optimizer step over all processes (sets the accumulation)")
     g.add_argument("--model-max-length", type=int, default=None)
+    g.add_argument("--length-window", type=int, default=1,
+                   help="with --group-by-modality-length: sort rows by length across N global batches, so a "
+                        "batch pads less (1: within each batch, as the original)")
     bools = ((("--group-by-modality-length",), "group_by_modality_length", "single-modality, length-grouped steps"),
              (("--gradient-checkpointing",), "gradient_checkpointing", "recompute activations in backward"),
              (("--bf16",), "bf16", "bf16 autocast (default: on where the GPU has it)"),
@@ -119,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler, max_grad_norm=args.max_grad_norm,
         epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.micro_batch_size,
         grad_accum=args.grad_accum, global_batch_size=args.global_batch_size, model_max_length=args.model_max_length,
-        group_by_modality_length=args.group_by_modality_length, gradient_checkpointing=args.gradient_checkpointing,
+        group_by_modality_length=args.group_by_modality_length, length_window=args.length_window,
+        gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16, unpadded=args.unpadded, seed=args.seed, strategy=args.strategy, device=args.device,
         num_workers=args.num_workers,
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, save_layout=args.save_layout,

@@ -105,6 +105,8 @@ class TrainConfig:
     global_batch_size: int | None = None  # rows per optimizer step, all processes
     model_max_length: int | None = None
     group_by_modality_length: bool | None = None
+    # with it, rows are sorted by length across this many global batches, not only within each (sampler)
+    length_window: int = 1
     gradient_checkpointing: bool | None = None
     bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA), fp32 elsewhere
     unpadded: bool | None = None  # one forward per row, no padding; None: on CPU for LMs >= 512 wide (loop.py)
@@ -186,7 +188,7 @@ class TrainConfig:
         if "lora" in stage.trains and not self.lora_targets:
             raise ValueError("LoRA needs at least one target module name")
         for name in ("micro_batch_size", "grad_accum", "global_batch_size", "epochs", "max_steps", "lora_r",
-                     "model_max_length", "logging_steps"):
+                     "model_max_length", "logging_steps", "length_window"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -201,6 +203,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def saved_value(cls, saved: dict[str, Any], key: str) -> Any:
+        """`key` of a saved config, or its default where the config predates the field."""
+        if key in saved:
+            return saved[key]
+        field = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+        return None if field is None or field.default is dataclasses.MISSING else field.default
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -212,6 +222,6 @@ class TrainConfig:
 # Fields that must agree between a run and the checkpoint it resumes from: they decide the
 # data order, the schedule or the shapes of what was saved.
 RESUME_MUST_MATCH = ("stage", "seed", "global_batch_size", "micro_batch_size", "grad_accum", "epochs", "max_steps",
-                     "group_by_modality_length", "learning_rate", "mm_projector_lr", "vision_tower_lr",
+                     "group_by_modality_length", "length_window", "learning_rate", "mm_projector_lr", "vision_tower_lr",
                      "lr_scheduler", "warmup_ratio", "lora_r", "lora_alpha", "lora_targets", "unfreeze_vision_tower",
                      "freeze_projector", "projector_type", "template", "model_max_length")

@@ -118,8 +118,10 @@ class _StepPlan:
     """This process's micro-batches, step after step, from `start` on (a DataLoader batch sampler)."""
 
     def __init__(self, n_rows: int, global_batch: int, micro: int, seed: int, per_epoch: int,
-                 lengths: list[int] | None, strategy: Strategy, start: int, total: int) -> None:
+                 lengths: list[int] | None, strategy: Strategy, start: int, total: int,
+                 length_window: int = 1) -> None:
         self.args = (n_rows, global_batch, seed)
+        self.length_window = length_window
         self.micro, self.per_epoch, self.lengths = micro, per_epoch, lengths
         self.strategy, self.start, self.total = strategy, start, total
         self._epoch: tuple[int, list[list[int]]] | None = None
@@ -128,7 +130,7 @@ class _StepPlan:
         epoch, k = divmod(step, self.per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
             n_rows, global_batch, seed = self.args
-            self._epoch = (epoch, epoch_batches(n_rows, global_batch, seed, epoch, self.lengths))
+            self._epoch = (epoch, epoch_batches(n_rows, global_batch, seed, epoch, self.lengths, self.length_window))
         return micro_batches(self.strategy.shard(self._epoch[1][k]), self.micro)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -182,8 +184,8 @@ class _Run:
     def _check_resumable(self, state: dict[str, Any], folder: str) -> None:
         saved = state["config"]
         now = json.loads(json.dumps(self.cfg.to_dict()))  # tuples -> lists, as saved
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH
-                 if saved.get(k) != now[k]]
+        then = {k: TrainConfig.saved_value(saved, k) for k in RESUME_MUST_MATCH}
+        diffs = [f"{k}: checkpoint {then[k]!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if then[k] != now[k]]
         if state.get("data_sha256") != self.data_hash:
             diffs.append(f"data file {self.cfg.data} changed (sha256 {self.data_hash[:12]}..., "
                          f"checkpoint {str(state.get('data_sha256'))[:12]}...)")
@@ -352,7 +354,7 @@ class _Run:
         self._setup()
         cfg = self.cfg
         plan = _StepPlan(len(self.dataset), self.global_batch, self.micro, cfg.seed, self.per_epoch, self.lengths,
-                         self.strategy, self.start, self.total)
+                         self.strategy, self.start, self.total, cfg.length_window)
         batches = self._loader(plan)
         progress = Progress(cfg.out, self.total, self.start, cfg.logging_steps, enabled=self.main,
                             show_bar=cfg.progress, report_to=tuple(cfg.report_to), run_config=cfg.to_dict())
