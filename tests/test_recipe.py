@@ -448,6 +448,12 @@ def test_restarted_recipe_reuses_stage0_and_reports_its_times(small_run, tmp_pat
     assert summary["total_seconds"] == round(sum(summary["times"].values()), 1) > summary["this_run_seconds"]
     card = (copy / "stage2" / "README.md").read_text()
     assert "were reused from an earlier run" in card
+    # killed before its summary: the stage-0 models' own records still give their times
+    (copy / "recipe_summary.json").unlink()
+    again = run_recipe(str(copy), seed=0, size="small", threads=1, reuse=True, echo=lambda _: None)
+    for stage in ("stage0_vision", "stage0_lm"):
+        assert stage in again["reused_stages"]
+        assert 0 < again["times"][stage] == pytest.approx(first["times"][stage], abs=1.0)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 STAGE0_SPEC_FILE = "recipe_spec.json"  # beside each stage-0 model: the recipe spec it was made with
+MADE_IN_SECONDS = "made_in_seconds"  # and, in the same record, its wall time (not a spec field)
 
 
 def stage0_spec(folder: str, earlier_spec: dict[str, Any] | None) -> dict[str, Any] | None:

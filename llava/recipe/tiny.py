@@ -21,8 +21,8 @@ from llava.checkpoint import load_tokenizer
 from llava.recipe.common import read_check, read_json, read_losses
 from llava.recipe.evaluation import OUT_OF_STYLE_SEED, eval_seed, evaluate_model, write_eval_results
 from llava.recipe.sizes import SIZES, RecipeSize
-from llava.recipe.stages import (STAGE0_SPEC_FILE, finished_run, resumable_checkpoint, same_stage0_spec,
-                                 stage0_spec, train_command, train_config, train_stage)
+from llava.recipe.stages import (MADE_IN_SECONDS, STAGE0_SPEC_FILE, finished_run, resumable_checkpoint,
+                                 same_stage0_spec, stage0_spec, train_command, train_config, train_stage)
 from llava.recipe.text import pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import pretrain_vision, scene_pairs
@@ -71,10 +71,12 @@ class _RecipeRun:
         return self.reuse and os.path.isfile(path) and same_stage0_spec(
             name, stage0_spec(os.path.dirname(path), self.earlier_spec), self.spec)
 
-    def made(self, folder: str, result: Any) -> Any:
-        """Record beside a stage-0 model the spec it was made with (a run killed before its summary keeps it)."""
+    def made(self, folder: str, result: Any, started: float) -> Any:
+        """Record beside a stage-0 model the spec it was made with and how long that took (since the
+        `perf_counter` time `started`): a run killed before its summary keeps the model and its time."""
+        record = {**asdict(self.spec), MADE_IN_SECONDS: round(time.perf_counter() - started, 1)}
         with open(os.path.join(folder, STAGE0_SPEC_FILE), "w", encoding="utf-8") as f:
-            json.dump(asdict(self.spec), f, indent=1)
+            json.dump(record, f, indent=1)
         return result
 
     def text_chats(self, n: int) -> int:
@@ -127,21 +129,26 @@ class _RecipeRun:
 
     # stage 0 -----------------------------------------------------------------------------------
     def tokenizer(self):
+        started = time.perf_counter()
         if self.keep("stage0_tokenizer", os.path.join(self.tok_dir, "tokenizer.json")):
             self.reused.add("stage0_tokenizer")
             return load_tokenizer(self.tok_dir)
         corpus = [os.path.join(self.data_dir, "pretrain.json"), os.path.join(self.data_dir, "instruct.json")]
         tok = train_tokenizer(chat_texts(corpus), vocab_size=self.spec.vocab)
         tok.save_pretrained(self.tok_dir)
-        return self.made(self.tok_dir, tok)
+        return self.made(self.tok_dir, tok, started)
 
     def _kept_stage0(self, name: str, weights: str) -> bool:
         """Stage-0 models are kept only beside the tokenizer they were trained with."""
         return "stage0_tokenizer" in self.reused and self.keep(name, weights)
 
     def _reused_stage(self, name: str, folder: str, checks: tuple[str, ...]) -> dict[str, Any]:
-        """A stage-0 model already in `out`: its losses and held-out checks, read back from its log."""
+        """A stage-0 model already in `out`: its losses and held-out checks, read back from its log (and
+        its wall time from its record, where no finished run's summary has it)."""
         self.reused.add(name)
+        record = stage0_spec(folder, None) or {}
+        if name not in self.earlier_times and MADE_IN_SECONDS in record:
+            self.trained_seconds[name] = record[MADE_IN_SECONDS]
         log_file = os.path.join(folder, "metrics.jsonl")
         losses = read_losses(log_file)
         return {"reused": True, "first_loss": losses[0], "final_loss": losses[-1],
@@ -149,7 +156,7 @@ class _RecipeRun:
 
     def vision(self, tokenizer) -> dict[str, Any]:
         """Stage 0b: the CLIP-style tower, on its own (larger) set of scenes' captions."""
-        spec = self.spec
+        spec, started = self.spec, time.perf_counter()
         if self._kept_stage0("stage0_vision", os.path.join(self.tower, "model.safetensors")):
             return self._reused_stage("stage0_vision", self.tower, ("binding", "grounding"))
         scenes = self.superset(os.path.join(self.stage0, "scenes"), spec.vision_scenes, text_only=0)
@@ -158,11 +165,11 @@ class _RecipeRun:
             steps=spec.vision_steps, batch_size=spec.vision_batch, lr=spec.vision_lr, seed=self.seed,
             device=self.device, hard_negatives_per_image=spec.vision_negatives, check_pairs=scene_pairs(self.eval_dir),
             grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
-            check_every=max(1, spec.vision_steps // 6)))
+            check_every=max(1, spec.vision_steps // 6)), started)
 
     def language_model(self, tokenizer) -> dict[str, Any]:
         """Stage 0c: the Llama LM, on the scenes' descriptions and chats as text."""
-        spec = self.spec
+        spec, started = self.spec, time.perf_counter()
         if self._kept_stage0("stage0_lm", os.path.join(self.lm, "model.safetensors")):
             return self._reused_stage("stage0_lm", self.lm, ("text_answers",))
         lm_scenes = max(spec.n, spec.lm_scenes)
@@ -170,7 +177,7 @@ class _RecipeRun:
                              max_objects=spec.max_objects, world=spec.world)
         return self.made(self.lm, pretrain_lm(docs, tokenizer, self.lm, spec.lm, steps=spec.lm_steps,
                                               batch_size=spec.lm_batch, seed=self.seed, device=self.device,
-                                              check_dir=self.eval_dir))
+                                              check_dir=self.eval_dir), started)
 
     # stages 1-2 --------------------------------------------------------------------------------
     def training_runs(self, train_data: str) -> list[tuple[str, dict[str, Any]]]:
