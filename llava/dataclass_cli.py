@@ -1,10 +1,17 @@
 """Command-line flags derived from a dataclass, so a config and its CLI cannot drift apart.
 
 Each field becomes `--field-name` (underscores as dashes) with the field's default and type;
-`field(metadata={"help": ..., "flags": [...], "choices": [...]})` adds help text, aliases and
-choices. bool fields become on/off switches (`--x` / `--no-x`). `from_args` builds the
-dataclass back from the parsed namespace. Only what our configs use is supported: str, int,
-float, bool and their `| None` forms.
+a field without a default is a required flag. `field(metadata=...)` adds:
+
+- "help", "flags" (aliases), "choices", "metavar";
+- "group": the title of the argument group the flag is listed under;
+- "parse": a function from the flag's text to the value, for fields that are not a scalar
+  (comma-separated tuples, JSON-ish lists);
+- "nargs" and "const" (e.g. `--resume` alone meaning "auto");
+- "hidden": left out of --help.
+
+bool fields become on/off switches (`--x` / `--no-x`). `from_args` builds the dataclass back from
+the parsed namespace. Scalars are str, int, float, bool and their `| None` forms.
 """
 
 from __future__ import annotations
@@ -31,18 +38,28 @@ def _scalar_type(annotation: Any) -> type:
 def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
     """One flag per field of `cls` (see the module docstring)."""
     hints = typing.get_type_hints(cls) if not any(isinstance(f.type, str) for f in dataclasses.fields(cls)) else {}
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
-        kind = _scalar_type(hints.get(f.name, f.type))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", [])]
-        help_text = f.metadata.get("help", "")
+        meta = f.metadata
+        title = meta.get("group")
+        if title and title not in groups and isinstance(parser, argparse.ArgumentParser):
+            groups[title] = parser.add_argument_group(title)
+        target = groups.get(title, parser)
+        kind = meta.get("parse") or _scalar_type(hints.get(f.name, f.type))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = [f"--{f.name.replace('_', '-')}", *meta.get("flags", [])]
+        help_text = argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")
         if kind is bool:
-            parser.add_argument(*flags, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+            target.add_argument(*flags, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
                                 help=help_text)
             continue
-        shown = f" (default: {default})" if default not in (None, "") else ""
-        parser.add_argument(*flags, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
-                            metavar=f.metadata.get("metavar"), help=help_text + shown)
+        if help_text is not argparse.SUPPRESS and default not in (None, "", ()):
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" (default: {shown})"
+        extra = {k: meta[k] for k in ("nargs", "const") if k in meta}
+        target.add_argument(*flags, dest=f.name, type=kind, default=default, required=required,
+                            choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text, **extra)
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

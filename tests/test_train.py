@@ -264,6 +264,32 @@ def test_a_length_window_sorts_across_batches_so_they_pad_less():
         epoch_batches(400, 16, seed=5, epoch=0, modality_lengths=lengths, length_window=0)
 
 
+def test_every_train_config_field_is_a_flag_of_llava_train():
+    """The flags are derived from TrainConfig's fields: each field has one, and aliases, lists and
+    switches parse to the config's own types."""
+    import dataclasses
+
+    from llava.train.cli import add_train_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= {a.dest for a in parser._actions}
+    cfg = config_from_args(parser.parse_args([
+        "--stage", "lora", "--data", "d.json", "--output-dir", "o", "--lr", "1e-4", "--batch-size", "2",
+        "--gradient-accumulation-steps", "3", "--version", "vicuna_v1", "--lora-targets", "q_proj, v_proj",
+        "--report-to", "none", "--adam-betas", "0.8,0.99", "--resume", "--no-progress", "--unfreeze-vision-tower",
+        "--image-grid-pinpoints", "[[64, 32], [32, 64]]", "--mm-vision-select-layer", "-1"]))
+    assert (cfg.out, cfg.learning_rate, cfg.micro_batch_size, cfg.grad_accum, cfg.template) == (
+        "o", 1e-4, 2, 3, "vicuna_v1")
+    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.report_to == () and cfg.adam_betas == (0.8, 0.99)
+    assert cfg.resume == "auto" and cfg.progress is False and cfg.unfreeze_vision_tower is True
+    assert [tuple(p) for p in cfg.image_grid_pinpoints] == [(64, 32), (32, 64)] and cfg.vision_feature_layer == -1
+    defaults = config_from_args(parser.parse_args(["--stage", "finetune", "--data", "d", "--out", "o"]))
+    assert defaults == TrainConfig(stage="finetune", data="d", out="o")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--stage", "finetune", "--data", "d"])  # --out is required
+
+
 def test_length_window_reaches_the_trainer_and_a_checkpoint_from_before_it_resumes():
     """The flag sets the config; an older saved config without the field reads as its default (1),
     so such a checkpoint or finished run still matches a run with the default."""

@@ -56,75 +56,132 @@ def get_stage(name: str) -> Stage:
         raise ValueError(f"unknown training stage {name!r}; valid: {', '.join(STAGES)}") from None
 
 
+_MODEL, _LEARNS, _OPTIM, _RUN = ("model", "what trains", "optimisation (defaults: the stage's LLaVA-1.5 recipe)",
+                                  "running and saving")
+
+
+def _flag(default: Any = dataclasses.MISSING, *, group: str | None = None, **meta: Any) -> Any:
+    """A TrainConfig field and its `llava train` flag (llava.dataclass_cli): help, aliases (flags), group, ..."""
+    return field(default=default, metadata={"group": group, **meta})
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _reporters(text: str) -> tuple[str, ...]:
+    return tuple(r for r in _names(text) if r != "none")
+
+
+def _betas(text: str) -> tuple[float, float]:
+    first, second = (float(b) for b in _names(text))
+    return first, second
+
+
+def _pinpoints(text: str) -> list[tuple[int, int]]:
+    from llava.processing.anyres import parse_pinpoints
+
+    return parse_pinpoints(text)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. None means "the stage's recipe value" (see `resolved`)."""
 
-    stage: str
-    data: str  # LLaVA JSON / JSONL
-    out: str
-    image_folder: str | None = None
+    stage: str = _flag(help="pretrain: projector only (stage 1); finetune: LM + projector (stage 2); "
+                            "lora / qlora: LoRA adapters on the LM (4-bit base for qlora) + projector",
+                       choices=list(STAGES))
+    data: str = _flag(help="LLaVA JSON / JSONL conversation records")
+    out: str = _flag(flags=["--output-dir"], help="output folder")
+    image_folder: str | None = _flag(None, help="folder the records' image paths are relative to")
 
     # Where the model comes from: an existing LLaVA checkpoint, or an LM + a vision tower.
-    model: str | None = None
-    model_base: str | None = None  # when `model` is a LoRA or projector-only checkpoint
-    language_model: str | None = None
-    vision_tower: str | None = None
-    projector_type: str = "mlp2x_gelu"
-    vision_feature_layer: int = -2
-    vision_feature_select: str = "patch"
-    image_aspect_ratio: str | None = None  # fresh builds only; a checkpoint keeps its own
-    mm_patch_merge_type: str | None = None  # fresh builds: flat, or spatial_unpad with anyres
-    image_grid_pinpoints: list[tuple[int, int]] | None = None  # (width, height), anyres
-    pretrain_mm_mlp_adapter: str | None = None  # stage-1 projector (mm_projector.bin or projector.safetensors)
-    template: str | None = None
-    convention: str | None = None  # <image> tokenization; default: that of the output layout
+    model: str | None = _flag(None, group=_MODEL, help="existing LLaVA checkpoint to continue from (any layout)")
+    model_base: str | None = _flag(None, group=_MODEL,
+                                   help="base LM, when --model is a LoRA or projector-only checkpoint")
+    language_model: str | None = _flag(None, group=_MODEL,
+                                       help="plain causal LM folder (with tokenizer) for a fresh LLaVA")
+    vision_tower: str | None = _flag(None, group=_MODEL,
+                                     help="CLIP/SigLIP folder for a fresh LLaVA (or overriding --model's tower source)")
+    projector_type: str = _flag("mlp2x_gelu", group=_MODEL, help="linear, mlp<N>x_gelu")
+    vision_feature_layer: int = _flag(-2, flags=["--mm-vision-select-layer"], group=_MODEL,
+                                      help="tower layer the projector reads")
+    vision_feature_select: str = _flag("patch", group=_MODEL, choices=["patch", "cls_patch"])
+    image_aspect_ratio: str | None = _flag(None, group=_MODEL, choices=list(ASPECT_RATIOS),
+                                           help="fresh models only (default: square for pretrain, pad otherwise)")
+    mm_patch_merge_type: str | None = _flag(None, group=_MODEL, choices=list(MERGE_TYPES),
+                                            help="fresh builds: flat, or spatial_unpad with anyres")
+    image_grid_pinpoints: list[tuple[int, int]] | None = _flag(
+        None, group=_MODEL, parse=_pinpoints,
+        help="anyres grids as [[w, h], ...] (default: 1.6's grids in units of the tower's size)")
+    pretrain_mm_mlp_adapter: str | None = _flag(None, group=_MODEL,
+                                                help="stage-1 projector: mm_projector.bin, projector.safetensors "
+                                                     "or their folder")
+    template: str | None = _flag(None, flags=["--version"], group=_MODEL,
+                                 help="conversation template (default: plain for pretrain, else the model's or "
+                                      "vicuna_v1)")
+    convention: str | None = _flag(None, group=_MODEL, choices=["hf", "original"],
+                                   help="how <image> is tokenised (default: what the output layout's loader uses)")
 
     # What learns.
-    unfreeze_vision_tower: bool = False  # LLaVA-1.6 style, with vision_tower_lr
-    freeze_projector: bool = False  # the original's --freeze_mm_mlp_adapter
-    lora_r: int | None = None
-    lora_alpha: int | None = None
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    unfreeze_vision_tower: bool = _flag(False, group=_LEARNS, help="train the tower too (LLaVA-1.6)")
+    freeze_projector: bool = _flag(False, group=_LEARNS,
+                                   help="keep the projector fixed in finetune/lora (the original's "
+                                        "--freeze_mm_mlp_adapter)")
+    lora_r: int | None = _flag(None, group=_LEARNS, help="LoRA rank (recipe: 128)")
+    lora_alpha: int | None = _flag(None, group=_LEARNS, help="LoRA alpha (recipe: 256)")
+    lora_dropout: float = _flag(0.05, group=_LEARNS)
+    lora_targets: tuple[str, ...] = _flag(LORA_TARGETS, group=_LEARNS, parse=_names,
+                                          help="comma-separated linear layer names")
 
     # Optimisation.
-    learning_rate: float | None = None
-    mm_projector_lr: float | None = None  # None: the main learning rate
-    vision_tower_lr: float | None = None  # None: the main learning rate
-    weight_decay: float | None = None
-    warmup_ratio: float | None = None
-    lr_scheduler: str | None = None
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    epochs: int | None = None
-    max_steps: int | None = None  # overrides epochs
-    micro_batch_size: int | None = None  # rows per forward pass per process
-    grad_accum: int | None = None  # forward passes per optimizer step per process
-    global_batch_size: int | None = None  # rows per optimizer step, all processes
-    model_max_length: int | None = None
-    group_by_modality_length: bool | None = None
-    # with it, rows are sorted by length across this many global batches, not only within each (sampler)
-    length_window: int = 1
-    gradient_checkpointing: bool | None = None
-    bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA), fp32 elsewhere
-    unpadded: bool | None = None  # one forward per row, no padding; None: on CPU for LMs >= 512 wide (loop.py)
-    seed: int = 42
+    learning_rate: float | None = _flag(None, flags=["--lr"], group=_OPTIM)
+    mm_projector_lr: float | None = _flag(None, group=_OPTIM, help="projector learning rate (lora recipe: 2e-5)")
+    vision_tower_lr: float | None = _flag(None, group=_OPTIM, help="tower learning rate when unfrozen")
+    weight_decay: float | None = _flag(None, group=_OPTIM)
+    warmup_ratio: float | None = _flag(None, group=_OPTIM)
+    lr_scheduler: str | None = _flag(None, group=_OPTIM, choices=list(SCHEDULERS))
+    adam_betas: tuple[float, float] = _flag((0.9, 0.999), group=_OPTIM, parse=_betas, help="AdamW's two betas")
+    adam_eps: float = _flag(1e-8, group=_OPTIM)
+    max_grad_norm: float = _flag(1.0, group=_OPTIM, help="gradient clipping (<= 0: off)")
+    epochs: int | None = _flag(None, group=_OPTIM)
+    max_steps: int | None = _flag(None, group=_OPTIM, help="stop after N optimizer steps (overrides --epochs)")
+    micro_batch_size: int | None = _flag(None, flags=["--batch-size"], group=_OPTIM,
+                                         help="rows per forward pass per process")
+    grad_accum: int | None = _flag(None, flags=["--gradient-accumulation-steps"], group=_OPTIM,
+                                   help="forward passes per optimizer step per process")
+    global_batch_size: int | None = _flag(None, group=_OPTIM,
+                                          help="rows per optimizer step over all processes (sets the accumulation)")
+    model_max_length: int | None = _flag(None, group=_OPTIM)
+    group_by_modality_length: bool | None = _flag(None, group=_OPTIM, help="single-modality, length-grouped steps")
+    length_window: int = _flag(1, group=_OPTIM,
+                               help="with --group-by-modality-length: sort rows by length across N global batches, "
+                                    "so a batch pads less (1: within each batch, as the original)")
+    gradient_checkpointing: bool | None = _flag(None, group=_OPTIM, help="recompute activations in backward")
+    bf16: bool | None = _flag(None, group=_OPTIM, help="bf16 autocast (default: on where the GPU has it)")
+    unpadded: bool | None = _flag(None, group=_OPTIM,
+                                  help="run each row of a micro batch alone, unpadded (default: on CPU for language "
+                                       "models at least 512 wide)")
+    seed: int = _flag(42, group=_OPTIM)
 
     # Running and outputs.
-    strategy: str = "auto"
-    device: str | None = None
-    num_workers: int = 0
-    save_steps: int = 0  # 0: no periodic checkpoints
-    save_total_limit: int | None = None
-    save_layout: str = "auto"  # full-model stages: hf, original, or auto (hf where it can hold the model)
-    logging_steps: int = 1
-    report_to: tuple[str, ...] = ()
-    resume: str | None = None  # "auto": latest complete checkpoint in out; or a checkpoint folder
-    overwrite: bool = False  # start over even though `out` holds checkpoints
-    progress: bool = True
-    step_delay: float = 0.0  # seconds slept per step: lets tests kill a run mid-way
+    strategy: str = _flag("auto", group=_RUN, choices=["auto", "single", "ddp", "fsdp"],
+                          help="auto: DDP under torchrun with several processes, else one process")
+    device: str | None = _flag(None, group=_RUN, help="cpu, cuda, mps (default: best available)")
+    num_workers: int = _flag(0, group=_RUN, help="data loading worker processes")
+    save_steps: int = _flag(0, group=_RUN, help="checkpoint every N steps (0: only the final model)")
+    save_total_limit: int | None = _flag(None, group=_RUN, help="keep only the newest N checkpoints")
+    save_layout: str = _flag("auto", group=_RUN, choices=list(SAVE_LAYOUTS),
+                             help="full-model outputs: llava-hf, the original layout, or auto (hf unless it cannot)")
+    logging_steps: int = _flag(1, group=_RUN)
+    report_to: tuple[str, ...] = _flag((), group=_RUN, parse=_reporters,
+                                       help=f"comma-separated: {', '.join(REPORTERS)}")
+    resume: str | None = _flag(None, group=_RUN, nargs="?", const="auto",
+                               help="continue from the latest complete checkpoint in --out (or the given checkpoint "
+                                    "folder)")
+    overwrite: bool = _flag(False, group=_RUN, help="start over even if --out holds a run")
+    progress: bool = _flag(True, group=_RUN, help="a progress bar")
+    step_delay: float = _flag(0.0, hidden=True)  # seconds slept per step: lets tests kill a run mid-way
 
     @property
     def stage_spec(self) -> Stage:
