@@ -12,6 +12,9 @@ a field without a default is a required flag. `field(metadata=...)` adds:
 
 bool fields become on/off switches (`--x` / `--no-x`). `from_args` builds the dataclass back from
 the parsed namespace. Scalars are str, int, float, bool and their `| None` forms.
+
+`saved_value` reads a field back from a dataclass saved as a dict by an older version, which may
+lack fields added since: those read as their defaults, so old runs still compare equal.
 """
 
 from __future__ import annotations
@@ -66,3 +69,20 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The dataclass from parsed flags (fields missing from the namespace keep their defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def saved_value(cls: type, saved: dict[str, Any], key: str, nested: type | None = None) -> Any:
+    """Field `key` of `cls` as saved in `saved`, or its default where the dict predates the field
+    (None for a field without a default, or a key that is no field). Where the field holds a
+    dataclass of type `nested` saved as a dict, its missing fields are filled the same way."""
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+    value = saved[key] if key in saved else (None if field is None else _field_default(field))
+    if nested is not None and isinstance(value, dict):
+        value = {**{f.name: _field_default(f) for f in dataclasses.fields(nested)}, **value}
+    return value

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava.checkpoint import load_checkpoint
+from llava.dataclass_cli import saved_value
 from llava.processing.tokenize import tokenize_prompt
 from llava.train.build import param_groups
 from llava.train.cli import add_train_command
@@ -302,8 +303,8 @@ def test_length_window_reaches_the_trainer_and_a_checkpoint_from_before_it_resum
     assert config_from_args(parser.parse_args(args)).length_window == 1
     saved = TrainConfig(stage="finetune", data="d.json", out="o").to_dict()
     del saved["length_window"]
-    assert TrainConfig.saved_value(saved, "length_window") == 1
-    assert TrainConfig.saved_value(saved, "seed") == saved["seed"]
+    assert saved_value(TrainConfig, saved, "length_window") == 1
+    assert saved_value(TrainConfig, saved, "seed") == saved["seed"]
     with pytest.raises(ValueError, match="length_window"):
         TrainConfig(stage="finetune", data="d.json", out="o", model="m", length_window=0).resolved()
 

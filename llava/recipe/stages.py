@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import MISSING, asdict, fields, is_dataclass, replace
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
+from llava.dataclass_cli import saved_value
 from llava.recipe.common import read_json
 from llava.recipe.sizes import RecipeSize
 from llava.train.config import TrainConfig
@@ -34,26 +35,18 @@ def stage0_spec(folder: str, earlier_spec: dict[str, Any] | None) -> dict[str, A
     return read_json(path) if os.path.isfile(path) else earlier_spec
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    """A dataclass's fields that have a plain default, with it."""
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-
-
 def same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize) -> bool:
     """Whether the run that wrote `earlier` (its summary's spec) made stage-0 model `name` as `spec` would.
     Fields an older summary lacks count as their default, in the nested specs too (VisionSpec,
     LMSpec). No earlier summary: trust the folder."""
     if earlier is None:
         return True
-    defaults = _defaults(RecipeSize)
     now = json.loads(json.dumps(asdict(spec)))
 
     def then(k: str) -> Any:
-        value = earlier.get(k, defaults.get(k))
         nested = getattr(spec, k)
-        if isinstance(value, dict) and is_dataclass(nested):
-            value = {**_defaults(type(nested)), **value}
-        return value
+        value = saved_value(RecipeSize, earlier, k, nested=type(nested) if is_dataclass(nested) else None)
+        return json.loads(json.dumps(value))
 
     return all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
 
@@ -105,7 +98,7 @@ def _same_run(state: dict[str, Any], cfg: TrainConfig, root: str) -> bool:
         return value
 
     now = json.loads(json.dumps(cfg.resolved().to_dict()))  # as the trainer saved it: defaults filled in
-    return (all(moved(TrainConfig.saved_value(saved, k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
+    return (all(moved(saved_value(TrainConfig, saved, k)) == v for k, v in now.items() if k not in _RUN_ONLY_KEYS)
             and state.get("data_sha256") == sha256_file(cfg.data))
 
 

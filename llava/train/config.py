@@ -260,14 +260,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def saved_value(cls, saved: dict[str, Any], key: str) -> Any:
-        """`key` of a saved config, or its default where the config predates the field."""
-        if key in saved:
-            return saved[key]
-        field = {f.name: f for f in dataclasses.fields(cls)}.get(key)
-        return None if field is None or field.default is dataclasses.MISSING else field.default
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from llava.dataclass_cli import saved_value
 from llava.errors import CheckpointMismatch, CheckpointNotFound, DeviceError, InputError, LlavaError
 from llava.processing.labels import IGNORE_INDEX
 from llava.train import checkpointing as ckpt
@@ -184,7 +185,7 @@ class _Run:
     def _check_resumable(self, state: dict[str, Any], folder: str) -> None:
         saved = state["config"]
         now = json.loads(json.dumps(self.cfg.to_dict()))  # tuples -> lists, as saved
-        then = {k: TrainConfig.saved_value(saved, k) for k in RESUME_MUST_MATCH}
+        then = {k: saved_value(TrainConfig, saved, k) for k in RESUME_MUST_MATCH}
         diffs = [f"{k}: checkpoint {then[k]!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if then[k] != now[k]]
         if state.get("data_sha256") != self.data_hash:
             diffs.append(f"data file {self.cfg.data} changed (sha256 {self.data_hash[:12]}..., "
