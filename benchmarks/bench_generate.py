@@ -34,6 +34,7 @@ import torch
 from llava.checkpoint.hf import save_hf
 from llava.config import preset
 from llava.generate import Engine, Request, SamplingParams
+from llava.generate.decoder import cpu_linear_path
 from llava.model.llava import LlavaModel
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
@@ -338,6 +339,8 @@ def main() -> None:
     stall0, wall0 = cpu_stall_us(), time.perf_counter()
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth (1 GiB fp32 .sum(), median of 7): {bandwidth:.1f} GB/s", flush=True)
+    print("eager decode-step linears: " + ", ".join(
+        f"{name} {cpu_linear_path(dtype)}" for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
     rows: list[Row] = []
     for name in args.presets:
         new = args.new_tokens or {True: 32, False: 128}[args.quick] // (1 if name == "tiny" else 2)

@@ -47,6 +47,7 @@ from llava.checkpoint.gguf_export import export_gguf
 from llava.checkpoint.loader import LoadedCheckpoint
 from llava.config import preset
 from llava.generate import Engine, Request, SamplingParams
+from llava.generate.decoder import cpu_linear_path
 from llava.model.llava import LlavaModel
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
@@ -277,6 +278,8 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}  {machine()}")
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth (1 GiB fp32 .sum(), median of 7): {bandwidth:.1f} GB/s", flush=True)
+    print("eager decode-step linears: " + ", ".join(
+        f"{name} {cpu_linear_path(dtype)}" for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
     variants, reference = run(args)
     print()
     print(table(variants, reference, bandwidth))

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from llava.generate import Engine, Request, SamplingParams
-from llava.generate.decoder import LlamaFamilyDecoder, unsupported_reason
+from llava.generate import decoder as decoder_module
+from llava.generate.decoder import LlamaFamilyDecoder, cpu_linear_path, onednn_dtypes, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.model.llava import LlavaModel
 from llava.model.quantize import quantize_language_model
@@ -59,6 +60,29 @@ def test_prefill_and_decode_logits_match_transformers(name):
             steps.append(decoder.forward(decoder.embed(ids[:, t:t + 1]), pos[:, t:t + 1], key_mask, cache, t))
     for t, logits in zip(range(5, 9), steps):
         assert (logits - reference[:, t]).abs().max().item() <= 1e-5, t
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "without-onednn"])
+def test_few_row_linears_match_transformers_with_and_without_onednn(monkeypatch, onednn):
+    """Decode steps (few rows) take oneDNN's linear where it runs, else W @ x.T or F.linear:
+    each path gives transformers' logits, and `cpu_linear_path` names the one taken."""
+    if onednn and torch.float32 not in onednn_dtypes():
+        pytest.skip("this torch has no oneDNN")
+    if not onednn:
+        monkeypatch.setattr(decoder_module, "onednn_dtypes", lambda: frozenset())
+    assert cpu_linear_path(torch.float32).startswith("oneDNN") == onednn
+    lm = _lm("qwen2-bias")
+    with torch.no_grad():  # lm_head over 64 wide rows is large enough for the W @ x.T route too
+        lm.lm_head = torch.nn.Linear(64, 1 << 13, bias=False)
+        lm.config.vocab_size = 1 << 13
+    ids, mask, pos = _left_padded(batch=4)
+    with torch.no_grad():
+        reference = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        decoder = LlamaFamilyDecoder(lm)
+        cache = decoder.new_cache(4, 9, ids.device, torch.float32)
+        decoder.forward(decoder.embed(ids[:, :8]), pos[:, :8], mask, cache, 0)
+        last = decoder.forward(decoder.embed(ids[:, 8:]), pos[:, 8:], mask, cache, 8)
+    assert (last - reference).abs().max().item() <= 1e-5
 
 
 def test_unpadded_batch_needs_no_mask():

@@ -8,10 +8,14 @@ the rotary embedding), so its weights, dtype and quantized linears are the model
 the attention plumbing and the cache are ours. Like gpt-fast it writes keys and values into
 a cache allocated once per batch, and a step attends over the filled columns only.
 
-One CPU-specific choice: for a few rows in fp32, `W @ x.T` is several times faster than
-`x @ W.T` with MKL on AVX2 machines (lm_head, 32064x768, at 8 rows: 11 ms against 42 ms;
-benchmarks/README.md), so large plain fp32 `nn.Linear`s on CPU take that route for 2 to 16
-rows. In bf16/fp16 both orders cost the same there, so those keep `F.linear`.
+One CPU-specific choice: a decode step's linears (up to 16 rows) are matrix-vector products,
+bound by how fast the weights stream from memory, and in fp32 `F.linear` (MKL's GEMM) reads
+them at about half the memory's speed there. oneDNN's linear (`mkldnn._linear_pointwise`, the
+op Inductor emits for CPU linears) reads the same unpacked fp32 weights at about twice that
+(benchmarks/README.md), so plain fp32 CPU linears of few rows take it where torch has oneDNN,
+and large prefills keep `F.linear`. bf16 keeps `F.linear`, which is oneDNN already. Without
+oneDNN, few fp32 rows of a large weight go as `W @ x.T`, several times faster than `x @ W.T`
+with MKL on AVX2 machines (lm_head at 8 rows: 11 ms against 42 ms).
 
 `unsupported_reason` says when a model needs transformers' own forward instead (another
 architecture, or a sliding window shorter than the context the batch needs).
@@ -19,6 +23,7 @@ architecture, or a sliding window shorter than the context the batch needs).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,8 +32,24 @@ import torch.nn.functional as F
 from torch import nn
 
 FAMILIES = ("llama", "mistral", "qwen2")
-SKINNY_ROWS = 16  # up to this many rows ...
-SKINNY_MIN_WEIGHT = 1 << 18  # ... of a weight this large (elements), CPU linears compute W @ x.T
+FEW_ROWS = 16  # up to this many rows (a decode step) CPU linears take oneDNN's matrix-vector path ...
+SKINNY_MIN_WEIGHT = 1 << 18  # ... or, without oneDNN, W @ x.T in fp32 for a weight this large (elements)
+
+
+@functools.cache
+def onednn_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose few-row CPU linears go through oneDNN's linear here: fp32 where torch has
+    oneDNN. (bf16's `F.linear` is oneDNN already: routing it measured no faster.)"""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return frozenset()
+    return frozenset({torch.float32})
+
+
+def cpu_linear_path(dtype: torch.dtype) -> str:
+    """Which kernel an eager decode step's CPU linears use in `dtype`, for benchmarks to print."""
+    if dtype in onednn_dtypes():
+        return f"oneDNN linear ({torch.backends.cpu.get_cpu_capability()})"
+    return "W @ x.T (MKL)" if dtype == torch.float32 else "F.linear"
 
 
 @dataclass
@@ -113,13 +134,16 @@ def plan_layers(lm: nn.Module) -> list[LayerPlan]:
 
 
 def _linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
-    """x through a planned linear; few CPU rows of a large plain weight go as W @ x.T (module docstring)."""
+    """x through a planned linear; few CPU rows take oneDNN, or W @ x.T without it (module docstring)."""
     if not isinstance(part, tuple):
         return part(x)
     weight, bias = part
     rows = x.numel() // x.shape[-1]
-    if (1 < rows <= SKINNY_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.numel() >= SKINNY_MIN_WEIGHT):
+    if rows > FEW_ROWS or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if x.dtype in onednn_dtypes() and weight.dtype == x.dtype and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if rows > 1 and x.dtype == torch.float32 and weight.numel() >= SKINNY_MIN_WEIGHT:
         out = torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
