@@ -1,16 +1,17 @@
 """The lean forward's one-row decode step, compiled over a static KV cache (gpt-fast's recipe).
 
 Batch-1 decoding on a CPU is a memory-bandwidth problem: every weight is read once per
-token. MKL's and oneDNN's matrix-vector products read weights at 11-16 GB/s on our 2-core
-machines whatever the thread count, while the memory gives ~32 GB/s. Written as a
-multiply-and-sum (`gemv`) inside a compiled graph, Inductor emits one vectorised loop per
-matrix that streams its rows across the threads at 25-30 GB/s (benchmarks/README.md). So
+token. MKL's matrix-vector products read weights at 11-16 GB/s on our 2-core machines
+whatever the thread count, oneDNN's at 15-30 (fp32) and 10-15 (bf16) on unpacked weights,
+while the memory gives 32-48 GB/s. Written as a multiply-and-sum (`gemv`) inside a compiled
+graph, Inductor emits one vectorised loop per matrix that streams its rows across the threads
+at 26-41 GB/s (benchmarks/README.md). So
 the compiled step computes plain CPU linears that way, and everything else (norms, rotary,
 attention, weight-only int8/int4 layers) as the eager lean forward does.
 
 Only single-row batches take this step (`Engine` runs larger batches on the eager lean
 forward): at 8 rows the same reductions re-read each weight row per input row and ran ~3x
-slower than MKL's GEMM, and attending over a static cache's whole capacity reads up to twice
+slower than a GEMM, and attending over a static cache's whole capacity reads up to twice
 the KV cache a batch needs.
 
 Shapes are static so the graph is compiled once: the cache has a fixed capacity, the step

@@ -104,7 +104,7 @@ class Engine:
     (ValueError with the reason when it cannot), "transformers" never uses it. The cache
     options belong to transformers' forward: cache="static" preallocates its KV cache. The lean
     forward always preallocates. compile=True compiles the decode step: on the lean forward its
-    one-row step (`CompiledDecoder`; larger batches stay eager, where MKL's GEMM is faster), on
+    one-row step (`CompiledDecoder`; larger batches stay eager, where oneDNN's linear is faster), on
     transformers' forward its step over the static cache (fixed shapes avoid recompiles). On a
     2-core CPU (benchmarks/README.md) the lean forward decodes the tiny model ~2.5x as fast as
     transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
