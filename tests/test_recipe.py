@@ -189,6 +189,10 @@ def test_order_ranking_trains_and_is_scored(synth, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="grounding_weight"):
         pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t2"), SMALL_VISION,
                         steps=1, batch_size=8, order_weight=1.0)
+    with pytest.raises(ValueError, match="check images are 96 px, the tower's are 64"):  # one clear error, not CLIP's
+        pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t3"),
+                        dataclasses.replace(SMALL_VISION, image_size=64), steps=1, batch_size=8,
+                        check_pairs=scene_pairs(str(synth)))
 
 
 def test_grounding_loss_falls_and_is_checked_on_held_out_scenes(synth, tokenizer, tmp_path):

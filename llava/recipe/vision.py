@@ -317,6 +317,9 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
     if order_weight and not grounding_weight:
         raise ValueError("order_weight needs the grounding head: set grounding_weight > 0 too")
+    if check_pairs is not None and check_pairs[0].shape[1:3] != (spec.image_size, spec.image_size):
+        raise ValueError(f"the check images are {check_pairs[0].shape[1]} px, the tower's are {spec.image_size}: "
+                         "read them with scene_pairs(..., image_size=spec.image_size)")
     model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0)
     model = model.to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
