@@ -34,8 +34,8 @@ import torch
 from llava.checkpoint.hf import save_hf
 from llava.config import preset
 from llava.generate import Engine, Request, SamplingParams
-from llava.generate.decoder import cpu_linear_path
 from llava.model.llava import LlavaModel
+from llava.model.onednn import cpu_linear_path
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
 

@@ -9,6 +9,9 @@ random weights and the tiny BPE tokenizer (llama.cpp needs real merges), exporte
 (our weight-only rows quantize an fp32 model: on a bf16 one they measured slower, 28 and 114
 tokens/s against 116 and 130, as the int8 reduction and the int4 kernel convert activations).
 
+Our rows come compiled and eager, each without and with oneDNN-packed weights (`--pack`,
+`Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster).
+
 For each, in interleaved rounds (the machine is shared; medians are taken):
 - batch-1 decode tokens/s: greedy, 128 new tokens after a 64-token text prompt, EOS ignored;
 - ours at batch 8 (total tokens/s) and its ratio to our batch 1;
@@ -47,8 +50,8 @@ from llava.checkpoint.gguf_export import export_gguf
 from llava.checkpoint.loader import LoadedCheckpoint
 from llava.config import preset
 from llava.generate import Engine, Request, SamplingParams
-from llava.generate.decoder import cpu_linear_path
 from llava.model.llava import LlavaModel
+from llava.model.onednn import cpu_linear_path
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
 
@@ -64,7 +67,7 @@ PROMPT_TOKENS, PREFILL_TOKENS, AGREEMENT_TOKENS = 64, 512, 32
 @dataclass
 class Variant:
     precision: str
-    impl: str  # "ours (compiled)", "ours (eager)", "llama.cpp"
+    impl: str  # "ours (compiled)", "ours (eager, packed)", ..., "llama.cpp"
     decode: Callable[[int], tuple[float, list[int]]]  # new tokens -> (tokens/s after the first, token ids)
     prefill: Callable[[], float]  # seconds
     batch8: Callable[[int], float] | None = None  # new tokens -> total tokens/s
@@ -77,7 +80,7 @@ class Variant:
 
 # Ours ------------------------------------------------------------------------------------------
 def our_variant(precision: str, impl: str, model: LlavaModel, tok, prompt: list[int]) -> Variant:
-    engine = Engine(model, tok, eos_token_ids=[], compile=impl.endswith("(compiled)"))
+    engine = Engine(model, tok, eos_token_ids=[], compile="compiled" in impl, pack_weights="packed" in impl)
     clock = FirstStepClock(engine)
 
     def decode(new: int) -> tuple[float, list[int]]:
@@ -214,9 +217,10 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
         print("llama-cpp-python is not installed: llama.cpp rows left out", flush=True)
     for precision in args.precisions:
         ours = our_model(model, precision)
-        variants.append(our_variant(precision, "ours (compiled)", ours, tok, prompt))
-        if args.eager:
-            variants.append(our_variant(precision, "ours (eager)", ours, tok, prompt))
+        for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
+            variants.append(our_variant(precision, f"ours (compiled{packing})", ours, tok, prompt))
+            if args.eager:
+                variants.append(our_variant(precision, f"ours (eager{packing})", ours, tok, prompt))
         if use_llamacpp:
             lm_path, _ = export_gguf(ckpt, folder, PRECISIONS[precision][2])
             variants.append(llamacpp_variant(precision, lm_path, prompt, torch.get_num_threads()))
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
         v.prefill()
         if v.batch8:
             v.batch8(3)
-        print(f"  {v.precision:6s} {v.impl:16s} {time.perf_counter() - t0:6.1f} s", flush=True)
+        print(f"  {v.precision:6s} {v.impl:24s} {time.perf_counter() - t0:6.1f} s", flush=True)
     for r in range(args.rounds):
         stall0, wall0 = cpu_stall_us(), time.perf_counter()
         for v in variants:
@@ -270,6 +274,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both sides")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                     help="also time our eager decode step (what compile=True buys)")
+    ap.add_argument("--pack", choices=("off", "on", "both"), default="both",
+                    help="our rows without and/or with oneDNN-packed weights (Engine(pack_weights=True))")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave the llama.cpp rows out")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -278,8 +284,10 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}  {machine()}")
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth (1 GiB fp32 .sum(), median of 7): {bandwidth:.1f} GB/s", flush=True)
-    print("eager decode-step linears: " + ", ".join(
-        f"{name} {cpu_linear_path(dtype)}" for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))))
+    for packed in (False, True):
+        print(f"eager decode-step linears{', packed' if packed else ''}: " + ", ".join(
+            f"{name} {cpu_linear_path(dtype, packed)}" for name, dtype in (("fp32", torch.float32),
+                                                                           ("bf16", torch.bfloat16))))
     variants, reference = run(args)
     print()
     print(table(variants, reference, bandwidth))

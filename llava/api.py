@@ -122,7 +122,8 @@ class Prepared:
 
 
 class LlavaPipeline:
-    def __init__(self, checkpoint: LoadedCheckpoint, template: str | None = None, compile: bool = False) -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, template: str | None = None, compile: bool = False,
+                 pack_weights: bool = False) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
@@ -131,7 +132,7 @@ class LlavaPipeline:
         auto = checkpoint.model.config.template
         self.template: Template = get_template(template or auto or template_for_model(self.name))
         self.engine = Engine(self.model, self.tokenizer, context_length=self.model.config.context_length,
-                             compile=compile)
+                             compile=compile, pack_weights=pack_weights)
 
     # Building requests -------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[ImageInput]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
@@ -272,12 +273,14 @@ class LlavaPipeline:
 
 def load(path: str | os.PathLike | None = None, model_base: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, vision_tower: str | None = None, template: str | None = None,
-         quantize: str | None = None, compile: bool = False) -> LlavaPipeline:
+         quantize: str | None = None, compile: bool = False, pack_weights: bool = False) -> LlavaPipeline:
     """Load a checkpoint (any supported layout, local folder or hub name) into a ready pipeline.
 
     quantize: None, "int8" (dynamic int8 on CPU), "int8-weight" / "int4" (weight-only on CPU),
     "8bit" or "4bit" (bitsandbytes). compile: compile the engine's one-row decode step
-    (`Engine(compile=True)`).
+    (`Engine(compile=True)`). pack_weights: give the CPU linears oneDNN-packed copies of their
+    weights, faster prefills and batches for a second copy of the language model's weights
+    (`Engine(pack_weights=True)`).
     """
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"path must be a folder or hub name, not {type(path).__name__}")
@@ -292,4 +295,4 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
                                  vision_tower=vision_tower, device=target, dtype=chosen_dtype,
                                  quantize=quantize)
-    return LlavaPipeline(checkpoint, template=template, compile=compile)
+    return LlavaPipeline(checkpoint, template=template, compile=compile, pack_weights=pack_weights)

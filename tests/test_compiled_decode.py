@@ -141,6 +141,27 @@ def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
 
 
 @pytest.mark.slow
+def test_compiled_step_beside_packed_weights(tiny):
+    """With pack_weights the compiled one-row step keeps its reductions over the plain weights while
+    prefills read the packed copies: logits of the eager packed steps."""
+    from llava.model.onednn import PackedLinear, packable_dtypes
+
+    if torch.bfloat16 not in packable_dtypes():
+        pytest.skip("oneDNN cannot pack bf16 weights on this CPU")
+    model, tok = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    eager = Engine(model, tok, eos_token_ids=[], pack_weights=True)
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=True)
+    assert isinstance(compiled.compiled_lean.layers[0].gate, PackedLinear)
+    for req in _requests(model, 7):
+        state_e, state_c = eager.prefill([req], 8), compiled.prefill([req], 8)
+        for _ in range(8):
+            token = state_e.logits.argmax(-1)
+            logits_e, logits_c = eager.decode_step(state_e, token), compiled.decode_step(state_c, token)
+            torch.testing.assert_close(logits_c.float(), logits_e.float(), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.slow
 def test_load_quantizes_weight_only_and_compiles():
     """llava.load(quantize="int4", compile=True) on the bundled model answers like fp32 on a plain question
     (the int8 layers' compiled form is checked above, so only 4-bit compiles here: compiling costs)."""
@@ -162,7 +183,22 @@ def test_command_line_flags_choose_the_mode_and_compilation(capsys):
     args = parser.parse_args(["run", "--query", "q", "--int4", "--compile"])
     assert (quantize_from(args), args.compile) == ("int4", True)
     args = parser.parse_args(["run", "--query", "q", "--int8-weight"])
-    assert (quantize_from(args), args.compile) == ("int8-weight", False)
+    assert (quantize_from(args), args.compile, args.pack_weights) == ("int8-weight", False, False)
+    assert parser.parse_args(["run", "--query", "q", "--pack-weights"]).pack_weights
     with pytest.raises(SystemExit):  # one quantization at a time
         parser.parse_args(["run", "--query", "q", "--int4", "--int8"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_load_packs_weights_on_request():
+    """llava.load(pack_weights=True): the engine reads packed copies and answers as without them."""
+    from llava.model.onednn import packable_dtypes
+
+    question = dict(images=["examples/color.png"], temperature=0, max_new_tokens=8)
+    plain = llava.load()
+    assert plain.engine.lean.packer is None
+    packed = llava.load(pack_weights=True)
+    answer = packed.generate("What color is the circle?", **question)
+    if torch.float32 in packable_dtypes():
+        assert packed.engine.lean.packer.nbytes > 0
+    assert answer == plain.generate("What color is the circle?", **question)

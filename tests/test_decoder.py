@@ -10,9 +10,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 from llava.generate import Engine, Request, SamplingParams
 from llava.generate import decoder as decoder_module
-from llava.generate.decoder import LlamaFamilyDecoder, cpu_linear_path, onednn_dtypes, unsupported_reason
+from llava.generate.decoder import LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
+from llava.model import onednn as onednn_module
 from llava.model.llava import LlavaModel
+from llava.model.onednn import PackedLinear, cpu_linear_path, onednn_dtypes, packable_dtypes
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
 
@@ -70,6 +72,7 @@ def test_few_row_linears_match_transformers_with_and_without_onednn(monkeypatch,
         pytest.skip("this torch has no oneDNN")
     if not onednn:
         monkeypatch.setattr(decoder_module, "onednn_dtypes", lambda: frozenset())
+        monkeypatch.setattr(onednn_module, "onednn_dtypes", lambda: frozenset())
     assert cpu_linear_path(torch.float32).startswith("oneDNN") == onednn
     lm = _lm("qwen2-bias")
     with torch.no_grad():  # lm_head over 64 wide rows is large enough for the W @ x.T route too
@@ -83,6 +86,83 @@ def test_few_row_linears_match_transformers_with_and_without_onednn(monkeypatch,
         decoder.forward(decoder.embed(ids[:, :8]), pos[:, :8], mask, cache, 0)
         last = decoder.forward(decoder.embed(ids[:, 8:]), pos[:, 8:], mask, cache, 8)
     assert (last - reference).abs().max().item() <= 1e-5
+
+
+def _decode_logits(decoder: LlamaFamilyDecoder, ids, mask, pos, dtype=torch.float32) -> list[torch.Tensor]:
+    """A 6-token prefill, then the rest one token at a time through the cache."""
+    batch, length = ids.shape
+    cache = decoder.new_cache(batch, length, ids.device, dtype)
+    steps = [decoder.forward(decoder.embed(ids[:, :6]), pos[:, :6], mask, cache, 0)]
+    for t in range(6, length):
+        steps.append(decoder.forward(decoder.embed(ids[:, t:t + 1]), pos[:, t:t + 1], mask, cache, t))
+    return steps
+
+
+def _needs_packing(dtype: torch.dtype) -> None:
+    if dtype not in packable_dtypes():
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+
+
+@pytest.mark.parametrize("name", sorted(LMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_unpacked_logits(name, dtype):
+    """Every plain linear on oneDNN-packed weights (prefill and decode steps, biases, GQA): the
+    logits of the unpacked lean forward, to the dtype's precision."""
+    _needs_packing(dtype)
+    lm = _lm(name, dtype)
+    ids, mask, pos = _left_padded()
+    with torch.no_grad():
+        plain = _decode_logits(LlamaFamilyDecoder(lm), ids, mask, pos, dtype)
+        packed_decoder = LlamaFamilyDecoder(lm, pack_weights=True)
+        packed = _decode_logits(packed_decoder, ids, mask, pos, dtype)
+    assert all(isinstance(part, PackedLinear) for layer in packed_decoder.layers
+               for part in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down))
+    assert isinstance(packed_decoder.head, PackedLinear)
+    for a, b in zip(packed, plain):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.02) * scale
+
+
+def test_packed_copies_follow_the_model():
+    """Copies are made once and reused across prefills; a weight changed in place, a cast model and
+    a swapped-in module are seen at the next prefill; copies of weights gone are dropped."""
+    _needs_packing(torch.float32)
+    lm = _lm("llama-gqa")
+    ids, mask, pos = _left_padded()
+    decoder = LlamaFamilyDecoder(lm, pack_weights=True)
+    with torch.no_grad():
+        first = decoder.layers[0].q.packed
+        _decode_logits(decoder, ids, mask, pos)
+        assert decoder.layers[0].q.packed is first
+        weights = sum(p.numel() * 4 for n, p in lm.named_parameters() if n.endswith("proj.weight")) + \
+            lm.lm_head.weight.numel() * 4
+        assert decoder.packer.nbytes == weights
+        before = _decode_logits(decoder, ids, mask, pos)[-1]
+        lm.lm_head.weight.mul_(-1)
+        assert torch.allclose(_decode_logits(decoder, ids, mask, pos)[-1], -before, atol=1e-5)
+        assert decoder.layers[0].q.packed is first  # unchanged weights keep their copies
+        lm.model.layers[1].mlp.up_proj = torch.nn.Linear(64, 96)
+        reference = _decode_logits(LlamaFamilyDecoder(lm), ids, mask, pos)
+        assert torch.allclose(_decode_logits(decoder, ids, mask, pos)[-1], reference[-1], atol=1e-5)
+        assert decoder.packer.nbytes == weights and len(decoder.packer._copies) == 7 * 2 + 1  # old up_proj's gone
+    if torch.bfloat16 in packable_dtypes():
+        lm.to(torch.bfloat16)
+        with torch.no_grad():
+            steps = _decode_logits(decoder, ids, mask, pos, torch.bfloat16)
+        assert decoder.layers[0].q.packed.dtype == torch.bfloat16 and steps[-1].dtype == torch.bfloat16
+
+
+def test_packed_linear_keeps_gradients():
+    """With gradients wanted a packed linear computes on the module's own weight (a packed copy has none)."""
+    _needs_packing(torch.float32)
+    from llava.model.onednn import WeightPacker
+    linear = torch.nn.Linear(8, 4)
+    part = WeightPacker().part(linear)
+    x = torch.randn(2, 8, requires_grad=True)
+    part(x).sum().backward()
+    assert linear.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(part(x), linear(x), atol=1e-6)
 
 
 def test_unpadded_batch_needs_no_mask():
@@ -152,6 +232,8 @@ def test_engine_forwards_agree(tiny):
     assert lean.lean is not None and hf.lean is None
     reqs = _requests(model)
     assert _tokens(lean, reqs) == _tokens(hf, reqs)
+    if torch.float32 in packable_dtypes():
+        assert _tokens(Engine(model, tok, eos_token_ids=[], pack_weights=True), reqs) == _tokens(hf, reqs)
     assert _tokens(lean, reqs, temperature=0.8, top_p=0.9, seed=3) == _tokens(hf, reqs, temperature=0.8, top_p=0.9,
                                                                                seed=3)
 

@@ -9,13 +9,11 @@ the attention plumbing and the cache are ours. Like gpt-fast it writes keys and 
 a cache allocated once per batch, and a step attends over the filled columns only.
 
 One CPU-specific choice: a decode step's linears (up to 16 rows) are matrix-vector products,
-bound by how fast the weights stream from memory, and in fp32 `F.linear` (MKL's GEMM) reads
-them at about half the memory's speed there. oneDNN's linear (`mkldnn._linear_pointwise`, the
-op Inductor emits for CPU linears) reads the same unpacked fp32 weights at about twice that
-(benchmarks/README.md), so plain fp32 CPU linears of few rows take it where torch has oneDNN,
-and large prefills keep `F.linear`. bf16 keeps `F.linear`, which is oneDNN already. Without
-oneDNN, few fp32 rows of a large weight go as `W @ x.T`, several times faster than `x @ W.T`
-with MKL on AVX2 machines (lm_head at 8 rows: 11 ms against 42 ms).
+bound by how fast the weights stream from memory; fp32 ones take oneDNN's linear, and with
+`pack_weights` every plain CPU linear reads oneDNN-packed copies of the weights
+(`llava.model.onednn` says why and what it costs). Without oneDNN, few fp32 rows of a large
+weight go as `W @ x.T`, several times faster than `x @ W.T` with MKL on AVX2 machines (lm_head
+at 8 rows: 11 ms against 42 ms).
 
 `unsupported_reason` says when a model needs transformers' own forward instead (another
 architecture, or a sliding window shorter than the context the batch needs).
@@ -23,7 +21,6 @@ architecture, or a sliding window shorter than the context the batch needs).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,25 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava.model.onednn import PackedLinear, WeightPacker, onednn_dtypes
+from llava.model.onednn import linear as onednn_or_f_linear
+
 FAMILIES = ("llama", "mistral", "qwen2")
-FEW_ROWS = 16  # up to this many rows (a decode step) CPU linears take oneDNN's matrix-vector path ...
-SKINNY_MIN_WEIGHT = 1 << 18  # ... or, without oneDNN, W @ x.T in fp32 for a weight this large (elements)
-
-
-@functools.cache
-def onednn_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes whose few-row CPU linears go through oneDNN's linear here: fp32 where torch has
-    oneDNN. (bf16's `F.linear` is oneDNN already: routing it measured no faster.)"""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return frozenset()
-    return frozenset({torch.float32})
-
-
-def cpu_linear_path(dtype: torch.dtype) -> str:
-    """Which kernel an eager decode step's CPU linears use in `dtype`, for benchmarks to print."""
-    if dtype in onednn_dtypes():
-        return f"oneDNN linear ({torch.backends.cpu.get_cpu_capability()})"
-    return "W @ x.T (MKL)" if dtype == torch.float32 else "F.linear"
+FEW_ROWS = 16  # without oneDNN, up to this many fp32 rows (a decode step) go as W @ x.T ...
+SKINNY_MIN_WEIGHT = 1 << 18  # ... for a weight this large (elements)
 
 
 @dataclass
@@ -91,15 +75,15 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-Linear = tuple[torch.Tensor, torch.Tensor | None] | nn.Module  # see LayerPlan
+Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | nn.Module  # see LayerPlan
 
 
 @dataclass(slots=True)
 class LayerPlan:
     """One decoder layer's parts, read off the model at prefill so a decode step does no module lookups.
 
-    A plain nn.Linear is kept as its (weight, bias); anything else (int8, bitsandbytes, LoRA)
-    as the module, whose own forward then runs.
+    A plain nn.Linear is kept as its (weight, bias), or as a `PackedLinear` when packing; anything
+    else (int8, bitsandbytes, LoRA) as the module, whose own forward then runs.
     """
 
     input_norm: nn.Module
@@ -114,39 +98,40 @@ class LayerPlan:
     act: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _linear_part(module: nn.Module) -> Linear:
-    return (module.weight, module.bias) if type(module) is nn.Linear else module
+def _linear_part(module: nn.Module, packer: WeightPacker | None = None) -> Linear:
+    if type(module) is not nn.Linear:
+        return module
+    packed = packer.part(module) if packer is not None else None
+    return packed if packed is not None else (module.weight, module.bias)
 
 
 def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.silu if type(module).__name__ in ("SiLU", "SiLUActivation") else module
 
 
-def plan_layers(lm: nn.Module) -> list[LayerPlan]:
+def plan_layers(lm: nn.Module, packer: WeightPacker | None = None) -> list[LayerPlan]:
     plans = []
     for layer in lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        plans.append(LayerPlan(layer.input_layernorm, _linear_part(attn.q_proj), _linear_part(attn.k_proj),
-                               _linear_part(attn.v_proj), _linear_part(attn.o_proj), layer.post_attention_layernorm,
-                               _linear_part(mlp.gate_proj), _linear_part(mlp.up_proj), _linear_part(mlp.down_proj),
+        q, k, v, o, gate, up, down = (_linear_part(m, packer) for m in (
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        plans.append(LayerPlan(layer.input_layernorm, q, k, v, o, layer.post_attention_layernorm, gate, up, down,
                                _activation(mlp.act_fn)))
     return plans
 
 
 def _linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
-    """x through a planned linear; few CPU rows take oneDNN, or W @ x.T without it (module docstring)."""
+    """x through a planned linear: fp32 CPU ones take oneDNN, or without it W @ x.T for few rows
+    (module docstring)."""
     if not isinstance(part, tuple):
         return part(x)
     weight, bias = part
     rows = x.numel() // x.shape[-1]
-    if rows > FEW_ROWS or x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    if x.dtype in onednn_dtypes() and weight.dtype == x.dtype and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if rows > 1 and x.dtype == torch.float32 and weight.numel() >= SKINNY_MIN_WEIGHT:
+    if (1 < rows <= FEW_ROWS and x.dtype == torch.float32 and x.dtype not in onednn_dtypes()
+            and x.device.type == "cpu" and weight.numel() >= SKINNY_MIN_WEIGHT):
         out = torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
         return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
+    return onednn_or_f_linear(x, weight, bias)
 
 
 def _rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +171,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 class LlamaFamilyDecoder:
     """Forward passes of a Llama/Mistral/Qwen2 causal LM over a `KVCache`, returning last-position logits."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, pack_weights: bool = False) -> None:
         reason = unsupported_reason(lm, capacity=1)
         if reason is not None:
             raise ValueError(f"LlamaFamilyDecoder cannot run this model: {reason}")
@@ -196,7 +181,16 @@ class LlamaFamilyDecoder:
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.scale = self.head_dim**-0.5
-        self.layers = plan_layers(lm)
+        self.packer = WeightPacker() if pack_weights else None
+        self._plan()
+
+    def _plan(self) -> None:
+        """Read the layers and the output head off the model as it is now."""
+        if self.packer is not None:
+            self.layers, self.head = [], None  # the old plan holds the old weights alive
+            self.packer.forget_dead()
+        self.layers = plan_layers(self.lm, self.packer)
+        self.head = _linear_part(self.lm.get_output_embeddings(), self.packer)
 
     def new_cache(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch, self.n_kv_heads, capacity, self.head_dim)
@@ -217,7 +211,7 @@ class LlamaFamilyDecoder:
         adapters since the last prefill is seen as it is now.
         """
         if start == 0:
-            self.layers = plan_layers(self.lm)
+            self._plan()
         body = self.lm.model
         length = embeds.shape[1]
         end = start + length
@@ -230,7 +224,7 @@ class LlamaFamilyDecoder:
             x = _rms_norm(layer.post_norm, hidden)
             hidden = hidden + _linear(layer.down, layer.act(_linear(layer.gate, x)) * _linear(layer.up, x))
         last = _rms_norm(body.norm, hidden[:, -1])
-        return _linear(_linear_part(self.lm.get_output_embeddings()), last)
+        return _linear(self.head, last)
 
     @staticmethod
     def _attention_mask(key_mask: torch.Tensor | None, start: int, length: int,

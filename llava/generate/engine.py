@@ -108,12 +108,15 @@ class Engine:
     transformers' forward its step over the static cache (fixed shapes avoid recompiles). On a
     2-core CPU (benchmarks/README.md) the lean forward decodes the tiny model ~2.5x as fast as
     transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
-    up front and lifts bench-200m's batch-1 decode 2-3x.
+    up front and lifts bench-200m's batch-1 decode 2-3x. pack_weights=True gives the lean
+    forward's plain CPU linears oneDNN-packed copies of their weights (`llava.generate.onednn`):
+    faster prefills and batches (fp32 prefill linears ~2x), at the cost of a second copy of the
+    language model's weights; elsewhere it changes nothing.
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
                  context_length: int | None = None, cache: str = "dynamic", compile: bool = False,
-                 forward: str = "auto") -> None:
+                 forward: str = "auto", pack_weights: bool = False) -> None:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; valid: {', '.join(CACHE_KINDS)}")
         if forward not in FORWARDS:
@@ -134,7 +137,7 @@ class Engine:
         if forward == "lean" or (forward == "auto" and (cache == "dynamic" or compile)):
             reason = unsupported_reason(self.lm, capacity=1)
             if reason is None:
-                self.lean = LlamaFamilyDecoder(self.lm)
+                self.lean = LlamaFamilyDecoder(self.lm, pack_weights=pack_weights)
                 self.compiled_lean = CompiledDecoder(self.lean) if compile else None
             elif forward == "lean":
                 raise ValueError(f"the lean forward cannot run this language model: {reason}; use forward='auto'")

@@ -7,7 +7,8 @@ PyTorch's own packed CPU kernels:
 
 - `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
   one per 32 weights). Few rows go through `aten._weight_int8pack_mm`; many rows (a prefill)
-  through a dequantized matrix and the model dtype's GEMM, several times faster there. Inside
+  through a dequantized matrix and the model dtype's GEMM (`onednn.linear`), several times
+  faster there. Inside
   `torch.compile` (the compiled decode step, `llava.generate.compiled`) few rows take a
   reduction over the weight read as int32 words, which Inductor turns into one streaming loop
   at near memory bandwidth; its columns are stored in the order that makes those words line up
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from llava.model import onednn
 
 INT4_GROUP = 32
 FEW_ROWS = 16  # up to this many rows use the packed matrix-vector kernels; more rows dequantize
@@ -86,7 +89,7 @@ class Int8WeightOnlyLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if rows > FEW_ROWS:  # the input's columns gathered into the stored order: cheaper than scattering W's
             stored = (self.weight.float() * self.scale[:, None]).to(x.dtype)
-            out = nn.functional.linear(x[..., self.order], stored)
+            out = onednn.linear(x[..., self.order], stored)
         elif torch.compiler.is_compiling():
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:

@@ -1,0 +1,117 @@
+"""oneDNN's CPU linear for inference: on the model's own weights, or on packed copies.
+
+In fp32 on our 2-core AMD machines, oneDNN's linear (`mkldnn._linear_pointwise`, the op
+Inductor emits for CPU linears) is about twice as fast as `F.linear` (MKL's GEMM) at every row
+count: a decode step's matrix-vector products read the weights at twice MKL's speed, and a
+512-token prefill's linears take half the time (benchmarks/README.md). So `linear` sends fp32
+CPU products without autograd there; bf16's `F.linear` is oneDNN already.
+
+oneDNN reads faster still from weights reordered once into its blocked layout
+(`mkldnn._reorder_linear_weight`): 8 rows at 38 GB/s against 23 (fp32) and 32 against 18
+(bf16), one bf16 row at 32 GB/s against 15, and a 512-token fp32 prefill's linears in half
+the time (benchmarks/README.md). The packed copy is an opaque tensor beside the model's
+weights, so it doubles the language model's weight memory: `WeightPacker` is opt-in
+(`Engine(pack_weights=True)`, `--pack-weights`), and keeps one copy per weight across
+prefills, made again only when the weight changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.cache
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose CPU linears `linear` sends through oneDNN on unpacked weights: fp32.
+    (bf16's `F.linear` is oneDNN already: routing it measured no faster.)"""
+    return frozenset({torch.float32}) if onednn_available() else frozenset()
+
+
+@functools.cache
+def packable_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose CPU weights oneDNN can pack here: fp32, and bf16 where the CPU has bf16
+    instructions oneDNN uses (AVX512_BF16 or AMX; elsewhere oneDNN would emulate it)."""
+    if not onednn_available():
+        return frozenset()
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return frozenset({torch.float32, torch.bfloat16} if bf16 else {torch.float32})
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, except that CPU products in `onednn_dtypes()` that need no gradient take oneDNN."""
+    if (x.device.type == "cpu" and x.dtype in onednn_dtypes() and weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def cpu_linear_path(dtype: torch.dtype, packed: bool = False) -> str:
+    """Which kernel the lean forward's plain CPU linears use in `dtype`, for benchmarks to print
+    (without oneDNN, `llava.generate.decoder` sends few fp32 rows as W @ x.T)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    if packed and dtype in packable_dtypes():
+        return f"oneDNN linear, packed weights ({isa})"
+    if dtype in onednn_dtypes():
+        return f"oneDNN linear ({isa})"
+    return "W @ x.T (MKL)" if dtype == torch.float32 else "F.linear"
+
+
+@dataclass(frozen=True, slots=True)
+class PackedLinear:
+    """A plain CPU linear whose weight oneDNN has reordered: `packed` is opaque (no strides, no
+    autograd); `weight` is the module's own, for calls that need gradients."""
+
+    packed: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.packed.dtype or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class WeightPacker:
+    """Packed copies of CPU linear weights, made once per weight and remade when it changes
+    (another tensor after a cast or move, or an in-place update that bumps its version)."""
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+    def part(self, module: nn.Linear) -> PackedLinear | None:
+        """`module` as a `PackedLinear`, or None when its weight cannot be packed here."""
+        weight, bias = module.weight, module.bias
+        if weight.device.type != "cpu" or weight.dtype not in packable_dtypes():
+            return None
+        if bias is not None and bias.dtype != weight.dtype:
+            return None
+        key = id(weight)
+        state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)  # `.to()` keeps the Parameter
+        held = self._copies.get(key)
+        if held is None or held[0]() is not weight or held[1] != state:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            held = (weakref.ref(weight), state, packed)
+            self._copies[key] = held
+        return PackedLinear(held[2], weight, bias)
+
+    def forget_dead(self) -> None:
+        """Drop the copies of weights that no longer exist (a model cast or freed since)."""
+        for key in [k for k, (ref, _, _) in self._copies.items() if ref() is None]:
+            del self._copies[key]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the packed copies take (what packing adds to the model's own weights)."""
+        return sum(ref().numel() * ref().element_size() for ref, _, _ in self._copies.values() if ref() is not None)
