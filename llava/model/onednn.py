@@ -39,13 +39,17 @@ def onednn_dtypes() -> frozenset[torch.dtype]:
 
 
 @functools.cache
+def native_bf16() -> bool:
+    """Whether oneDNN has bf16 instructions here (AVX512_BF16 or AMX; elsewhere it emulates bf16)."""
+    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
 def packable_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes whose CPU weights oneDNN can pack here: fp32, and bf16 where the CPU has bf16
-    instructions oneDNN uses (AVX512_BF16 or AMX; elsewhere oneDNN would emulate it)."""
+    """The dtypes whose CPU weights oneDNN can pack here: fp32, and bf16 where it is native."""
     if not onednn_available():
         return frozenset()
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return frozenset({torch.float32, torch.bfloat16} if bf16 else {torch.float32})
+    return frozenset({torch.float32, torch.bfloat16} if native_bf16() else {torch.float32})
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
