@@ -7,12 +7,11 @@ count: a decode step's matrix-vector products read the weights at twice MKL's sp
 CPU products without autograd there; bf16's `F.linear` is oneDNN already.
 
 oneDNN reads faster still from weights reordered once into its blocked layout
-(`mkldnn._reorder_linear_weight`): 8 rows at 38 GB/s against 23 (fp32) and 32 against 18
-(bf16), one bf16 row at 32 GB/s against 15, and a 512-token fp32 prefill's linears in half
-the time (benchmarks/README.md). The packed copy is an opaque tensor beside the model's
-weights, so it doubles the language model's weight memory: `WeightPacker` is opt-in
-(`Engine(pack_weights=True)`, `--pack-weights`), and keeps one copy per weight across
-prefills, made again only when the weight changes.
+(`mkldnn._reorder_linear_weight`): 8 rows at 38 GB/s against 23 (fp32) and 32 against 18-20
+(bf16), one bf16 row at 32 GB/s against 15; prefills gain 5-20% (benchmarks/README.md). The
+packed copy is an opaque tensor beside the model's weights, so it doubles the language model's
+weight memory: `WeightPacker` is opt-in (`Engine(pack_weights=True)`, `--pack-weights`), and
+keeps one copy per weight across prefills, made again only when the weight changes.
 """
 
 from __future__ import annotations
@@ -81,7 +80,8 @@ class PackedLinear:
     bias: torch.Tensor | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.packed.dtype or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if wants_grad or x.dtype != self.packed.dtype:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -111,7 +111,7 @@ class WeightPacker:
         return PackedLinear(held[2], weight, bias)
 
     def forget_dead(self) -> None:
-        """Drop the copies of weights that no longer exist (a model cast or freed since)."""
+        """Drop the copies of weights that no longer exist (modules replaced or freed since)."""
         for key in [k for k, (ref, _, _) in self._copies.items() if ref() is None]:
             del self._copies[key]
 
