@@ -325,7 +325,7 @@ def test_the_card_s_train_commands_parse_to_the_configs_the_recipe_trains_with()
                    max_steps=None, language_model="lm", vision_tower="vt", image_aspect_ratio="pad"),
               dict(stage="finetune", out="o2", data="i.json", image_folder="img", epochs=3, batch=16, lr=3e-4, seed=1,
                    max_steps=120, model="o1", template="vicuna_v1", unfreeze_vision_tower=True,
-                   vision_tower_lr=1e-4, length_window=16)]
+                   vision_tower_lr=1e-4, length_window=16, bf16=True)]
     run_only = {"save_steps", "save_total_limit", "logging_steps", "progress", "overwrite", "device"}
     for args in stages:
         ran = train_config(**args).resolved().to_dict()
@@ -553,3 +553,14 @@ def test_reduced_recipe_learns_in_every_stage_and_answers_from_the_image(tmp_pat
         assert blank["accuracy"][category] <= blank["chance"][category] + 10, (category, blank["accuracy"])
     card = (out / "stage2" / "README.md").read_text()
     assert "llava recipe tiny --size reduced --seed 0" in card and "at most 2 objects a scene" in card
+
+
+def test_recipe_trains_in_bf16_only_where_it_is_native():
+    """bf16 autocast by default only where oneDNN has bf16 instructions (elsewhere it is emulated, slower)."""
+    from llava.model.onednn import native_bf16
+    from llava.recipe.sizes import SIZES
+    from llava.recipe.stages import use_bf16
+
+    assert use_bf16(None, "cpu") == native_bf16()
+    assert use_bf16(True, "cpu") and not use_bf16(False, "cpu")
+    assert SIZES["reduced"].bf16 is False and SIZES["full"].bf16 is None

@@ -50,6 +50,7 @@ class RecipeSize:
     text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
     max_objects: int = MAX_OBJECTS  # objects a scene at most, in training and held-out data (fewer: a simpler world)
     world: str = "classic"  # the synthetic world (llava.data.synth.WORLDS): "varied" draws and words it many ways
+    bf16: bool | None = None  # stages 1-2 under bf16 autocast; None: where it is native (llava.recipe.stages.use_bf16)
     save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
     eval_batch: int = 32
     out_of_style_per_cell: int = 40  # questions per category and wording of the out-of-style set (0: not run)
@@ -71,7 +72,8 @@ SIZES: dict[str, RecipeSize] = {
                         s1_epochs=4, s1_batch=16, s1_lr=3e-3, s2_epochs=1, s2_batch=8, s2_lr=2e-3,
                         s1_max_steps=60, s2_max_steps=120, s2_tail_epochs=1, s2_tail_lr=6e-4, s2_tail_max_steps=30,
                         eval_batch=35, vision_scenes=300, train_scenes=300, grounding_weight=1.0, order_weight=1.0,
-                        text_mc=0.5, save_steps=50, out_of_style_per_cell=4),
+                        text_mc=0.5, save_steps=50, out_of_style_per_cell=4,
+                        bf16=False),  # fp32 on every CPU: the reduced size's test thresholds were set in fp32
 }
 # The small size trained longer (about 8 min on one thread) in a simpler world, at most 2 objects a
 # scene: it reads the printed word and tells a named object's colour (chance 15). With up to 5
