@@ -109,9 +109,9 @@ class Engine:
     2-core CPU (benchmarks/README.md) the lean forward decodes the tiny model ~2.5x as fast as
     transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
     up front and lifts bench-200m's batch-1 decode 2-3x. pack_weights=True gives the lean
-    forward's plain CPU linears oneDNN-packed copies of their weights (`llava.generate.onednn`):
-    faster prefills and batches (fp32 prefill linears ~2x), at the cost of a second copy of the
-    language model's weights; elsewhere it changes nothing.
+    forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
+    faster prefills and batches (bench-200m's batch of 8: fp32 ~1.4x, bf16 ~1.25x), at the cost
+    of a second copy of the language model's weights; elsewhere it changes nothing.
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
