@@ -343,6 +343,11 @@ def test_cli_parses_recipe_flags():
     add_recipe_command(parser.add_subparsers())
     args = parser.parse_args(["recipe", "tiny", "--out", "x", "--seed", "3", "--size", "small"])
     assert (args.out, args.seed, args.size) == ("x", 3, "small") and callable(args.func)
+    # the choices are listed by hand (building the parser imports no torch): every named size is one
+    from llava.recipe.sizes import SIZES
+
+    for name in SIZES:
+        assert parser.parse_args(["recipe", "tiny", "--size", name]).size == name
 
 
 def test_grounded_docs_are_the_dataset_chats_with_descriptions_for_images(synth):
