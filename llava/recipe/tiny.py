@@ -163,7 +163,8 @@ class _RecipeRun:
         return self.made(self.tower, pretrain_vision(
             os.path.join(scenes, "pretrain.json"), scenes, tokenizer, self.tower, spec.vision,
             steps=spec.vision_steps, batch_size=spec.vision_batch, lr=spec.vision_lr, seed=self.seed,
-            device=self.device, hard_negatives_per_image=spec.vision_negatives, check_pairs=scene_pairs(self.eval_dir, image_size=spec.vision.image_size),
+            device=self.device, hard_negatives_per_image=spec.vision_negatives,
+            check_pairs=scene_pairs(self.eval_dir, image_size=spec.vision.image_size),
             grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
             check_every=max(1, spec.vision_steps // 6)), started)
 
