@@ -185,10 +185,11 @@ class _RecipeRun:
         """(name, `train_config` arguments) of stage 1, stage 2 and, with a tail, stage 2's second phase."""
         spec, out = self.spec, self.out
         s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
+        bf16 = use_bf16(spec.bf16, self.device)
         s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"),
                        image_folder=train_data, epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr,
                        seed=self.seed, max_steps=spec.s1_max_steps, device=self.device, language_model=self.lm,
-                       vision_tower=self.tower, save_steps=spec.save_steps, bf16=use_bf16(spec.bf16, self.device),
+                       vision_tower=self.tower, save_steps=spec.save_steps, bf16=bf16,
                        # the varied world's canvases are not square: keep all of them, as LLaVA-1.5 does
                        image_aspect_ratio="pad" if spec.world == "varied" else None)
         # with a tail, stage 2's first phase trains into its own folder and the tail ends in OUT/stage2
@@ -198,7 +199,7 @@ class _RecipeRun:
                        image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr,
                        seed=self.seed, max_steps=spec.s2_max_steps, model=s1, template="vicuna_v1",
                        save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device,
-                       length_window=spec.s2_length_window, bf16=use_bf16(spec.bf16, self.device))
+                       length_window=spec.s2_length_window, bf16=bf16)
         runs = [("stage1", s1_args), ("stage2_phase1" if spec.s2_tail_epochs else "stage2", s2_args)]
         if spec.s2_tail_epochs:
             runs.append(("stage2", {**s2_args, "out": s2, "model": s2_first, "epochs": spec.s2_tail_epochs,

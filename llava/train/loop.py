@@ -77,8 +77,20 @@ def _config_errors() -> Iterator[None]:
         raise InputError(str(err)) from err
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU with bf16, a CPU whose oneDNN has bf16
+    instructions (AVX512_BF16 or AMX; elsewhere a CPU emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        from llava.model.onednn import native_bf16
+
+        return native_bf16()
+    return False
+
+
 def _use_bf16(flag: bool | None, device: torch.device) -> bool:
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cuda_bf16 = device.type == "cuda" and bf16_is_native(device)
     if flag is None:
         return cuda_bf16
     if flag and device.type == "cuda" and not cuda_bf16:
