@@ -123,6 +123,35 @@ def test_siglip_tower_works():
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("kind", ["clip_vision_model", "siglip_vision_model"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_tower_forward_equals_the_towers_own_hidden_states(kind, dtype):
+    """Every layer index LLaVA may read, both tower families, both dtypes; it runs only without grad."""
+    from transformers import AutoConfig, AutoModel
+
+    from llava.model.vision import lean_forward_fits, lean_hidden_state, select_features
+
+    torch.manual_seed(3)
+    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                  num_attention_heads=4, image_size=48, patch_size=16)
+    tower = AutoModel.from_config(config).to(dtype).eval()
+    pixels = torch.randn(2, 3, 48, 48, dtype=dtype)
+    assert not lean_forward_fits(tower)  # grad on: transformers' forward, for training
+    with torch.no_grad():
+        assert lean_forward_fits(tower)
+        reference = tower(pixels, output_hidden_states=True).hidden_states
+        for layer in range(-4, 4):
+            torch.testing.assert_close(lean_hidden_state(tower, pixels, layer), reference[layer])
+        torch.testing.assert_close(select_features(tower, pixels, -2, "patch"),
+                                   reference[-2][:, 1:] if kind == "clip_vision_model" else reference[-2])
+        with pytest.raises(IndexError):
+            lean_hidden_state(tower, pixels, 4)
+        mlp = getattr(tower, "vision_model", tower).encoder.layers[1].mlp
+        mlp.fc1 = torch.nn.Sequential(mlp.fc1)  # a wrapped linear, e.g. LoRA's
+        assert not lean_forward_fits(tower)
+        torch.testing.assert_close(select_features(tower, pixels, -2, "full"), reference[-2])
+
+
 def test_config_round_trips_through_dict():
     config = preset("tiny-anyres")
     again = LlavaConfig.from_dict(config.to_dict())
