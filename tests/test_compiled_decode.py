@@ -50,6 +50,24 @@ def test_weight_only_linears_stay_close_to_the_linear_they_replace(kind, dtype):
         assert _relative_error(out, linear(x)) < MAX_RELATIVE_ERROR[kind]
 
 
+def test_int4_prefill_reads_the_kernels_own_weights_back():
+    """Many rows dequantize the codes read out of the kernel's packed bytes: the same weights the
+    kernel multiplies by (its product with the identity), on every CPU whose layout is known."""
+    torch.manual_seed(4)
+    linear = nn.Linear(256, 128)
+    layer = Int4WeightOnlyLinear.from_linear(linear)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert layer.packed_block in (32, 64)
+    if layer.packed_block is None:
+        pytest.skip("this CPU's int4 packing is not one the prefill reads back: the kernel serves every row count")
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    kernels_weight = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, layer.packed, 32, layer.scales_and_zeros).t()
+    torch.testing.assert_close(layer.dequantized(torch.float32), kernels_weight.float(), rtol=0.01, atol=1e-3)
+    x = torch.randn(40, 256)
+    kernel_out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), layer.packed, 32, layer.scales_and_zeros)
+    assert _relative_error(layer(x), kernel_out.float() + linear.bias) < 0.01
+
+
 def test_int8_compiled_form_equals_its_eager_form():
     """Inside torch.compile the int8 layer reads its weights as int32 words; same numbers as eager."""
     torch.manual_seed(1)

@@ -16,7 +16,12 @@ PyTorch's own packed CPU kernels:
   with contiguous slices of the input (`_word_order`).
 - `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
   group, as q4_1), packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
-  `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x slower with fp32 ones).
+  `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x slower with fp32 ones). Many
+  rows (a prefill) read the codes back out of the packed bytes, dequantize and take a GEMM: for
+  bench-200m's layer at 512 rows 4.5 + 9 ms against the kernel's 23. The packed layout is the
+  kernel's and depends on the CPU (blocks of 64 output rows on AVX-512, 32 on AVX2), so each
+  layer checks at quantization that reading its codes back gives them exactly, and keeps the
+  kernel for every row count where it does not.
 
 Both are CPU-only: the packed formats are the CPU kernels'. Outputs come back in the input's
 dtype, so an fp32 or bf16 model keeps its dtype everywhere else. A linear whose shape a
@@ -120,9 +125,10 @@ class Int4WeightOnlyLinear(nn.Module):
     """4-bit weights in PyTorch's CPU int4pack layout, bf16 (scale, zero) per group of 32 inputs."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int, out_features: int) -> None:
+                 in_features: int, out_features: int, packed_block: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.packed_block = packed_block  # output rows per block of `packed`, when `_codes` reads it back
         self.register_buffer("packed", packed)
         # Float bits as integers (module docstring).
         self.register_buffer("scales_and_zeros_bits", scales_and_zeros.view(torch.int16))
@@ -151,19 +157,44 @@ class Int4WeightOnlyLinear(nn.Module):
         # The kernel computes (code - 8) * scale + zero, so zero is the value of code 8.
         scales_and_zeros = torch.stack((scale, low + 8 * scale), -1).transpose(0, 1).contiguous().bfloat16()
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(packed, scales_and_zeros, bias, in_features, out_features)
+        codes = codes.view(out_features, in_features).to(torch.uint8)
+        block = next((b for b in INT4_PACKED_BLOCKS if torch.equal(_unpack_int4(packed, out_features, b), codes)), None)
+        return cls(packed, scales_and_zeros, bias, in_features, out_features, block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > FEW_ROWS and self.packed_block is not None:
+            compute = torch.bfloat16 if x.dtype == torch.float32 and onednn.native_bf16() else x.dtype
+            out = onednn.linear(flat.to(compute), self.dequantized(compute))
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, INT4_GROUP,
+                                                             self.scales_and_zeros)
         out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight, [out, in], in `dtype` (needs `packed_block`)."""
+        codes = _unpack_int4(self.packed, self.out_features, self.packed_block)
+        scale, zero = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # each [out, groups, 1]
+        grouped = codes.view(self.out_features, -1, INT4_GROUP).to(dtype)
+        return ((grouped - 8) * scale + zero).view(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 WEIGHT_ONLY = {"int8-weight": Int8WeightOnlyLinear, "int4-weight": Int4WeightOnlyLinear}
+INT4_PACKED_BLOCKS = (64, 32)  # the CPU kernel's blocks of output rows: AVX-512, AVX2
+
+
+def _unpack_int4(packed: torch.Tensor, out_features: int, block: int) -> torch.Tensor:
+    """Codes [out, in] from a blocked packing: per block of `block` output rows and per input
+    column, `block / 2` bytes whose low nibbles are the block's first half of rows, high the rest."""
+    if packed.dtype != torch.uint8 or out_features % block:
+        return torch.empty(0, dtype=torch.uint8)
+    in_features = packed.numel() * 2 // out_features
+    pairs = packed.view(out_features // block, in_features, block // 2)
+    return torch.cat((pairs & 15, pairs >> 4), -1).transpose(1, 2).reshape(out_features, in_features)
 
 
 def _check_cpu(linear: nn.Linear, mode: str) -> None:
