@@ -19,7 +19,8 @@ import PIL.Image
 import pytest
 
 from llava.data.synth import chat, generate, train_scene
-from llava.data.synth_phrasing import TEMPLATES, VARIED_TEMPLATES
+from llava.data.synth_phrasing import (HELDOUT_TEMPLATES, TEMPLATES, VARIED_TEMPLATES, VARIED_TRAINING_TEMPLATES,
+                                       compose)
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES, Obj, Scene, render, sample_scene
 from llava.data.synth_text import CATEGORIES, MC_SUFFIX, SHORT_SUFFIX, make_qa
 from llava.data.synth_varied import SHADES, sample_varied_scene
@@ -167,6 +168,25 @@ def test_varied_templates_extend_the_classic_ones_with_the_same_fields():
     for template in VARIED_TEMPLATES["color_single"] + VARIED_TEMPLATES["shape_single"]:
         assert "{" not in template
     assert all(len(set(v)) == len(v) for v in VARIED_TEMPLATES.values())
+
+
+def test_training_pool_adds_composed_paraphrases_with_the_same_fields():
+    """Every varied wording stays; composed ones add the words people use (colour, photo, figure,
+    a position question that offers no "left or right"); none is a held-out wording; fields match."""
+    formatter = string.Formatter()
+    heldout = {t.lower() for ts in HELDOUT_TEMPLATES.values() for t in ts}
+    for family, base in VARIED_TEMPLATES.items():
+        pool = VARIED_TRAINING_TEMPLATES[family]
+        assert set(base) - heldout <= set(pool) and len(set(pool)) == len(pool)
+        fields = {f for t in base for _, f, _, _ in formatter.parse(t) if f}
+        for template in pool:
+            assert {f for _, f, _, _ in formatter.parse(template) if f} == fields, template
+            assert template.lower() not in heldout, template
+    words = " ".join(t for ts in VARIED_TRAINING_TEMPLATES.values() for t in ts)
+    for word in ("colour", "photo", "drawing", "figure", "item"):
+        assert word in words
+    assert any("left" not in t for t in VARIED_TRAINING_TEMPLATES["position"])
+    assert compose(("A {C} {I}.",), {"C": ("x", "y"), "I": ("p",)}) == ("A x p.", "A y p.")
 
 
 def test_varied_chats_mix_short_answers_and_sentences(varied):

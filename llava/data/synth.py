@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 import PIL
 
-from llava.data.synth_phrasing import VARIED_TEMPLATES
+from llava.data.synth_phrasing import VARIED_TRAINING_TEMPLATES
 from llava.data.synth_scene import BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, WORDS, Scene, render, sample_scene
 from llava.data.synth_text import (
     CAPTION_PROMPTS,
@@ -83,7 +83,7 @@ def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, max
 def chat(rng: random.Random, scene: Scene, world: str = "classic") -> list[tuple[str, str]]:
     """A training conversation about the scene, worded as its world words them."""
     if world == "varied":
-        return conversation(rng, scene, pool=VARIED_TEMPLATES, sentence_p=VARIED_SENTENCE_SHARE)
+        return conversation(rng, scene, pool=VARIED_TRAINING_TEMPLATES, sentence_p=VARIED_SENTENCE_SHARE)
     return conversation(rng, scene)
 
 

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from llava.data.synth_phrasing import VARIED_TEMPLATES
+from llava.data.synth_phrasing import HELDOUT_TEMPLATES, VARIED_TEMPLATES
 from llava.data.synth_scene import PLURALS
 from llava.data.synth_text import SHORT_SUFFIX
 from llava.eval.drawn import COLOR_NAMES, SHAPE_NAMES, Drawing, encode, sample_drawing
@@ -36,20 +36,6 @@ from llava.eval.synth import chance_levels, check_targets, evaluate, load_questi
 
 CATEGORIES: tuple[str, ...] = ("color", "shape", "count", "exist", "position")
 WORDINGS: tuple[str, ...] = ("train", "heldout")
-# Wordings training must never use (tests check they are not in synth_phrasing's templates).
-HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "color": ("What color is the {shape} in this picture?", "Tell me the color of the {shape}.",
-              "What colour is the {shape}?", "The {shape} is what color?",
-              "What color is the shape in the image?", "What color is it?"),
-    "shape": ("What is the {color} shape?", "Name the shape that is {color}.", "What shape is in the image?",
-              "What kind of shape is this?", "Which shape is drawn here?"),
-    "count": ("How many {plural} do you see?", "Count the {plural}.", "What is the number of {plural} in the picture?",
-              "How many {plural} are shown?"),
-    "exist": ("Do you see a {color} {shape}?", "Is a {color} {shape} present?",
-              "Can you find a {color} {shape} in the picture?", "Is there any {color} {shape} here?"),
-    "position": ("Which side of the {b} is the {a} on?", "Where is the {a} relative to the {b}, left or right?",
-                 "Is the {a} left or right of the {b}?"),
-}
 # The fields a template must use to name what it asks about; naming nothing is only
 # unambiguous about a single-object picture, and only for colour and shape questions.
 REQUIRED: dict[str, frozenset[str]] = {"color": frozenset({"shape"}), "shape": frozenset({"color"}),
