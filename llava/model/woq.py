@@ -128,7 +128,7 @@ class Int4WeightOnlyLinear(nn.Module):
                  in_features: int, out_features: int, packed_block: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.packed_block = packed_block  # output rows per block of `packed`, when `_unpack_int4` reads it back (else None)
+        self.packed_block = packed_block  # rows per block of `packed` if `_unpack_int4` reads it back
         self.register_buffer("packed", packed)
         # Float bits as integers (module docstring).
         self.register_buffer("scales_and_zeros_bits", scales_and_zeros.view(torch.int16))
