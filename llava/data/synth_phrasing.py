@@ -138,11 +138,13 @@ PARAPHRASE_FRAMES: dict[str, tuple[str, ...]] = {
               "Can a {color} {shape} be seen?", "Is there any {color} {shape}?",
               "Is a {color} {shape} drawn in the {I}?", "Do we see a {color} {shape} in the {I}?"),
     "position": ("On which side of the {b} is the {a}?", "Which side of the {b} is the {a} on, left or right?",
-                 "Where is the {a} compared to the {b}: left or right?", "Which side is the {a} on relative to the {b}?",
-                 "Is the {a} on the {b}'s left or right?", "Where is the {a}, left or right of the {b}?",
-                 "Is the {a} placed left or right of the {b}?", "On what side of the {b} is the {a}?",
-                 "Which way from the {b} is the {a}, left or right?", "Is the {a} to the left of the {b}, or to the right?",
-                 "Does the {a} sit to the left or the right of the {b}?", "In the {I}, is the {a} left or right of the {b}?"),
+                 "Where is the {a} compared to the {b}: left or right?",
+                 "Which side is the {a} on relative to the {b}?", "Is the {a} on the {b}'s left or right?",
+                 "Where is the {a}, left or right of the {b}?", "Is the {a} placed left or right of the {b}?",
+                 "On what side of the {b} is the {a}?", "Which way from the {b} is the {a}, left or right?",
+                 "Is the {a} to the left of the {b}, or to the right?",
+                 "Does the {a} sit to the left or the right of the {b}?",
+                 "In the {I}, is the {a} left or right of the {b}?"),
 }
 
 
