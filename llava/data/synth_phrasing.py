@@ -47,9 +47,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "word": ("What word is written in the image?", "What does the text in the image say?",
              "Which word is printed in the image?"),
 }
-# The varied world's wordings: the classic ones and many more, plus questions about a lone object
-# that name nothing. The out-of-style evaluation's held-out wordings
-# (`llava.eval.out_of_style.HELDOUT_TEMPLATES`) must never appear here: a test checks.
+# The varied world's hand-written wordings: the classic ones and many more, plus questions about a
+# lone object that name nothing. The out-of-style set asks these as its "train" wordings, so they
+# stay fixed; training adds composed ones (`VARIED_TRAINING_TEMPLATES`, below).
 VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": TEMPLATES["color"] + (
         "What is the {shape}'s color?", "Tell me what color the {shape} is.", "What color does the {shape} have?",

@@ -7,7 +7,7 @@ signed distances, other shades, sizes, canvases, outlines, backgrounds, JPEG/PNG
 every question twice, each time about its own picture: once worded like training
 ("train", a wording of the varied world's `synth_phrasing.VARIED_TEMPLATES`, which include
 the classic world's) and once in wordings training never uses
-("heldout", `HELDOUT_TEMPLATES`), so a drop can be told apart: style of the pictures
+("heldout", `synth_phrasing.HELDOUT_TEMPLATES`, removed from every training pool), so a drop can be told apart: style of the pictures
 (train wording) or style of the questions (heldout minus train). Blank images give the
 grounding check (answers should fall to chance).
 
