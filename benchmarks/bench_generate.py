@@ -109,13 +109,8 @@ def decode_weight_bytes(model: LlavaModel) -> int:
     """Bytes of language-model weights read per decode step (all but the embedding table, read one row)."""
     lm = model.language_model
     emb = lm.get_input_embeddings().weight
-    total = sum(t.numel() * t.element_size() for t in lm.state_dict().values()
-                if isinstance(t, torch.Tensor) and t.data_ptr() != emb.data_ptr())
-    for m in lm.modules():  # torch.ao dynamic int8 layers keep their weights in packed params
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-            w, b = m.weight(), m.bias()
-            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-    return total
+    return sum(t.numel() * t.element_size() for t in lm.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.data_ptr() != emb.data_ptr())
 
 
 # Models and prompts --------------------------------------------------------------------------

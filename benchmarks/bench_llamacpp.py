@@ -4,7 +4,7 @@ The model is `bench-200m`'s language model (a 134M Llama, 12 x 768, vocabulary 3
 random weights and the tiny BPE tokenizer (llama.cpp needs real merges), exported with our own
 `llava convert --to gguf` code, so both sides hold the same weights. Precisions, side by side:
 
-    fp32 (ours) / f32 (GGUF)   bf16 / bf16   int8-weight / q8_0   int4-weight / q4_0
+    fp32 (ours) / f32 (GGUF)   bf16 / bf16   int8-dynamic, int8-weight / q8_0   int4-weight / q4_0
 
 (our weight-only rows quantize an fp32 model: on a bf16 one they measured slower, 28 and 114
 tokens/s against 116 and 130, as the int8 reduction and the int4 kernel convert activations).
@@ -55,11 +55,11 @@ from llava.model.onednn import cpu_linear_path
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
 
-PRECISIONS = {  # name: (our dtype, our quantize mode or None, GGUF quant)
-    "fp32": (torch.float32, None, "f32"),
-    "bf16": (torch.bfloat16, None, "bf16"),
-    "8-bit": (torch.float32, "int8-weight", "q8_0"),
-    "4-bit": (torch.float32, "int4-weight", "q4_0"),
+PRECISIONS = {  # name: (our dtype, our quantize modes (None: none), GGUF quant)
+    "fp32": (torch.float32, (None,), "f32"),
+    "bf16": (torch.bfloat16, (None,), "bf16"),
+    "8-bit": (torch.float32, ("int8-dynamic", "int8-weight"), "q8_0"),
+    "4-bit": (torch.float32, ("int4-weight",), "q4_0"),
 }
 PROMPT_TOKENS, PREFILL_TOKENS, AGREEMENT_TOKENS = 64, 512, 32
 
@@ -164,10 +164,13 @@ def build_bench_model() -> tuple[LlavaModel, object, list[int]]:
     return model, tok, prompt
 
 
-def our_model(model: LlavaModel, precision: str) -> LlavaModel:
-    dtype, mode, _ = PRECISIONS[precision]
-    ours = copy.deepcopy(model).to(dtype)
+def our_model(model: LlavaModel, precision: str, mode: str | None) -> LlavaModel:
+    ours = copy.deepcopy(model).to(PRECISIONS[precision][0])
     return quantize_language_model(ours, mode) if mode else ours
+
+
+def ours_label(mode: str | None) -> str:
+    return f"ours {mode}" if mode else "ours"
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -192,14 +195,15 @@ def tiny_agreement(precisions: list[str]) -> dict[str, float]:
     root = os.path.join(os.path.dirname(__file__), "..")
     results: dict[str, float] = {}
     reference = None
-    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:
-        dtype, mode, _ = PRECISIONS[precision]
+    rows = [(p, mode) for p in ["fp32"] + [p for p in precisions if p != "fp32"] for mode in PRECISIONS[p][1]]
+    for precision, mode in rows:
+        dtype = PRECISIONS[precision][0]
         pipe = llava.load(dtype="bf16" if dtype == torch.bfloat16 else "fp32", quantize=mode)
         prepared = [pipe.prepare(q, [os.path.join(root, img)]) for img, q in questions]
         answers = [c.token_ids for c in pipe.complete(prepared, max_new_tokens=AGREEMENT_TOKENS, temperature=0)]
         if reference is None:
             reference = answers
-        results[precision] = statistics.mean(agreement(r, a) for r, a in zip(reference, answers))
+        results[f"{precision} {ours_label(mode)}"] = statistics.mean(agreement(r, a) for r, a in zip(reference, answers))
     return results
 
 
@@ -216,11 +220,12 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
     if not use_llamacpp:
         print("llama-cpp-python is not installed: llama.cpp rows left out", flush=True)
     for precision in args.precisions:
-        ours = our_model(model, precision)
-        for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
-            variants.append(our_variant(precision, f"ours (compiled{packing})", ours, tok, prompt))
-            if args.eager:
-                variants.append(our_variant(precision, f"ours (eager{packing})", ours, tok, prompt))
+        for mode in PRECISIONS[precision][1]:
+            ours, label = our_model(model, precision, mode), ours_label(mode)
+            for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
+                variants.append(our_variant(precision, f"{label} (compiled{packing})", ours, tok, prompt))
+                if args.eager:
+                    variants.append(our_variant(precision, f"{label} (eager{packing})", ours, tok, prompt))
         if use_llamacpp:
             lm_path, _ = export_gguf(ckpt, folder, PRECISIONS[precision][2])
             variants.append(llamacpp_variant(precision, lm_path, prompt, torch.get_num_threads()))

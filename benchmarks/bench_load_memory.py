@@ -42,15 +42,12 @@ CASES = [  # (entry, dtype, quantize)
 # Memory -------------------------------------------------------------------------------------------
 def model_bytes(model) -> int:
     """Bytes the model holds: parameters and buffers (tied ones once), plus what quantized layers keep
-    outside them (torch.ao's packed int8 weights and scales, bitsandbytes' scales and NF4 statistics)."""
+    outside them (bitsandbytes' scales and NF4 statistics)."""
     import torch
 
     total = sum(t.numel() * t.element_size() for t in model.parameters())
     total += sum(t.numel() * t.element_size() for t in model.buffers())
     for m in model.modules():
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-            bias = m.bias()
-            total += m.in_features * m.out_features + 8 + (bias.numel() * bias.element_size() if bias is not None else 0)
         weight = getattr(m, "weight", None)
         scb = getattr(weight, "SCB", None)
         if isinstance(scb, torch.Tensor):
@@ -97,7 +94,6 @@ def make_checkpoint(folder: str, layers: int) -> None:
 # One load, in a fresh process ---------------------------------------------------------------------
 def child(folder: str, entry: str, dtype: str, quantize: str | None) -> dict:
     import torch  # noqa: F401  the fixed overhead: imports, before the peak is reset
-    import torch.ao.quantization  # noqa: F401
     import transformers  # noqa: F401
     from transformers import CLIPVisionModel, LlamaForCausalLM  # noqa: F401
 

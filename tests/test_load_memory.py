@@ -31,7 +31,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.a
 CHILD = r"""
 import json, sys
 import torch, transformers
-import torch.ao.quantization
 from transformers import CLIPVisionModel, LlamaForCausalLM
 from llava.checkpoint import load_checkpoint
 
@@ -46,9 +45,6 @@ def status(field):
 def model_bytes(model):
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     for m in model.modules():
-        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
-            bias = m.bias()
-            total += m.in_features * m.out_features + (bias.numel() * bias.element_size() if bias is not None else 0)
         weight = getattr(m, "weight", None)
         extras = [getattr(weight, "SCB", None)]
         state = getattr(weight, "quant_state", None)

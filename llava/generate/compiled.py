@@ -6,8 +6,10 @@ whatever the thread count, oneDNN's at 15-30 (fp32) and 10-15 (bf16) on unpacked
 while the memory gives 32-48 GB/s. Written as a multiply-and-sum (`gemv`) inside a compiled
 graph, Inductor emits one vectorised loop per matrix that streams its rows across the threads
 at 26-41 GB/s (benchmarks/README.md). So
-the compiled step computes plain CPU linears that way, and everything else (norms, rotary,
-attention, weight-only int8/int4 layers) as the eager lean forward does. That holds with
+the compiled step computes plain CPU linears that way, attention as two matrix products and a
+softmax in fp32 (`attend_one_row`: Inductor fuses them; `scaled_dot_product_attention`'s CPU
+kernel took 70 us a layer for one fp32 query row and 175 in bf16, a quarter of a bf16 step), and
+everything else (norms, rotary, quantized layers) as the eager lean forward does. That holds with
 `pack_weights` too: oneDNN on packed bf16 weights, called from the graph as a custom op, decoded
 bench-200m at 107-110 tokens/s against the reduction's 129-144, as the op boundary keeps the
 norm that feeds each linear out of its loop; packed copies serve the eager prefills and batches.
@@ -51,6 +53,15 @@ def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> to
     out = (weight.float().unsqueeze(1) * rows.float().unsqueeze(0)).sum(-1).t().to(x.dtype)
     out = out.reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
+
+
+def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Attention of one query row per head over a static cache: q [B, kv_heads, group, dim] against
+    keys/values [B, kv_heads, capacity, dim], `mask` additive. Written out, in fp32 (as SDPA's CPU
+    kernel accumulates), for Inductor to fuse into loops over the cache (module docstring)."""
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + mask
+    return torch.matmul(torch.softmax(scores, -1), values.float()).to(values.dtype)
 
 
 def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,7 @@ class CompiledDecoder:
             keys[i].index_copy_(2, column, qk[:, heads:])
             values[i].index_copy_(2, column, decode_linear(layer.v, x).view(batch, 1, kv_heads, dim).transpose(1, 2))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
-            out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, scale=dec.scale)
+            out = attend_one_row(q, keys[i], values[i], mask, dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))
             x = _rms_norm(layer.post_norm, hidden)
             gated = layer.act(decode_linear(layer.gate, x)) * decode_linear(layer.up, x)

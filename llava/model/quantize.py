@@ -6,13 +6,14 @@ the projector is tiny and precision-sensitive, which is why the original LLaVA a
 `mm_projector` when quantizing.
 
 Modes:
-- "int8-dynamic": `torch.ao.quantization.quantize_dynamic` on every nn.Linear of the language
-  model (lm_head included: it is the largest single matrix). CPU only; int8 weights,
-  activations quantized on the fly.
+- "int8-dynamic": int8 weights (per output row) times activations quantized to int8 on the fly
+  (per row), through oneDNN's integer matmul (`llava.model.int8_dynamic`), on every linear of
+  the language model (lm_head included: it is the largest single matrix). CPU only. The
+  fastest CPU decoding, with `Engine(compile=True)`.
 - "int8-weight" / "int4-weight": weight-only int8 (per output row) and 4-bit (groups of 32)
   through PyTorch's packed CPU kernels (`llava.model.woq`), lm_head included; activations stay
-  in the model's dtype (fp32 or bf16). The fastest CPU decoding, with `Engine(compile=True)`.
-  Layers whose shape the kernels cannot take stay unquantized (`llava.model.woq`).
+  in the model's dtype (fp32 or bf16), so int8-weight is the more accurate 8-bit mode. Layers
+  whose shape the kernels cannot take stay unquantized (`llava.model.woq`).
 - "bnb-8bit": bitsandbytes LLM.int8() (`Linear8bitLt`, outlier threshold 6.0).
 - "bnb-4bit": bitsandbytes NF4 with double quantization (`Linear4bit`), QLoRA's format.
   Both bnb modes keep lm_head unquantized, as transformers' bitsandbytes integration does.
@@ -25,15 +26,18 @@ vocabulary resize); the layers are the ones a load-then-quantize makes, identica
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
 from llava.errors import InputError, MissingDependency
+from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.llava import LlavaModel
 from llava.model.woq import WEIGHT_ONLY
+
+# Modes whose layers are ours, on PyTorch's CPU kernels.
+CPU_KERNELS: dict[str, type[nn.Module]] = {"int8-dynamic": Int8DynamicLinear, **WEIGHT_ONLY}
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight", "bnb-8bit", "bnb-4bit")
 # llava.load's and the CLI's names
@@ -50,10 +54,8 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
     """
     if mode not in MODES:
         raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode == "int8-dynamic":
-        _int8_dynamic(model)
-    elif mode in WEIGHT_ONLY:
-        _weight_only(model, mode)
+    if mode in CPU_KERNELS:
+        _cpu_kernels(model, mode)
     else:
         _bitsandbytes(model, bits=8 if mode == "bnb-8bit" else 4, compute_dtype=compute_dtype or model.dtype)
     return model
@@ -61,15 +63,12 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
 
 def check_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
     """The mode's full name, once it is known to work for a model in `dtype` on `device` (before
-    a loader reads any weight): int8-dynamic needs fp32 on the CPU, the weight-only modes the CPU,
-    bnb modes need bitsandbytes."""
+    a loader reads any weight): our int8/int4 modes need the CPU, bnb modes need bitsandbytes."""
     mode = ALIASES.get(mode, mode)
     if mode not in MODES:
         raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
-    if mode == "int8-dynamic":
-        _check_int8(torch.device(device), dtype)
-    elif mode in WEIGHT_ONLY:
-        _check_weight_only(mode, torch.device(device))
+    if mode in CPU_KERNELS:
+        _check_cpu_mode(mode, torch.device(device))
     else:
         _import_bnb()
     return mode
@@ -92,10 +91,8 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
             return None
         if keep_output and linear is model.language_model.get_output_embeddings():
             return None
-        if mode == "int8-dynamic":
-            return _int8_linear(linear)
-        if mode in WEIGHT_ONLY:
-            return WEIGHT_ONLY[mode].from_linear(linear) if WEIGHT_ONLY[mode].fits(linear) else None
+        if mode in CPU_KERNELS:
+            return CPU_KERNELS[mode].from_linear(linear) if CPU_KERNELS[mode].fits(linear) else None
         if name.split(".")[-1] in SKIP_BNB:
             return None
         return _bnb_linear(bnb, linear, 8 if mode == "bnb-8bit" else 4, dtype).to(device)  # .to() quantizes
@@ -104,63 +101,27 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
 
 
 def quantized_layers(module: nn.Module) -> list[nn.Module]:
-    """The layers of `module` that quantizing made (torch.ao dynamic int8, weight-only, bitsandbytes)."""
-    kinds: tuple[type, ...] = (torch.ao.nn.quantized.dynamic.Linear, *WEIGHT_ONLY.values())
+    """The layers of `module` that quantizing made (ours on CPU kernels, bitsandbytes)."""
+    kinds: tuple[type, ...] = tuple(CPU_KERNELS.values())
     if "bitsandbytes" in sys.modules:
         bnb = sys.modules["bitsandbytes"]
         kinds += (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
     return [m for m in module.modules() if isinstance(m, kinds)]
 
 
-def _check_int8(device: torch.device, dtype: torch.dtype) -> None:
+def _check_cpu_mode(mode: str, device: torch.device) -> None:
     if device.type != "cpu":
-        raise ValueError(f"int8-dynamic quantization runs on CPU only, but the model is on {device}; "
-                         "move it with model.to('cpu') first, or use mode 'bnb-8bit' / 'bnb-4bit' on a GPU")
-    if dtype != torch.float32:
-        raise ValueError(f"int8-dynamic quantization expects fp32 weights, got {dtype}; "
-                         "call model.float() first")
+        raise ValueError(f"{mode} quantization runs on CPU only (PyTorch's CPU kernels), but the model is on "
+                         f"{device}; move it with model.to('cpu') first, or use bnb-8bit / bnb-4bit on a GPU")
 
 
-def _check_weight_only(mode: str, device: torch.device) -> None:
-    if device.type != "cpu":
-        raise ValueError(f"{mode} quantization uses PyTorch's packed CPU kernels, but the model is on {device}; "
-                         "use bnb-8bit / bnb-4bit on a GPU")
-
-
-def _weight_only(model: LlavaModel, mode: str) -> None:
-    _check_weight_only(mode, model.device)
+def _cpu_kernels(model: LlavaModel, mode: str) -> None:
+    _check_cpu_mode(mode, model.device)
     lm = model.language_model
-    kind = WEIGHT_ONLY[mode]
+    kind = CPU_KERNELS[mode]
     for name, linear in [(n, m) for n, m in lm.named_modules() if type(m) is nn.Linear and kind.fits(m)]:
         parent_name, _, child = name.rpartition(".")
         setattr(lm.get_submodule(parent_name) if parent_name else lm, child, kind.from_linear(linear))
-
-
-def _int8_dynamic(model: LlavaModel) -> None:
-    _check_int8(model.device, model.dtype)
-    _quantize_dynamic(model.language_model)
-
-
-def _quantize_dynamic(module: nn.Module) -> None:
-    """`quantize_dynamic` in place. The `qconfig` it leaves on each replaced linear refers back to
-    that linear (a reference cycle), which would keep its fp32 weight alive until Python's cycle
-    collector happens to run, long after the load: it is dropped here, freeing the weight at once."""
-    from torch.ao.quantization import quantize_dynamic
-
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    with warnings.catch_warnings():  # the API is deprecated in favour of torchao, which is slower here
-        warnings.simplefilter("ignore")
-        quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
-    for linear in linears:
-        if hasattr(linear, "qconfig"):
-            del linear.qconfig
-
-
-def _int8_linear(linear: nn.Linear) -> nn.Module:
-    """One linear through the same `quantize_dynamic` call as a whole model (same layer, same weights)."""
-    holder = nn.Sequential(linear)
-    _quantize_dynamic(holder)
-    return holder[0]
 
 
 def _import_bnb():

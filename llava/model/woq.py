@@ -2,7 +2,7 @@
 
 Decoding one token reads every language-model weight once, so on a CPU its speed is weight
 bytes over memory bandwidth. These layers keep the weights small and leave the activations in
-the model's dtype (no activation quantization, unlike torch.ao's dynamic int8), computing with
+the model's dtype (no activation quantization, unlike `llava.model.int8_dynamic`), computing with
 PyTorch's own packed CPU kernels:
 
 - `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
@@ -75,13 +75,12 @@ class Int8WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        _check_cpu(linear, "int8-weight")
+        check_cpu(linear, "int8-weight")
         if not cls.fits(linear):
             raise ValueError(f"int8-weight needs in_features divisible by 4, got {linear.in_features}")
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(1).clamp(min=1e-12) / 127
+        quantized, scale = quantize_rows(linear.weight.detach())
         order = _word_order(linear.in_features)
-        quantized = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)[:, order].contiguous()
+        quantized = quantized[:, order].contiguous()
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(quantized, scale, bias, order)
 
@@ -144,7 +143,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int4WeightOnlyLinear":
-        _check_cpu(linear, "int4-weight")
+        check_cpu(linear, "int4-weight")
         out_features, in_features = linear.weight.shape
         if not cls.fits(linear):
             raise ValueError(f"int4-weight needs in_features divisible by {INT4_GROUP} and out_features by 16 "
@@ -202,7 +201,23 @@ def _prefill_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if x.dtype == torch.float32 and onednn.native_bf16() else x.dtype
 
 
-def _check_cpu(linear: nn.Linear, mode: str) -> None:
+def quantize_rows(weight: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row: (int8 [rows, cols], scale [rows]).
+
+    A few rows at a time, so a quantizing load's peak memory holds one weight, not its fp32
+    temporaries too (an lm_head's would be several times the int8 result)."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], chunk):
+        rows = weight[start:start + chunk].float()
+        low, high = rows.aminmax(dim=1)
+        part = torch.maximum(-low, high).clamp(min=1e-12) / 127
+        scale[start:start + chunk] = part
+        codes[start:start + chunk] = (rows / part[:, None]).round_().clamp_(-127, 127)
+    return codes, scale
+
+
+def check_cpu(linear: nn.Linear, mode: str) -> None:
     if linear.weight.device.type != "cpu":
         raise ValueError(f"{mode} quantization uses PyTorch's packed CPU kernels, but the model is on "
                          f"{linear.weight.device}; use bnb-8bit / bnb-4bit on a GPU")
