@@ -34,7 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--int8-weight", action="store_true", help="weight-only int8 language model (CPU)")
     q.add_argument("--int4", action="store_true", help="weight-only 4-bit language model, groups of 32 (CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the one-row decode step with torch.compile (20-60 s once; faster batch-1 decoding)")
+                   help="compile the decode step with torch.compile (20-60 s once; faster CPU decoding)")
     p.add_argument("--pack-weights", action="store_true",
                    help="CPU: oneDNN-packed copies of the language model's weights (faster prefills and batches; "
                         "twice its weight memory)")

@@ -128,12 +128,12 @@ def _requests(model, seed: int) -> list[Request]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [None, "int8-weight", "int4-weight"])
+@pytest.mark.parametrize("mode", [None, "int8-dynamic", "int8-weight", "int4-weight"])
 def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
-    """Near-identical logits one row at a time (the compiled path), also after a capacity change (a
-    second compilation); the same greedy tokens in full precision, where the two differ only in
-    summation order, and in a batch (which stays eager). Eager int8 multiplies bf16 activations
-    while the compiled form keeps fp32 ones, so quantized runs compare logits, not whole answers."""
+    """Near-identical logits one row at a time, also after a capacity change (a second
+    compilation); the same greedy tokens in full precision, where the two differ only in
+    summation order, and in a batch. Eager int8-weight multiplies bf16 activations while its
+    compiled one-row form keeps fp32 ones, so quantized runs compare logits, not whole answers."""
     model, tok = tiny
     if mode:
         model = quantize_language_model(copy.deepcopy(model), mode)
@@ -156,6 +156,29 @@ def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
     params = SamplingParams(max_new_tokens=12, temperature=0)
     assert [c.token_ids for c in compiled.generate(batch, params)] == \
         [c.token_ids for c in eager.generate(batch, params)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,pack", [(None, False), (None, True), ("int8-dynamic", False)])
+def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
+    """Batches take the compiled step too (oneDNN linears, packed ones through the `llava::onednn_linear`
+    op): a left-padded batch step by step, then with a row gone (another batch size: one more
+    compilation, with the batch dimension symbolic), against the eager lean forward's logits."""
+    model, tok = tiny
+    if mode:
+        model = quantize_language_model(copy.deepcopy(model), mode)
+    eager = Engine(model, tok, eos_token_ids=[], pack_weights=pack)
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=pack)
+    batch = _requests(model, 8) + _requests(model, 9)
+    state_e, state_c = eager.prefill(batch, 12), compiled.prefill(batch, 12)
+    for step in range(10):
+        if step in (4, 7):  # rows leave, as finished ones do
+            keep = list(range(len(state_e.rows) - 1))
+            eager.keep_rows(state_e, keep), compiled.keep_rows(state_c, keep)
+        token = state_e.logits.argmax(-1)
+        logits_e, logits_c = eager.decode_step(state_e, token), compiled.decode_step(state_c, token)
+        assert logits_c.shape == (len(state_e.rows), model.config.text_config.vocab_size)
+        torch.testing.assert_close(logits_c.float(), logits_e.float(), rtol=1e-4, atol=5e-2 if mode else 1e-4)
 
 
 @pytest.mark.slow

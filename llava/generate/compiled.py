@@ -1,23 +1,25 @@
-"""The lean forward's one-row decode step, compiled over a static KV cache (gpt-fast's recipe).
+"""The lean forward's decode step, compiled over a static KV cache (gpt-fast's recipe).
 
 Batch-1 decoding on a CPU is a memory-bandwidth problem: every weight is read once per
 token. MKL's matrix-vector products read weights at 11-16 GB/s on our 2-core machines
 whatever the thread count, oneDNN's at 15-30 (fp32) and 10-15 (bf16) on unpacked weights,
 while the memory gives 32-48 GB/s. Written as a multiply-and-sum (`gemv`) inside a compiled
 graph, Inductor emits one vectorised loop per matrix that streams its rows across the threads
-at 26-41 GB/s (benchmarks/README.md). So
-the compiled step computes plain CPU linears that way, attention as two matrix products and a
-softmax in fp32 (`attend_one_row`: Inductor fuses them; `scaled_dot_product_attention`'s CPU
-kernel took 70 us a layer for one fp32 query row and 175 in bf16, a quarter of a bf16 step), and
-everything else (norms, rotary, quantized layers) as the eager lean forward does. That holds with
-`pack_weights` too: oneDNN on packed bf16 weights, called from the graph as a custom op, decoded
-bench-200m at 107-110 tokens/s against the reduction's 129-144, as the op boundary keeps the
-norm that feeds each linear out of its loop; packed copies serve the eager prefills and batches.
+at 26-41 GB/s (benchmarks/README.md). So the one-row step computes plain CPU linears that way,
+attention as two matrix products and a softmax in fp32 (`attend_one_row`: Inductor fuses them;
+`scaled_dot_product_attention`'s CPU kernel took 70 us a layer for one fp32 query row and 175
+in bf16, a quarter of a bf16 step), and everything else (norms, rotary, quantized layers) as
+the eager lean forward does. With `pack_weights` the one-row step still reads the plain
+weights: oneDNN on packed bf16 weights, called from the graph, decoded bench-200m at 107-110
+tokens/s against the reduction's 129-144, as the op boundary keeps the norm that feeds each
+linear out of its loop.
 
-Only single-row batches take this step (`Engine` runs larger batches on the eager lean
-forward): at 8 rows the same reductions re-read each weight row per input row and ran ~3x
-slower than a GEMM, and attending over a static cache's whole capacity reads up to twice
-the KV cache a batch needs.
+Batches take the same step, with their linears on oneDNN (`decode_linear`; packed copies
+through the `llava::onednn_linear` op): at 8 rows the reductions re-read each weight row per
+input row and ran ~3x slower than a GEMM. Compiled, a batch of 8 loses the eager forward's
+per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800 with packed weights). A batch's
+first step compiles once for its size; when rows leave, the next size compiles once more with
+the batch dimension symbolic, and that graph serves every size from then on.
 
 Shapes are static so the graph is compiled once: the cache has a fixed capacity, the step
 writes its keys and values at a column given as a tensor (`index_copy_`), and attends over
@@ -41,7 +43,9 @@ from llava.generate.decoder import (
     rotary_tables,
     rotate,
 )
-from llava.model.onednn import PackedLinear
+from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes
+
+ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
 
 
 def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -65,19 +69,26 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
 
 def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
-    """A planned linear inside the compiled step: plain CPU weights as `gemv`, modules as themselves."""
-    if isinstance(part, PackedLinear):  # one row: the reduction reads the plain weight faster (module docstring)
+    """A planned linear inside the compiled step. One row: plain CPU weights (packed ones too: the
+    reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
+    packed copy where there is one. Quantized layers run as themselves (they pick their own forms)."""
+    one_row = x.numel() == x.shape[-1]
+    if isinstance(part, PackedLinear) and one_row:
         part = (part.weight, part.bias)
     if not isinstance(part, tuple):
-        return part(x)  # weight-only int8 picks its own compiled form; other layers run as they are
+        return part(x)
     weight, bias = part
-    if x.device.type == "cpu":
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if one_row:
         return gemv(weight, bias, x)
+    if x.dtype in ONEDNN_DTYPES:  # what `onednn.linear` chooses eagerly (its checks do not trace)
+        return compiled_linear(x, weight, weight.shape[0], bias)
     return F.linear(x, weight, bias)
 
 
 class CompiledDecoder:
-    """`step` runs one token through a one-row `KVCache` like `LlamaFamilyDecoder.forward`, compiled.
+    """`step` runs one token per row through a `KVCache` like `LlamaFamilyDecoder.forward`, compiled.
 
     The layers are planned once, here: the compiled graph belongs to the model as it was when
     the engine was made (a model cast, quantized or given adapters later needs a new Engine).
@@ -120,4 +131,4 @@ class CompiledDecoder:
             gated = layer.act(decode_linear(layer.gate, x)) * decode_linear(layer.up, x)
             hidden = hidden + decode_linear(layer.down, gated)
         last = _rms_norm(body.norm, hidden[:, -1])
-        return decode_linear(self.head, last)
+        return decode_linear(self.head, last).float()  # the same values; argmax over bf16 was 4x slower

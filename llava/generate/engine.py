@@ -6,7 +6,7 @@ swappable under the loop: the lean one (`llava.generate.decoder`: the model's ow
 over a preallocated KV cache, for Llama, Mistral and Qwen2) and transformers' public
 forward (`inputs_embeds`, `attention_mask`, `position_ids`, `cache`, `logits_to_keep`),
 which serves every other causal LM. Both run in any dtype and with quantized linears.
-`compile=True` compiles the lean forward's one-row decode step (`llava.generate.compiled`),
+`compile=True` compiles the lean forward's decode step, one row or a batch (`llava.generate.compiled`),
 or transformers' decode step over its static cache for other models.
 
 Batching uses left padding: every row's last prompt token sits in the same column, so one
@@ -103,9 +103,9 @@ class Engine:
     (and the batch fits any sliding window), transformers' forward otherwise; "lean" insists
     (ValueError with the reason when it cannot), "transformers" never uses it. The cache
     options belong to transformers' forward: cache="static" preallocates its KV cache. The lean
-    forward always preallocates. compile=True compiles the decode step: on the lean forward its
-    one-row step (`CompiledDecoder`; larger batches stay eager, where oneDNN's linear is faster), on
-    transformers' forward its step over the static cache (fixed shapes avoid recompiles). On a
+    forward always preallocates. compile=True compiles the decode step: on the lean forward
+    `CompiledDecoder`'s (one row and batches; prefills stay eager), on transformers' forward its
+    step over the static cache (fixed shapes avoid recompiles). On a
     2-core CPU (benchmarks/README.md) the lean forward decodes the tiny model ~2.5x as fast as
     transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
     up front and lifts bench-200m's batch-1 decode 2-3x. pack_weights=True gives the lean
@@ -274,7 +274,7 @@ class Engine:
     def decode_step(self, state: DecodeState, next_tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B] ids), advance the state in place, return [B, V] logits."""
         state.length += 1
-        if isinstance(state.cache, KVCache) and self.compiled_lean is not None and len(state.rows) == 1:
+        if isinstance(state.cache, KVCache) and self.compiled_lean is not None:
             logits = self.compiled_lean.step(next_tokens.view(-1, 1), state.position_ids, state.attention_mask,
                                              state.cache, state.length - 1)
         elif isinstance(state.cache, KVCache):

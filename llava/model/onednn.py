@@ -70,6 +70,20 @@ def cpu_linear_path(dtype: torch.dtype, packed: bool = False) -> str:
     return "W @ x.T (MKL)" if dtype == torch.float32 else "F.linear"
 
 
+@torch.library.custom_op("llava::onednn_linear", mutates_args=())
+def compiled_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """oneDNN's linear on a plain or packed weight, as an op `torch.compile` keeps whole (Inductor
+    lowers `mkldnn._linear_pointwise` only on weights it packed itself). Inference only."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@compiled_linear.register_fake
+def _compiled_linear_shape(x: torch.Tensor, weight: torch.Tensor, out_features: int,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 @dataclass(frozen=True, slots=True)
 class PackedLinear:
     """A plain CPU linear whose weight oneDNN has reordered: `packed` is opaque (no strides, no
@@ -83,6 +97,8 @@ class PackedLinear:
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if wants_grad or x.dtype != self.packed.dtype:
             return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return compiled_linear(x, self.packed, self.weight.shape[0], self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

@@ -62,6 +62,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("scale_bits", scale.float().view(torch.int32))  # float bits (module docstring)
+        # The few-row kernel's bf16 scales, kept: computed in a compiled graph, Inductor cannot lower it.
+        self.register_buffer("kernel_scale_bits", scale.bfloat16().view(torch.int16), persistent=False)
         self.register_buffer("bias", bias)
         self.register_buffer("order", order, persistent=False)
 
@@ -96,11 +98,11 @@ class Int8WeightOnlyLinear(nn.Module):
             compute = _prefill_dtype(x)
             stored = (self.weight.float() * self.scale[:, None]).to(compute)
             out = onednn.linear(x[..., self.order].to(compute), stored).to(x.dtype)
-        elif torch.compiler.is_compiling():
+        elif torch.compiler.is_compiling() and rows == 1:  # more rows re-read the weight per row
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
             permuted = x.reshape(rows, -1)[:, self.order].to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(permuted, self.weight, self.scale.to(torch.bfloat16))
+            out = torch.ops.aten._weight_int8pack_mm(permuted, self.weight, self.kernel_scale_bits.view(torch.bfloat16))
             out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
