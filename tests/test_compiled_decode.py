@@ -182,6 +182,26 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
 
 
 @pytest.mark.slow
+def test_each_engine_compiles_within_a_budget_of_its_own(tiny):
+    """torch.compile counts graphs per code object: engines must not share one budget for their
+    step, or those past it decode eagerly, silently. With the limit at 2, two engines each
+    compile a one-row and a batch graph (4 in all) and none is refused."""
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny
+    reqs = _requests(model, 10)
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    eager = [c.token_ids for c in Engine(model, tok, eos_token_ids=[]).generate(reqs, params)]
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(2):
+            engine = Engine(model, tok, eos_token_ids=[], compile=True)
+            engine.generate(reqs[:1], params)
+            assert [c.token_ids for c in engine.generate(reqs, params)] == eager
+    assert counters["stats"]["unique_graphs"] >= 4  # a refused compilation runs eagerly: fewer graphs
+
+
+@pytest.mark.slow
 def test_compiled_step_beside_packed_weights(tiny):
     """With pack_weights the compiled one-row step keeps its reductions over the plain weights while
     prefills read the packed copies: logits of the eager packed steps."""

@@ -30,6 +30,9 @@ bench-200m takes 20-60 s on 2 cores, once per process (Inductor caches kernels o
 
 from __future__ import annotations
 
+import types
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +71,17 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     return torch.matmul(torch.softmax(scores, -1), values.float()).to(values.dtype)
 
 
+def _own_code(method: types.MethodType) -> Callable:
+    """`method` rebuilt on a copy of its code object. torch.compile keeps compiled graphs, and
+    counts them against `recompile_limit` (8), per code object: engines compiling the one shared
+    `_step` (a graph or three each: one row, batches) would exhaust it together, and every engine
+    after that would decode eagerly without a word (seen in a benchmark with eight of them)."""
+    function = method.__func__
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
 def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
     """A planned linear inside the compiled step. One row: plain CPU weights (packed ones too: the
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
@@ -98,7 +112,7 @@ class CompiledDecoder:
         self.decoder = decoder
         self.layers = plan_layers(decoder.lm, decoder.packer)
         self.head = _linear_part(decoder.lm.get_output_embeddings(), decoder.packer)
-        self._compiled = torch.compile(self._step, dynamic=None)
+        self._compiled = torch.compile(_own_code(self._step), dynamic=None)
 
     def step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
              cache: KVCache, column: int) -> torch.Tensor:
