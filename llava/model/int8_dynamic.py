@@ -8,11 +8,12 @@ activations) with finer scales, and llama.cpp's q8_0 way of multiplying (int8 x 
 coarser ones (q8_0 scales every 32 values).
 
 Why it exists beside `Int8WeightOnlyLinear`: oneDNN's int8 matrix-vector product reads the
-weights at ~37 GB/s on our 2-core machines (bench-200m's linears, one row), against ~20 for the
-weight-only kernel and the compiled word reduction, so one-row decoding is ~1.3x faster; a
-512-row prefill's linears take about half of a bf16 GEMM's time. The price is accuracy: rounding
-each activation row to 255 levels adds noise that the weight-only mode does not have (greedy
-agreement with fp32 on the bundled model is the same, 78% over 32 tokens; see benchmarks/README.md).
+weights at 23-37 GB/s on our 2-core machines (bench-200m's linears, one row), against ~20 for
+the weight-only kernel and the compiled word reduction, so compiled one-row decoding is ~1.25x
+faster (at llama.cpp's q8_0 speed); a 512-row prefill's linears take about half of a bf16 GEMM's
+time. The price is accuracy: rounding each activation row to 255 levels adds noise that the
+weight-only mode does not have (greedy agreement with fp32 on the bundled model is the same, 78%
+over 32 tokens, but on random weights the first token already differs; benchmarks/README.md).
 
 One code path serves every row count, eager and inside `torch.compile` (Inductor fuses the
 activation quantization and the rescale around the `_int_mm` call). Any shape works.
