@@ -50,12 +50,13 @@ def assert_same_greedy_answers(engine: Engine, requests: list[Request], got: lis
             f"answer differs from the request alone at token {k}: {ours} vs {ref}"
 
 
-@pytest.mark.parametrize("forward", ["lean", "transformers"])
-def test_staggered_requests_get_their_solo_answers(tiny, forward):
-    """Requests arriving while others decode join the running batch (lean forward) or wait for it
+@pytest.mark.parametrize("forward,compile", [("lean", False), ("lean", True), ("transformers", False)])
+def test_staggered_requests_get_their_solo_answers(tiny, forward, compile):
+    """Requests arriving while others decode join the running batch (lean forward, eager or
+    compiled: batches of changing sizes and capacities through one compiled step) or wait for it
     to drain (transformers' forward); every answer equals the same request decoded alone."""
     model, tok = tiny
-    engine = Engine(model, tok, eos_token_ids=[], forward=forward)
+    engine = Engine(model, tok, eos_token_ids=[], forward=forward, compile=compile)
     requests = _requests(model, 6)
     budgets = [80, 6, 20, 9, 3, 12]  # rows finish at different steps, so rows leave while others join
     solo = [_alone(engine, r, SamplingParams(max_new_tokens=b)) for r, b in zip(requests, budgets)]
