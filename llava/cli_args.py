@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     q = p.add_mutually_exclusive_group()
     q.add_argument("--load-8bit", action="store_true", help="8-bit weights through bitsandbytes")
     q.add_argument("--load-4bit", action="store_true", help="4-bit nf4 weights through bitsandbytes")
-    q.add_argument("--int8", action="store_true", help="dynamic int8 language model (CPU)")
+    q.add_argument("--int8", action="store_true",
+                   help="int8 language model, activations quantized to int8 on the fly (CPU; the fastest 8-bit)")
     q.add_argument("--int8-weight", action="store_true", help="weight-only int8 language model (CPU)")
     q.add_argument("--int4", action="store_true", help="weight-only 4-bit language model, groups of 32 (CPU)")
     p.add_argument("--compile", action="store_true",

@@ -110,7 +110,7 @@ class Engine:
     transformers' `generate` and batches of 8 at 200M ~2.3x as fast; compiling costs 20-60 s
     up front and lifts bench-200m's batch-1 decode 2-3x. pack_weights=True gives the lean
     forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
-    faster prefills and batches (bench-200m's batch of 8: fp32 ~1.4x, bf16 ~1.25x), at the cost
+    faster prefills and batches (bench-200m's compiled batch of 8: fp32 ~1.5x, bf16 ~1.6x), at the cost
     of a second copy of the language model's weights; elsewhere it changes nothing.
     """
 
