@@ -97,7 +97,8 @@ def test_int8_dynamic_quantizes_a_bf16_model_too(tiny):
     half_req = Request(req.input_ids, [f.to(torch.bfloat16) for f in req.image_features])
     cosine = F.cosine_similarity(_logits(quant, half_req), _logits(half, half_req), dim=-1)
     assert cosine.min() > MIN_COSINE["int8-dynamic"]
-    assert len(Engine(quant, tok, eos_token_ids=[]).generate([half_req], SamplingParams(max_new_tokens=4))[0].token_ids) == 4
+    done = Engine(quant, tok, eos_token_ids=[]).generate([half_req], SamplingParams(max_new_tokens=4))
+    assert len(done[0].token_ids) == 4
 
 
 def test_missing_bitsandbytes_is_a_clear_import_error(tiny, monkeypatch):
