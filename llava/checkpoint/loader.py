@@ -151,7 +151,7 @@ def _load(folder: str, name: str, model_base: str | None, vision_tower: str | No
     config, state, tok_folder = _read_layout(folder, layout, model_base, vision_tower)
     target = resolve_device(device)
     chosen = _first_lm_dtype(state) if dtype == "auto" else resolve_dtype(target, dtype)
-    mode = check_mode(quantize, target, chosen) if quantize else None  # before any weight is read
+    mode = check_mode(quantize, target) if quantize else None  # before any weight is read
     # Read before the weights: the tokens the original's loader adds may grow the vocabulary, and
     # then lm_head is quantized only once resized.
     tokenizer = read_tokenizer(tok_folder, config.text_config if layout != "hf" else None)

@@ -61,8 +61,8 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
     return model
 
 
-def check_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The mode's full name, once it is known to work for a model in `dtype` on `device` (before
+def check_mode(mode: str, device: torch.device) -> str:
+    """The mode's full name, once it is known to work for a model on `device` (before
     a loader reads any weight): our int8/int4 modes need the CPU, bnb modes need bitsandbytes."""
     mode = ALIASES.get(mode, mode)
     if mode not in MODES:
@@ -83,7 +83,7 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
     the model is complete, for a loader that resizes the vocabulary first. `dtype` is the model's
     dtype (bnb-4bit's compute dtype, as `quantize_language_model` takes it).
     """
-    mode = check_mode(mode, device, dtype)
+    mode = check_mode(mode, device)
     bnb = _import_bnb() if mode.startswith("bnb") else None
 
     def quantize(model: LlavaModel, name: str, linear: nn.Linear) -> nn.Module | None:
