@@ -17,7 +17,8 @@ import llava
 from llava.generate import Engine, Request, SamplingParams
 from llava.generate.compiled import gemv
 from llava.model.quantize import quantize_language_model, quantized_layers
-from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from llava.model.int8_dynamic import Int8DynamicLinear
+from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
 # Relative error of one layer's output against fp32 (nn.Linear's uniform init). Measured 2026-12:
 # int8 0.004-0.006 (eager kernel, bf16 activations; compiled form fp32), int4 (groups of 32) 0.06.
@@ -109,6 +110,42 @@ def test_weight_only_modes_need_the_cpu(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="CPU kernels.*meta"):
         quantize_language_model(copy.deepcopy(model).to("meta"), "int8-weight")
+
+
+@pytest.mark.parametrize("kind", [Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_quantized_layers_compute_their_parts_side_by_side(kind, bias):
+    """q/k/v (or gate/up) as one layer: its output is the parts' outputs concatenated, and the
+    parts, now views of its buffers, compute what they computed before, to the bit."""
+    torch.manual_seed(5)
+    parts = [kind.from_linear(nn.Linear(128, out, bias=bias)) for out in (128, 64, 64)]
+    inputs = [torch.randn(rows, 128) for rows in (1, 3, 40)]
+    before = [[p(x) for p in parts] for x in inputs]
+    fused = fuse_outputs(parts)
+    if kind is Int4WeightOnlyLinear and parts[0].packed_block is None:
+        assert fused is None  # a packing this CPU's layout reader does not know: left unfused
+        return
+    assert fused.out_features == 256
+    for x, outputs in zip(inputs, before):
+        if len(x) <= 16:  # the few-row kernels: each output row on its own, to the bit
+            assert torch.equal(fused(x), torch.cat(outputs, -1))
+        else:  # a dequantized GEMM, which may block a wider matrix differently
+            torch.testing.assert_close(fused(x), torch.cat(outputs, -1), rtol=1e-2, atol=1e-2)
+        assert all(torch.equal(p(x), out) for p, out in zip(parts, outputs))
+    stored = fused.packed if kind is Int4WeightOnlyLinear else fused.weight
+    assert all((p.packed if kind is Int4WeightOnlyLinear else p.weight).untyped_storage().data_ptr()
+               == stored.untyped_storage().data_ptr() for p in parts)  # one copy of the weights
+
+
+def test_layers_that_differ_are_not_fused():
+    torch.manual_seed(6)
+    assert fuse_outputs([Int8DynamicLinear.from_linear(nn.Linear(64, 32)),
+                         Int8DynamicLinear.from_linear(nn.Linear(64, 32, bias=False))]) is None
+    assert fuse_outputs([Int8DynamicLinear.from_linear(nn.Linear(64, 32)),
+                         Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))]) is None
+    assert fuse_outputs([Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32)),
+                         Int8WeightOnlyLinear.from_linear(nn.Linear(32, 32))]) is None
+    assert fuse_outputs([(torch.zeros(4, 4), None)] * 2) is None  # plain weights: the graph's own loops
 
 
 def test_gemv_is_a_linear():

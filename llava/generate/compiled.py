@@ -9,7 +9,8 @@ at 26-41 GB/s (benchmarks/README.md). So the one-row step computes plain CPU lin
 attention as two matrix products and a softmax in fp32 (`attend_one_row`: Inductor fuses them;
 `scaled_dot_product_attention`'s CPU kernel took 70 us a layer for one fp32 query row and 175
 in bf16, a quarter of a bf16 step), and everything else (norms, rotary, quantized layers) as
-the eager lean forward does. With `pack_weights` the one-row step still reads the plain
+the eager lean forward does, except that quantized q/k/v and gate/up run as one layer each
+(`llava.model.woq.fuse_outputs`: two kernel calls instead of five a layer). With `pack_weights` the one-row step still reads the plain
 weights: oneDNN on packed bf16 weights, called from the graph, decoded bench-200m at 107-110
 tokens/s against the reduction's 129-144, as the op boundary keeps the norm that feeds each
 linear out of its loop.
@@ -47,6 +48,7 @@ from llava.generate.decoder import (
     rotate,
 )
 from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes
+from llava.model.woq import fuse_outputs
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
 
@@ -111,6 +113,9 @@ class CompiledDecoder:
     def __init__(self, decoder: LlamaFamilyDecoder) -> None:
         self.decoder = decoder
         self.layers = plan_layers(decoder.lm, decoder.packer)
+        for plan in self.layers:
+            plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
+            plan.gate_up = fuse_outputs((plan.gate, plan.up))
         self.head = _linear_part(decoder.lm.get_output_embeddings(), decoder.packer)
         self._compiled = torch.compile(_own_code(self._step), dynamic=None)
 
@@ -134,15 +139,23 @@ class CompiledDecoder:
         heads, kv_heads, dim = dec.n_heads, dec.n_kv_heads, dec.head_dim
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.input_norm, hidden)
-            qk = torch.cat((decode_linear(layer.q, x), decode_linear(layer.k, x)), dim=-1)
-            qk = rotate(qk.view(batch, 1, heads + kv_heads, dim).transpose(1, 2), *rotary)
+            if layer.qkv is not None:
+                qk, v = layer.qkv(x).split(((heads + kv_heads) * dim, kv_heads * dim), dim=-1)
+            else:
+                qk = torch.cat((decode_linear(layer.q, x), decode_linear(layer.k, x)), dim=-1)
+                v = decode_linear(layer.v, x)
+            qk = rotate(qk.reshape(batch, 1, heads + kv_heads, dim).transpose(1, 2), *rotary)
             keys[i].index_copy_(2, column, qk[:, heads:])
-            values[i].index_copy_(2, column, decode_linear(layer.v, x).view(batch, 1, kv_heads, dim).transpose(1, 2))
+            values[i].index_copy_(2, column, v.reshape(batch, 1, kv_heads, dim).transpose(1, 2))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
             out = attend_one_row(q, keys[i], values[i], mask, dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))
             x = _rms_norm(layer.post_norm, hidden)
-            gated = layer.act(decode_linear(layer.gate, x)) * decode_linear(layer.up, x)
+            if layer.gate_up is not None:
+                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            else:
+                gate, up = decode_linear(layer.gate, x), decode_linear(layer.up, x)
+            gated = layer.act(gate) * up
             hidden = hidden + decode_linear(layer.down, gated)
         last = _rms_norm(body.norm, hidden[:, -1])
         return decode_linear(self.head, last).float()  # the same values; argmax over bf16 was 4x slower

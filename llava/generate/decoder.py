@@ -96,6 +96,8 @@ class LayerPlan:
     up: Linear
     down: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
+    qkv: nn.Module | None = None  # q, k and v as one quantized layer (the compiled step's; `fuse_outputs`)
+    gate_up: nn.Module | None = None  # gate and up, likewise
 
 
 def _linear_part(module: nn.Module, packer: WeightPacker | None = None) -> Linear:

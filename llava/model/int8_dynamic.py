@@ -21,10 +21,12 @@ activation quantization and the rescale around the `_int_mm` call). Any shape wo
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from llava.model.woq import check_cpu, quantize_rows
+from llava.model.woq import check_cpu, quantize_rows, same_input, share_rows
 
 
 class Int8DynamicLinear(nn.Module):
@@ -51,6 +53,14 @@ class Int8DynamicLinear(nn.Module):
         check_cpu(linear, "int8-dynamic")
         weight, scale = quantize_rows(linear.weight.detach())
         return cls(weight, scale, None if linear.bias is None else linear.bias.detach().clone())
+
+    @classmethod
+    def concatenated(cls, parts: Sequence["Int8DynamicLinear"]) -> "Int8DynamicLinear | None":
+        """One layer whose output is `parts`' outputs side by side (`llava.model.woq.fuse_outputs`)."""
+        if not same_input(parts):
+            return None
+        return cls(share_rows(parts, "weight"), share_rows(parts, "scale_bits").view(torch.float32),
+                   share_rows(parts, "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()

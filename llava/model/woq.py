@@ -36,6 +36,8 @@ kernel fp32 scales it rejects.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -85,6 +87,14 @@ class Int8WeightOnlyLinear(nn.Module):
         quantized = quantized[:, order].contiguous()
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(quantized, scale, bias, order)
+
+    @classmethod
+    def concatenated(cls, parts: Sequence["Int8WeightOnlyLinear"]) -> "Int8WeightOnlyLinear | None":
+        """One layer whose output is `parts`' outputs side by side (`fuse_outputs`)."""
+        if not same_input(parts):
+            return None
+        return cls(share_rows(parts, "weight"), share_rows(parts, "scale_bits").view(torch.float32),
+                   share_rows(parts, "bias"), parts[0].order)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in the model's column order, in `dtype`."""
@@ -163,6 +173,19 @@ class Int4WeightOnlyLinear(nn.Module):
                       and torch.equal(_unpack_int4(packed, out_features, b), codes)), None)
         return cls(packed, scales_and_zeros, bias, in_features, out_features, block)
 
+    @classmethod
+    def concatenated(cls, parts: Sequence["Int4WeightOnlyLinear"]) -> "Int4WeightOnlyLinear | None":
+        """One layer whose output is `parts`' outputs side by side (`fuse_outputs`). The packed
+        bytes come in blocks of `packed_block` output rows, so where every part is whole blocks
+        its bytes simply follow the previous part's; a layout this cannot read is not fused."""
+        block = parts[0].packed_block
+        if (not same_input(parts) or block is None
+                or any(p.packed_block != block or p.out_features % block for p in parts)):
+            return None
+        scales = torch.cat([p.scales_and_zeros for p in parts], dim=1)  # [groups, out, 2]: small, copied
+        return cls(share_rows(parts, "packed"), scales, share_rows(parts, "bias"), parts[0].in_features,
+                   sum(p.out_features for p in parts), block)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] > FEW_ROWS and self.packed_block is not None:
@@ -217,6 +240,39 @@ def quantize_rows(weight: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor
         scale[start:start + chunk] = part
         codes[start:start + chunk] = (rows / part[:, None]).round_().clamp_(-127, 127)
     return codes, scale
+
+
+def same_input(parts: Sequence[nn.Module]) -> bool:
+    """Whether `parts` (two or more layers of one type) read the same input size and all or none has a bias."""
+    return (len(parts) > 1 and len({type(p) for p in parts}) == 1 and len({p.in_features for p in parts}) == 1
+            and len({p.bias is None for p in parts}) == 1)
+
+
+def share_rows(parts: Sequence[nn.Module], name: str) -> torch.Tensor | None:
+    """Buffer `name` of every part stacked along its first axis, each part's own buffer becoming a
+    view of its rows: the fused layer costs no second copy of the weights."""
+    buffers = [getattr(p, name) for p in parts]
+    if buffers[0] is None:
+        return None
+    whole = torch.cat(buffers)
+    start = 0
+    for part, buffer in zip(parts, buffers):
+        setattr(part, name, whole[start:start + buffer.shape[0]])
+        start += buffer.shape[0]
+    return whole
+
+
+def fuse_outputs(parts: Sequence[nn.Module]) -> nn.Module | None:
+    """One quantized layer computing `torch.cat([p(x) for p in parts], -1)`, or None where the
+    parts cannot be fused (different kinds or inputs, a bias on some only, a layout unknown).
+
+    Why: a decode step spends ~10 us a kernel call beside the kernel itself; q/k/v and gate/up
+    as two calls instead of five save ~0.4 ms of a ~4 ms 4-bit bench-200m step. The parts keep
+    working as before, on views of the fused layer's buffers.
+    """
+    kind = type(parts[0])
+    concatenated = getattr(kind, "concatenated", None)
+    return concatenated(parts) if concatenated is not None and len({type(p) for p in parts}) == 1 else None
 
 
 def check_cpu(linear: nn.Linear, mode: str) -> None:
