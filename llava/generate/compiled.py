@@ -10,10 +10,10 @@ attention as two matrix products and a softmax in fp32 (`attend_one_row`: Induct
 `scaled_dot_product_attention`'s CPU kernel took 70 us a layer for one fp32 query row and 175
 in bf16, a quarter of a bf16 step), and everything else (norms, rotary, quantized layers) as
 the eager lean forward does, except that quantized q/k/v and gate/up run as one layer each
-(`llava.model.woq.fuse_outputs`: two kernel calls instead of five a layer). With `pack_weights` the one-row step still reads the plain
-weights: oneDNN on packed bf16 weights, called from the graph, decoded bench-200m at 107-110
-tokens/s against the reduction's 129-144, as the op boundary keeps the norm that feeds each
-linear out of its loop.
+(`llava.model.woq.fuse_outputs`: two kernel calls instead of five a layer). With `pack_weights`
+the one-row step still reads the plain weights: oneDNN on packed bf16 weights, called from the
+graph, decoded bench-200m at 107-110 tokens/s against the reduction's 129-144, as the op
+boundary keeps the norm that feeds each linear out of its loop.
 
 Batches take the same step, with their linears on oneDNN (`decode_linear`; packed copies
 through the `llava::onednn_linear` op): at 8 rows the reductions re-read each weight row per
