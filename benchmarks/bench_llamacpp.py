@@ -10,7 +10,9 @@ random weights and the tiny BPE tokenizer (llama.cpp needs real merges), exporte
 tokens/s against 116 and 130, as the int8 reduction and the int4 kernel convert activations).
 
 Our rows come compiled and eager, each without and with oneDNN-packed weights (`--pack`,
-`Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster).
+`Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster), and with the KV
+cache in the model's dtype and/or bf16 (`--kv-cache`; llama.cpp's default cache is f16 whatever
+the weights, so "bf16 KV" rows read what its rows read).
 
 For each, in interleaved rounds (the machine is shared; medians are taken):
 - batch-1 decode tokens/s: greedy, 128 new tokens after a 64-token text prompt, EOS ignored;
@@ -62,6 +64,7 @@ PRECISIONS = {  # name: (our dtype, our quantize modes (None: none), GGUF quant)
     "4-bit": (torch.float32, ("int4-weight",), "q4_0"),
 }
 PROMPT_TOKENS, PREFILL_TOKENS, AGREEMENT_TOKENS = 64, 512, 32
+KV_CACHES = {"model": [""], "bf16": [", bf16 KV"], "both": ["", ", bf16 KV"]}  # --kv-cache: labels of our rows
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Variant:
 
 # Ours ------------------------------------------------------------------------------------------
 def our_variant(precision: str, impl: str, model: LlavaModel, tok, prompt: list[int]) -> Variant:
-    engine = Engine(model, tok, eos_token_ids=[], compile="compiled" in impl, pack_weights="packed" in impl)
+    engine = Engine(model, tok, eos_token_ids=[], compile="compiled" in impl, pack_weights="packed" in impl,
+                    kv_cache_dtype=torch.bfloat16 if "bf16 KV" in impl else None)
     clock = FirstStepClock(engine)
 
     def decode(new: int) -> tuple[float, list[int]]:
@@ -185,8 +189,9 @@ def agreement(a: list[int], b: list[int]) -> float:
     return n / length if length else 1.0
 
 
-def tiny_agreement(precisions: list[str]) -> dict[str, float]:
-    """Our quantized rows against fp32 on the bundled (trained) model, over a few example questions."""
+def tiny_agreement(precisions: list[str], kv_caches: list[str]) -> dict[str, float]:
+    """Our quantized rows (and bf16 KV caches) against fp32 on the bundled (trained) model, over a few
+    example questions."""
     import llava
 
     questions = [("examples/shapes.png", "Describe the image in detail."),
@@ -195,15 +200,18 @@ def tiny_agreement(precisions: list[str]) -> dict[str, float]:
     root = os.path.join(os.path.dirname(__file__), "..")
     results: dict[str, float] = {}
     reference = None
-    rows = [(p, mode) for p in ["fp32"] + [p for p in precisions if p != "fp32"] for mode in PRECISIONS[p][1]]
-    for precision, mode in rows:
+    rows = [(p, mode, kv) for p in ["fp32"] + [p for p in precisions if p != "fp32"] for mode in PRECISIONS[p][1]
+            for kv in kv_caches]
+    for precision, mode, kv in rows:
         dtype = PRECISIONS[precision][0]
-        pipe = llava.load(dtype="bf16" if dtype == torch.bfloat16 else "fp32", quantize=mode)
+        pipe = llava.load(dtype="bf16" if dtype == torch.bfloat16 else "fp32", quantize=mode,
+                          kv_cache_dtype="bf16" if kv else None)
         prepared = [pipe.prepare(q, [os.path.join(root, img)]) for img, q in questions]
         answers = [c.token_ids for c in pipe.complete(prepared, max_new_tokens=AGREEMENT_TOKENS, temperature=0)]
         if reference is None:
             reference = answers
-        results[f"{precision} {ours_label(mode)}"] = statistics.mean(agreement(r, a) for r, a in zip(reference, answers))
+        shares = [agreement(r, a) for r, a in zip(reference, answers)]
+        results[f"{precision} {ours_label(mode)}{kv}"] = statistics.mean(shares)
     return results
 
 
@@ -223,9 +231,10 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
         for mode in PRECISIONS[precision][1]:
             ours, label = our_model(model, precision, mode), ours_label(mode)
             for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
-                variants.append(our_variant(precision, f"{label} (compiled{packing})", ours, tok, prompt))
-                if args.eager:
-                    variants.append(our_variant(precision, f"{label} (eager{packing})", ours, tok, prompt))
+                for kv in KV_CACHES[args.kv_cache]:
+                    variants.append(our_variant(precision, f"{label} (compiled{packing}{kv})", ours, tok, prompt))
+                    if args.eager:
+                        variants.append(our_variant(precision, f"{label} (eager{packing}{kv})", ours, tok, prompt))
         if use_llamacpp:
             lm_path, _ = export_gguf(ckpt, folder, PRECISIONS[precision][2])
             variants.append(llamacpp_variant(precision, lm_path, prompt, torch.get_num_threads()))
@@ -281,6 +290,9 @@ def main() -> None:
                     help="also time our eager decode step (what compile=True buys)")
     ap.add_argument("--pack", choices=("off", "on", "both"), default="both",
                     help="our rows without and/or with oneDNN-packed weights (Engine(pack_weights=True))")
+    ap.add_argument("--kv-cache", choices=list(KV_CACHES), default="model",
+                    help="our KV cache in the model's dtype and/or in bf16 (Engine(kv_cache_dtype=torch.bfloat16); "
+                         "llama.cpp keeps f16 by default)")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave the llama.cpp rows out")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -297,7 +309,7 @@ def main() -> None:
     print()
     print(table(variants, reference, bandwidth))
     print("\nGreedy agreement with fp32 on the bundled tiny model (first 32 tokens, 3 questions):")
-    for precision, share in tiny_agreement(args.precisions).items():
+    for precision, share in tiny_agreement(args.precisions, KV_CACHES[args.kv_cache]).items():
         print(f"  {precision}: {share:.0%}")
 
 

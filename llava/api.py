@@ -123,7 +123,7 @@ class Prepared:
 
 class LlavaPipeline:
     def __init__(self, checkpoint: LoadedCheckpoint, template: str | None = None, compile: bool = False,
-                 pack_weights: bool = False) -> None:
+                 pack_weights: bool = False, kv_cache_dtype: torch.dtype | None = None) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
@@ -132,7 +132,7 @@ class LlavaPipeline:
         auto = checkpoint.model.config.template
         self.template: Template = get_template(template or auto or template_for_model(self.name))
         self.engine = Engine(self.model, self.tokenizer, context_length=self.model.config.context_length,
-                             compile=compile, pack_weights=pack_weights)
+                             compile=compile, pack_weights=pack_weights, kv_cache_dtype=kv_cache_dtype)
 
     # Building requests -------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[ImageInput]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
@@ -273,14 +273,17 @@ class LlavaPipeline:
 
 def load(path: str | os.PathLike | None = None, model_base: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, vision_tower: str | None = None, template: str | None = None,
-         quantize: str | None = None, compile: bool = False, pack_weights: bool = False) -> LlavaPipeline:
+         quantize: str | None = None, compile: bool = False, pack_weights: bool = False,
+         kv_cache_dtype: str | torch.dtype | None = None) -> LlavaPipeline:
     """Load a checkpoint (any supported layout, local folder or hub name) into a ready pipeline.
 
     quantize: None, "int8" (dynamic int8 on CPU), "int8-weight" / "int4" (weight-only on CPU),
     "8bit" or "4bit" (bitsandbytes). compile: compile the engine's decode step
     (`Engine(compile=True)`). pack_weights: give the CPU linears oneDNN-packed copies of their
     weights, faster prefills and batches for a second copy of the language model's weights
-    (`Engine(pack_weights=True)`).
+    (`Engine(pack_weights=True)`). kv_cache_dtype: "bf16", "fp16", "fp32" or a torch dtype, the KV
+    cache's (default: the model's dtype); bf16 under fp32 weights halves what each decoded token's
+    attention reads, as llama.cpp's f16 cache does (`Engine(kv_cache_dtype=...)`).
     """
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"path must be a folder or hub name, not {type(path).__name__}")
@@ -291,8 +294,10 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
         get_template(_check_text(template, "template"))  # an unknown name fails before the load, not after
     target = resolve_device(device)
     chosen_dtype = resolve_dtype(target, dtype)
+    cache_dtype = None if kv_cache_dtype is None else resolve_dtype(target, kv_cache_dtype)
     # Quantized while loading: each linear is quantized as its weights arrive (never a full-precision copy).
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
                                  vision_tower=vision_tower, device=target, dtype=chosen_dtype,
                                  quantize=quantize)
-    return LlavaPipeline(checkpoint, template=template, compile=compile, pack_weights=pack_weights)
+    return LlavaPipeline(checkpoint, template=template, compile=compile, pack_weights=pack_weights,
+                         kv_cache_dtype=cache_dtype)

@@ -39,6 +39,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack-weights", action="store_true",
                    help="CPU: oneDNN-packed copies of the language model's weights (faster prefills and batches; "
                         "twice its weight memory)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="the KV cache's dtype (default: the model's); bf16 under fp32 weights halves what each "
+                        "new token's attention reads, as llama.cpp's f16 cache")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
@@ -79,4 +82,5 @@ def load_from_args(args: argparse.Namespace):
 
     return load(args.model, model_base=args.model_base, device=args.device, dtype=args.dtype,
                 vision_tower=args.vision_tower, template=args.template, quantize=quantize_from(args),
-                compile=getattr(args, "compile", False), pack_weights=getattr(args, "pack_weights", False))
+                compile=getattr(args, "compile", False), pack_weights=getattr(args, "pack_weights", False),
+                kv_cache_dtype=getattr(args, "kv_cache_dtype", None))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llava
+from llava.errors import InputError
 from llava.generate import Engine, Request, SamplingParams
 from llava.generate.compiled import gemv
 from llava.model.quantize import quantize_language_model, quantized_layers
@@ -219,6 +220,31 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
 
 
 @pytest.mark.slow
+def test_a_bf16_kv_cache_under_fp32_weights(tiny):
+    """kv_cache_dtype=bf16 keeps keys and values rounded to bf16 (llama.cpp's f16 cache): eager and
+    compiled steps read the same rounded cache (near-identical logits, one row and a batch whose row
+    leaves), and both stay within bf16 rounding of the fp32 cache's logits."""
+    model, tok = tiny
+    reference = Engine(model, tok, eos_token_ids=[])
+    eager = Engine(model, tok, eos_token_ids=[], kv_cache_dtype=torch.bfloat16)
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True, kv_cache_dtype=torch.bfloat16)
+    for batch in ([_requests(model, 11)[0]], _requests(model, 12)):
+        states = [engine.prefill(batch, 12) for engine in (reference, eager, compiled)]
+        assert states[1].cache.keys[0].dtype == states[2].cache.keys[0].dtype == torch.bfloat16
+        for step in range(8):
+            if step == 4 and len(batch) > 1:
+                for engine, state in zip((reference, eager, compiled), states):
+                    engine.keep_rows(state, [0])
+            token = states[0].logits.argmax(-1)
+            ref, e, c = (engine.decode_step(state, token)
+                         for engine, state in zip((reference, eager, compiled), states))
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(e, ref, rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(model, tok, forward="transformers", kv_cache_dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
 def test_each_engine_compiles_within_a_budget_of_its_own(tiny):
     """torch.compile counts graphs per code object: engines must not share one budget for their
     step, or those past it decode eagerly, silently. With the limit at 2, two engines each
@@ -283,6 +309,7 @@ def test_command_line_flags_choose_the_mode_and_compilation(capsys):
     args = parser.parse_args(["run", "--query", "q", "--int8-weight"])
     assert (quantize_from(args), args.compile, args.pack_weights) == ("int8-weight", False, False)
     assert parser.parse_args(["run", "--query", "q", "--pack-weights"]).pack_weights
+    assert parser.parse_args(["run", "--query", "q", "--kv-cache-dtype", "bf16"]).kv_cache_dtype == "bf16"
     with pytest.raises(SystemExit):  # one quantization at a time
         parser.parse_args(["run", "--query", "q", "--int4", "--int8"])
     assert "not allowed with argument" in capsys.readouterr().err
@@ -300,3 +327,18 @@ def test_load_packs_weights_on_request():
     if torch.float32 in packable_dtypes():
         assert packed.engine.lean.packer.nbytes > 0
     assert answer == plain.generate("What color is the circle?", **question)
+
+
+def test_load_keeps_the_kv_cache_in_the_dtype_asked_for():
+    """llava.load(kv_cache_dtype="bf16") (`--kv-cache-dtype bf16`): the engine's cache is bf16 under the
+    fp32 model and the bundled model still answers the README's question; a dtype it does not know
+    is one clear error before anything loads."""
+    pipe = llava.load(kv_cache_dtype="bf16")
+    assert pipe.engine.kv_cache_dtype == torch.bfloat16 and pipe.model.dtype == torch.float32
+    answer = pipe.generate("How many circles are there?", images=["examples/circles.png"], temperature=0,
+                           max_new_tokens=4)
+    assert answer.strip() == llava.load().generate("How many circles are there?", images=["examples/circles.png"],
+                                                   temperature=0, max_new_tokens=4).strip()
+    with pytest.raises(InputError, match="unknown dtype"):
+        llava.load(kv_cache_dtype="int3")
+

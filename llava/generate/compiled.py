@@ -70,7 +70,7 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     keys/values [B, kv_heads, capacity, dim], `mask` additive. Written out, in fp32 (as SDPA's CPU
     kernel accumulates), for Inductor to fuse into loops over the cache (module docstring)."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + mask
-    return torch.matmul(torch.softmax(scores, -1), values.float()).to(values.dtype)
+    return torch.matmul(torch.softmax(scores, -1), values.float()).to(q.dtype)
 
 
 def _own_code(method: types.MethodType) -> Callable:
@@ -145,8 +145,8 @@ class CompiledDecoder:
                 qk = torch.cat((decode_linear(layer.q, x), decode_linear(layer.k, x)), dim=-1)
                 v = decode_linear(layer.v, x)
             qk = rotate(qk.reshape(batch, 1, heads + kv_heads, dim).transpose(1, 2), *rotary)
-            keys[i].index_copy_(2, column, qk[:, heads:])
-            values[i].index_copy_(2, column, v.reshape(batch, 1, kv_heads, dim).transpose(1, 2))
+            keys[i].index_copy_(2, column, qk[:, heads:].to(keys[i].dtype))
+            values[i].index_copy_(2, column, v.reshape(batch, 1, kv_heads, dim).transpose(1, 2).to(values[i].dtype))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
             out = attend_one_row(q, keys[i], values[i], mask, dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))

@@ -249,8 +249,8 @@ class LlamaFamilyDecoder:
             keys = (keys & (k <= q)) | (k == q)
         return torch.zeros(keys.shape, dtype=like.dtype, device=device).masked_fill_(~keys, float("-inf"))
 
-    def _attention(self, layer: LayerPlan, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                   cache: KVCache, i: int, start: int, end: int) -> torch.Tensor:
+    def _attention(self, layer: LayerPlan, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                   mask: torch.Tensor | None, cache: KVCache, i: int, start: int, end: int) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         qk = torch.cat((_linear(layer.q, x), _linear(layer.k, x)), dim=-1).view(batch, length, heads + kv_heads, dim)
@@ -258,6 +258,8 @@ class LlamaFamilyDecoder:
         cache.keys[i][:, :, start:end] = qk[:, heads:]
         cache.values[i][:, :, start:end] = _linear(layer.v, x).view(batch, length, kv_heads, dim).transpose(1, 2)
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
+        if keys.dtype != x.dtype:  # a cache kept in another dtype (Engine's kv_cache_dtype)
+            keys, values = keys.to(x.dtype), values.to(x.dtype)
         q = qk[:, :heads]
         group = heads // kv_heads
         if length == 1 and group > 1:

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
-from llava.errors import ContextTooLong  # re-exported: raised here
+from llava.errors import ContextTooLong, InputError  # ContextTooLong re-exported: raised here
 from llava.generate.compiled import CompiledDecoder
 from llava.generate.decoder import KVCache, LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
@@ -112,11 +112,15 @@ class Engine:
     forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
     faster prefills and batches (bench-200m's compiled batch of 8: fp32 ~1.5x, bf16 ~1.6x), at the cost
     of a second copy of the language model's weights; elsewhere it changes nothing.
+    kv_cache_dtype (lean forward only; default the model's dtype) stores keys and values in
+    another dtype: torch.bfloat16 halves what each decode step's attention reads, as llama.cpp
+    keeps its cache in f16 under f32 weights (attention still computes in the model's dtype).
     """
 
     def __init__(self, model: LlavaModel, tokenizer, eos_token_ids: Sequence[int] | None = None,
                  context_length: int | None = None, cache: str = "dynamic", compile: bool = False,
-                 forward: str = "auto", pack_weights: bool = False) -> None:
+                 forward: str = "auto", pack_weights: bool = False,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         if cache not in CACHE_KINDS:
             raise ValueError(f"unknown cache kind {cache!r}; valid: {', '.join(CACHE_KINDS)}")
         if forward not in FORWARDS:
@@ -141,6 +145,10 @@ class Engine:
                 self.compiled_lean = CompiledDecoder(self.lean) if compile else None
             elif forward == "lean":
                 raise ValueError(f"the lean forward cannot run this language model: {reason}; use forward='auto'")
+        if kv_cache_dtype is not None and self.lean is None:
+            raise InputError("kv_cache_dtype applies to the lean forward's cache (Llama, Mistral, Qwen2 language "
+                             f"models), which this engine does not use (forward={forward!r}, cache={cache!r})")
+        self.kv_cache_dtype = kv_cache_dtype
         self._decode_forward: Callable[..., torch.Tensor] = self._forward_one
         if compile and self.lean is None:
             # torch's default shape policy: the first shape compiles static, a second one compiles a
@@ -190,7 +198,7 @@ class Engine:
         embeds = self.model.embed(ids, features)
         positions = positions_from_mask(mask[:, :prompt_len])
         if self._lean_fits(capacity):
-            cache = self.lean.new_cache(len(requests), capacity, dev, embeds.dtype)
+            cache = self.lean.new_cache(len(requests), capacity, dev, self.kv_cache_dtype or embeds.dtype)
             padded = min(lengths) < prompt_len
             logits = torch.cat([self.lean.forward(embeds[rows], positions[rows], mask[rows] if padded else None,
                                                   cache.row_view(rows), 0)
