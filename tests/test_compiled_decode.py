@@ -197,7 +197,8 @@ def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,pack", [(None, False), (None, True), ("int8-dynamic", False)])
+@pytest.mark.parametrize("mode,pack", [(None, False), (None, True), ("int8-dynamic", False), ("int8-weight", False),
+                                       ("int4-weight", False)])
 def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     """Batches take the compiled step too (oneDNN linears, packed ones through the `llava::onednn_linear`
     op): a left-padded batch step by step, then with a row gone (another batch size: one more
