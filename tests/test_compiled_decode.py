@@ -136,6 +136,9 @@ def test_fused_quantized_layers_compute_their_parts_side_by_side(kind, bias):
     stored = fused.packed if kind is Int4WeightOnlyLinear else fused.weight
     assert all((p.packed if kind is Int4WeightOnlyLinear else p.weight).untyped_storage().data_ptr()
                == stored.untyped_storage().data_ptr() for p in parts)  # one copy of the weights
+    again = fuse_outputs(parts)  # a second engine on the same model: the same storage, not a second copy
+    assert (again.packed if kind is Int4WeightOnlyLinear else again.weight).data_ptr() == stored.data_ptr()
+    assert torch.equal(again(inputs[0]), fused(inputs[0]))
 
 
 def test_layers_that_differ_are_not_fused():

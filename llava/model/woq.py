@@ -254,12 +254,23 @@ def share_rows(parts: Sequence[nn.Module], name: str) -> torch.Tensor | None:
     buffers = [getattr(p, name) for p in parts]
     if buffers[0] is None:
         return None
+    if _consecutive_views(buffers):  # fused before (another engine on this model): the same rows again
+        first = buffers[0]
+        shape = (sum(b.shape[0] for b in buffers), *first.shape[1:])
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
     whole = torch.cat(buffers)
     start = 0
     for part, buffer in zip(parts, buffers):
         setattr(part, name, whole[start:start + buffer.shape[0]])
         start += buffer.shape[0]
     return whole
+
+
+def _consecutive_views(buffers: Sequence[torch.Tensor]) -> bool:
+    """Whether the buffers are contiguous views that follow each other in one storage."""
+    storage = buffers[0].untyped_storage().data_ptr()
+    return all(b.is_contiguous() and b.untyped_storage().data_ptr() == storage for b in buffers) and all(
+        b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(buffers, buffers[1:]))
 
 
 def fuse_outputs(parts: Sequence[nn.Module]) -> nn.Module | None:
