@@ -271,6 +271,13 @@ class LlavaPipeline:
         return self.engine.stream(prepared.request, params)
 
 
+def _kv_cache_dtype(device: torch.device, value: str | torch.dtype) -> torch.dtype:
+    try:
+        return resolve_dtype(device, value)
+    except (InputError, InputTypeError) as err:
+        raise type(err)(f"kv_cache_dtype: {err}") from None
+
+
 def load(path: str | os.PathLike | None = None, model_base: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, vision_tower: str | None = None, template: str | None = None,
          quantize: str | None = None, compile: bool = False, pack_weights: bool = False,
@@ -294,7 +301,7 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
         get_template(_check_text(template, "template"))  # an unknown name fails before the load, not after
     target = resolve_device(device)
     chosen_dtype = resolve_dtype(target, dtype)
-    cache_dtype = None if kv_cache_dtype is None else resolve_dtype(target, kv_cache_dtype)
+    cache_dtype = None if kv_cache_dtype is None else _kv_cache_dtype(target, kv_cache_dtype)
     # Quantized while loading: each linear is quantized as its weights arrive (never a full-precision copy).
     checkpoint = load_checkpoint(str(path) if path is not None else default_model_path(), model_base=model_base,
                                  vision_tower=vision_tower, device=target, dtype=chosen_dtype,

@@ -343,6 +343,6 @@ def test_load_keeps_the_kv_cache_in_the_dtype_asked_for():
                            max_new_tokens=4)
     assert answer.strip() == llava.load().generate("How many circles are there?", images=["examples/circles.png"],
                                                    temperature=0, max_new_tokens=4).strip()
-    with pytest.raises(InputError, match="unknown dtype"):
+    with pytest.raises(InputError, match="kv_cache_dtype: unknown dtype 'int3'"):
         llava.load(kv_cache_dtype="int3")
 
