@@ -6,8 +6,9 @@ random weights and the tiny BPE tokenizer (llama.cpp needs real merges), exporte
 
     fp32 (ours) / f32 (GGUF)   bf16 / bf16   int8-dynamic, int8-weight / q8_0   int4-weight / q4_0
 
-(our weight-only rows quantize an fp32 model: on a bf16 one they measured slower, 28 and 114
-tokens/s against 116 and 130, as the int8 reduction and the int4 kernel convert activations).
+(our quantized rows quantize an fp32 model; `--quantized-base bf16` or `both` adds rows on a bf16
+one, whose tower, attention and norms then run in bf16: a shorter time to first token, a slightly
+slower batch-1 step).
 
 Our rows come compiled and eager, each without and with oneDNN-packed weights (`--pack`,
 `Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster), and with the KV
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import statistics
 import tempfile
@@ -65,6 +67,8 @@ PRECISIONS = {  # name: (our dtype, our quantize modes (None: none), GGUF quant)
 }
 PROMPT_TOKENS, PREFILL_TOKENS, AGREEMENT_TOKENS = 64, 512, 32
 KV_CACHES = {"model": [""], "bf16": [", bf16 KV"], "both": ["", ", bf16 KV"]}  # --kv-cache: labels of our rows
+QUANTIZED_BASES = {"fp32": [("", None)], "bf16": [(", bf16 model", torch.bfloat16)],  # --quantized-base
+                   "both": [("", None), (", bf16 model", torch.bfloat16)]}
 
 
 @dataclass
@@ -168,8 +172,9 @@ def build_bench_model() -> tuple[LlavaModel, object, list[int]]:
     return model, tok, prompt
 
 
-def our_model(model: LlavaModel, precision: str, mode: str | None) -> LlavaModel:
-    ours = copy.deepcopy(model).to(PRECISIONS[precision][0])
+def our_model(model: LlavaModel, precision: str, mode: str | None, dtype: torch.dtype | None = None) -> LlavaModel:
+    """A copy of `model` in the precision's dtype (or `dtype`), quantized by `mode`."""
+    ours = copy.deepcopy(model).to(dtype or PRECISIONS[precision][0])
     return quantize_language_model(ours, mode) if mode else ours
 
 
@@ -189,7 +194,8 @@ def agreement(a: list[int], b: list[int]) -> float:
     return n / length if length else 1.0
 
 
-def tiny_agreement(precisions: list[str], kv_caches: list[str]) -> dict[str, float]:
+def tiny_agreement(precisions: list[str], kv_caches: list[str], bases: list[tuple[str, torch.dtype | None]]
+                   ) -> dict[str, float]:
     """Our quantized rows (and bf16 KV caches) against fp32 on the bundled (trained) model, over a few
     example questions."""
     import llava
@@ -200,10 +206,10 @@ def tiny_agreement(precisions: list[str], kv_caches: list[str]) -> dict[str, flo
     root = os.path.join(os.path.dirname(__file__), "..")
     results: dict[str, float] = {}
     reference = None
-    rows = [(p, mode, kv) for p in ["fp32"] + [p for p in precisions if p != "fp32"] for mode in PRECISIONS[p][1]
-            for kv in kv_caches]
-    for precision, mode, kv in rows:
-        dtype = PRECISIONS[precision][0]
+    rows = [(p, mode, kv, base) for p in ["fp32"] + [p for p in precisions if p != "fp32"] for mode in PRECISIONS[p][1]
+            for kv in kv_caches for base in (bases if mode else [("", None)])]
+    for precision, mode, kv, (base, base_dtype) in rows:
+        dtype = base_dtype or PRECISIONS[precision][0]
         pipe = llava.load(dtype="bf16" if dtype == torch.bfloat16 else "fp32", quantize=mode,
                           kv_cache_dtype="bf16" if kv else None)
         prepared = [pipe.prepare(q, [os.path.join(root, img)]) for img, q in questions]
@@ -211,7 +217,7 @@ def tiny_agreement(precisions: list[str], kv_caches: list[str]) -> dict[str, flo
         if reference is None:
             reference = answers
         shares = [agreement(r, a) for r, a in zip(reference, answers)]
-        results[f"{precision} {ours_label(mode)}{kv}"] = statistics.mean(shares)
+        results[f"{precision} {ours_label(mode)}{kv}{base}"] = statistics.mean(shares)
     return results
 
 
@@ -228,13 +234,14 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
     if not use_llamacpp:
         print("llama-cpp-python is not installed: llama.cpp rows left out", flush=True)
     for precision in args.precisions:
-        for mode in PRECISIONS[precision][1]:
-            ours, label = our_model(model, precision, mode), ours_label(mode)
+        bases = QUANTIZED_BASES[args.quantized_base] if PRECISIONS[precision][1] != (None,) else [("", None)]
+        for mode, (base, dtype) in itertools.product(PRECISIONS[precision][1], bases):
+            ours, label = our_model(model, precision, mode, dtype), ours_label(mode)
             for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
                 for kv in KV_CACHES[args.kv_cache]:
-                    variants.append(our_variant(precision, f"{label} (compiled{packing}{kv})", ours, tok, prompt))
-                    if args.eager:
-                        variants.append(our_variant(precision, f"{label} (eager{packing}{kv})", ours, tok, prompt))
+                    for impl in ["compiled"] + (["eager"] if args.eager else []):
+                        variants.append(our_variant(precision, f"{label} ({impl}{packing}{kv}{base})", ours, tok,
+                                                    prompt))
         if use_llamacpp:
             lm_path, _ = export_gguf(ckpt, folder, PRECISIONS[precision][2])
             variants.append(llamacpp_variant(precision, lm_path, prompt, torch.get_num_threads()))
@@ -293,6 +300,8 @@ def main() -> None:
     ap.add_argument("--kv-cache", choices=list(KV_CACHES), default="model",
                     help="our KV cache in the model's dtype and/or in bf16 (Engine(kv_cache_dtype=torch.bfloat16); "
                          "llama.cpp keeps f16 by default)")
+    ap.add_argument("--quantized-base", choices=list(QUANTIZED_BASES), default="fp32",
+                    help="the model our 8- and 4-bit rows quantize: fp32 and/or bf16 (its other layers' dtype)")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave the llama.cpp rows out")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -309,7 +318,8 @@ def main() -> None:
     print()
     print(table(variants, reference, bandwidth))
     print("\nGreedy agreement with fp32 on the bundled tiny model (first 32 tokens, 3 questions):")
-    for precision, share in tiny_agreement(args.precisions, KV_CACHES[args.kv_cache]).items():
+    for precision, share in tiny_agreement(args.precisions, KV_CACHES[args.kv_cache],
+                                           QUANTIZED_BASES[args.quantized_base]).items():
         print(f"  {precision}: {share:.0%}")
 
 

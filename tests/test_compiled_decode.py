@@ -224,6 +224,24 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8-weight", "int4-weight"])
+def test_compiled_quantized_step_on_a_bf16_model(tiny, mode):
+    """Weight-only layers under a bf16 model: the compiled one-row step takes the packed kernels
+    (Inductor's word loop is for fp32 rows) and gives the eager step's logits and greedy tokens."""
+    model, tok = tiny
+    model = quantize_language_model(copy.deepcopy(model).to(torch.bfloat16), mode)
+    eager = Engine(model, tok, eos_token_ids=[])
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True)
+    assert compiled.compiled_lean is not None
+    for req in _requests(model, 10):
+        state_e, state_c = eager.prefill([req], 8), compiled.prefill([req], 8)
+        for _ in range(6):
+            token = state_e.logits.argmax(-1)
+            logits_e, logits_c = eager.decode_step(state_e, token), compiled.decode_step(state_c, token)
+            torch.testing.assert_close(logits_c.float(), logits_e.float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.slow
 def test_a_bf16_kv_cache_under_fp32_weights(tiny):
     """kv_cache_dtype=bf16 keeps keys and values rounded to bf16 (llama.cpp's f16 cache): eager and
     compiled steps read the same rounded cache (near-identical logits, one row and a batch whose row

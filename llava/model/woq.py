@@ -10,10 +10,12 @@ PyTorch's own packed CPU kernels:
   through a dequantized matrix and a GEMM, several times faster there: in bf16 where the CPU
   has bf16 instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's
   linears in 0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Inside
-  `torch.compile` (the compiled decode step, `llava.generate.compiled`) few rows take a
+  `torch.compile` (the compiled decode step, `llava.generate.compiled`) one fp32 row takes a
   reduction over the weight read as int32 words, which Inductor turns into one streaming loop
   at near memory bandwidth; its columns are stored in the order that makes those words line up
-  with contiguous slices of the input (`_word_order`).
+  with contiguous slices of the input (`_word_order`). A bf16 row keeps the kernel: Inductor's
+  loop over bf16 inputs converts the words element by element (bench-200m, int8-weight on a
+  bf16 model: 64 tokens/s that way, 210 with the kernel; on an fp32 model the loop's 240).
 - `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
   group, as q4_1), packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
   `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x slower with fp32 ones). Many
@@ -108,7 +110,9 @@ class Int8WeightOnlyLinear(nn.Module):
             compute = _prefill_dtype(x)
             stored = (self.weight.float() * self.scale[:, None]).to(compute)
             out = onednn.linear(x[..., self.order].to(compute), stored).to(x.dtype)
-        elif torch.compiler.is_compiling() and rows == 1:  # more rows re-read the weight per row
+        elif torch.compiler.is_compiling() and rows == 1 and x.dtype == torch.float32:
+            # More rows re-read the weight per row; a bf16 input makes Inductor tile the loop 32 wide,
+            # where its int32 -> float conversion goes element by element (6 GB/s against 44).
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
             permuted = x.reshape(rows, -1)[:, self.order].to(torch.bfloat16)
