@@ -227,7 +227,7 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
 @pytest.mark.parametrize("mode", ["int8-weight", "int4-weight"])
 def test_compiled_quantized_step_on_a_bf16_model(tiny, mode):
     """Weight-only layers under a bf16 model: the compiled one-row step takes the packed kernels
-    (Inductor's word loop is for fp32 rows) and gives the eager step's logits and greedy tokens."""
+    (Inductor's word loop is for fp32 rows) and gives the eager step's logits, step after step."""
     model, tok = tiny
     model = quantize_language_model(copy.deepcopy(model).to(torch.bfloat16), mode)
     eager = Engine(model, tok, eos_token_ids=[])
