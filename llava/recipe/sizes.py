@@ -101,7 +101,10 @@ SIZES["reduced"] = replace(SIZES["small"], vision_steps=1200, vision_scenes=1500
 # nothing after stage 2's first phase (left/right 40% against 42.5, count 40 against 37.5);
 # the shipped classic model (96-px tower, 6 x 6 patches) fine-tuned one epoch on this preset's
 # chats (pad, lr 3e-4, ~5 min) answers left/right 87.5% and 90-92% in-style, and with its tower
-# unfrozen (lr 1e-4) colour 87.5, shape 72.5, count 37.5, yes/no F1 0.87, left/right 82.5. What
+# unfrozen (lr 1e-4) colour 87.5, shape 72.5, count 37.5, yes/no F1 0.87, left/right 82.5; three
+# such epochs (16 min): colour 92.5, shape 77.5, count 40, F1 0.87, left/right 87.5 (77% overall,
+# this preset's 2-hour run 70%), but in style its count falls to 70% and lettered choice to 76%
+# (targets 80, 90), so such a tail would need the classic chats beside the varied ones. What
 # loses left/right is this preset's tower or LM, not its pictures or wordings.
 SIZES["varied"] = replace(
     SIZES["full"], world="varied", vision_steps=5000, vision_scenes=16000, train_scenes=11000,
