@@ -71,6 +71,12 @@ QUANTIZED_BASES = {"fp32": [("", None)], "bf16": [(", bf16 model", torch.bfloat1
                    "both": [("", None), (", bf16 model", torch.bfloat16)]}
 
 
+def model_bases(mode: str | None, quantized_base: str) -> list[tuple[str, torch.dtype | None]]:
+    """(label, dtype) of the models our rows of `mode` run on: a quantized mode's per `--quantized-base`,
+    an unquantized row's in its precision's dtype (None)."""
+    return QUANTIZED_BASES[quantized_base] if mode else [("", None)]
+
+
 @dataclass
 class Variant:
     precision: str
@@ -194,8 +200,7 @@ def agreement(a: list[int], b: list[int]) -> float:
     return n / length if length else 1.0
 
 
-def tiny_agreement(precisions: list[str], kv_caches: list[str], bases: list[tuple[str, torch.dtype | None]]
-                   ) -> dict[str, float]:
+def tiny_agreement(precisions: list[str], kv_caches: list[str], quantized_base: str) -> dict[str, float]:
     """Our quantized rows (and bf16 KV caches) against fp32 on the bundled (trained) model, over a few
     example questions."""
     import llava
@@ -207,7 +212,7 @@ def tiny_agreement(precisions: list[str], kv_caches: list[str], bases: list[tupl
     results: dict[str, float] = {}
     reference = None
     rows = [(p, mode, kv, base) for p in ["fp32"] + [p for p in precisions if p != "fp32"] for mode in PRECISIONS[p][1]
-            for kv in kv_caches for base in (bases if mode else [("", None)])]
+            for kv in kv_caches for base in model_bases(mode, quantized_base)]
     for precision, mode, kv, (base, base_dtype) in rows:
         dtype = base_dtype or PRECISIONS[precision][0]
         pipe = llava.load(dtype="bf16" if dtype == torch.bfloat16 else "fp32", quantize=mode,
@@ -234,12 +239,12 @@ def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
     if not use_llamacpp:
         print("llama-cpp-python is not installed: llama.cpp rows left out", flush=True)
     for precision in args.precisions:
-        bases = QUANTIZED_BASES[args.quantized_base] if PRECISIONS[precision][1] != (None,) else [("", None)]
-        for mode, (base, dtype) in itertools.product(PRECISIONS[precision][1], bases):
-            ours, label = our_model(model, precision, mode, dtype), ours_label(mode)
-            for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
-                for kv in KV_CACHES[args.kv_cache]:
-                    for impl in ["compiled"] + (["eager"] if args.eager else []):
+        for mode in PRECISIONS[precision][1]:
+            for base, dtype in model_bases(mode, args.quantized_base):
+                ours, label = our_model(model, precision, mode, dtype), ours_label(mode)
+                for packing in {"off": [""], "on": [", packed"], "both": ["", ", packed"]}[args.pack]:
+                    for kv, impl in itertools.product(KV_CACHES[args.kv_cache],
+                                                      ["compiled"] + (["eager"] if args.eager else [])):
                         variants.append(our_variant(precision, f"{label} ({impl}{packing}{kv}{base})", ours, tok,
                                                     prompt))
         if use_llamacpp:
@@ -318,8 +323,7 @@ def main() -> None:
     print()
     print(table(variants, reference, bandwidth))
     print("\nGreedy agreement with fp32 on the bundled tiny model (first 32 tokens, 3 questions):")
-    for precision, share in tiny_agreement(args.precisions, KV_CACHES[args.kv_cache],
-                                           QUANTIZED_BASES[args.quantized_base]).items():
+    for precision, share in tiny_agreement(args.precisions, KV_CACHES[args.kv_cache], args.quantized_base).items():
         print(f"  {precision}: {share:.0%}")
 
 
