@@ -267,6 +267,22 @@ def test_a_bf16_kv_cache_under_fp32_weights(tiny):
 
 
 @pytest.mark.slow
+def test_the_attended_span_grows_without_recompiling(tiny):
+    """Each step attends over the filled cache columns only, a length that grows by one a step:
+    one graph serves a whole answer, and a second answer of another length (no new graph)."""
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny
+    engine = Engine(model, tok, eos_token_ids=[], compile=True)
+    req = _requests(model, 7)[0]
+    counters.clear()
+    engine.generate([req], SamplingParams(max_new_tokens=12, temperature=0))
+    assert counters["stats"]["unique_graphs"] == 1
+    engine.generate([req], SamplingParams(max_new_tokens=30, temperature=0))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
 def test_each_engine_compiles_within_a_budget_of_its_own(tiny):
     """torch.compile counts graphs per code object: engines must not share one budget for their
     step, or those past it decode eagerly, silently. With the limit at 2, two engines each

@@ -253,10 +253,8 @@ class Engine:
         return reason is None
 
     def _capacity(self, needed: int) -> int:
-        """Exact size, except that compiled decoding uses power-of-two static caches (few distinct shapes).
-
-        Every step attends over the whole static cache, so eager decoding keeps it tight.
-        """
+        """Exact size, except that compiled decoding uses power-of-two static caches: each new
+        cache shape costs a compilation (its steps attend over the filled columns only)."""
         if not self.compiled:
             return needed
         return min(max(128, 1 << (needed - 1).bit_length()), max(needed, self.context_length))
