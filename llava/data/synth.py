@@ -56,6 +56,7 @@ DEFAULT_EVAL_N = 1400  # 200 per category
 # varied one (`llava.data.synth_varied`: many looks, canvases and wordings, sentence answers too).
 WORLDS: dict[str, Callable[..., Scene]] = {"classic": sample_scene, "varied": sample_varied_scene}
 VARIED_SENTENCE_SHARE = 0.2  # varied chats: questions asked without the short-answer instruction
+VARIED_COUNT_ONE_KEEP = 0.2  # varied chats: the share of count questions answered "1" that are asked
 
 __all__ = ["generate", "load_scenes", "eval_items", "train_scene", "answer_vocab", "image_bytes", "image_name",
            "chat", "DEFAULT_IMAGE_SIZE", "DEFAULT_EVAL_N", "WORLDS"]
@@ -83,7 +84,8 @@ def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, max
 def chat(rng: random.Random, scene: Scene, world: str = "classic") -> list[tuple[str, str]]:
     """A training conversation about the scene, worded as its world words them."""
     if world == "varied":
-        return conversation(rng, scene, pool=VARIED_TRAINING_TEMPLATES, sentence_p=VARIED_SENTENCE_SHARE)
+        return conversation(rng, scene, pool=VARIED_TRAINING_TEMPLATES, sentence_p=VARIED_SENTENCE_SHARE,
+                            count_one_keep=VARIED_COUNT_ONE_KEEP)
     return conversation(rng, scene)
 
 

@@ -257,13 +257,16 @@ WEIGHTS: dict[str, float] = {"color": 2.0, "shape": 1.0, "count": 2.5, "exist": 
 
 
 def conversation(rng: random.Random, scene: Scene, min_qa: int = 3, max_qa: int = 6,
-                 detail_p: float = 0.2, pool: Pool | None = None, sentence_p: float = 0.0) -> list[tuple[str, str]]:
+                 detail_p: float = 0.2, pool: Pool | None = None, sentence_p: float = 0.0,
+                 count_one_keep: float = 1.0) -> list[tuple[str, str]]:
     """(human, gpt) turns about one image: sometimes a detailed description, then short-answer questions.
 
     Each fact is asked once; existence questions alternate towards the rarer answer so that
     "Yes" and "No" stay balanced even though absent things outnumber present ones. `pool`: the
     wordings (None: the classic world's); `sentence_p`: the share of questions asked without the
-    short-answer instruction and answered in a sentence ("The circle is red.").
+    short-answer instruction and answered in a sentence ("The circle is red."); `count_one_keep`:
+    the share of count questions answered "1" that are kept (scenes of one shape, and the odd
+    shapes beside a group, make "1" the answer to half of them otherwise).
     """
     turns: list[tuple[str, str]] = []
     if rng.random() < detail_p:
@@ -281,6 +284,9 @@ def conversation(rng: random.Random, scene: Scene, min_qa: int = 3, max_qa: int 
             target = min(yes_no, key=lambda a: (yes_no[a], rng.random()))
         qa = make_qa(rng, scene, category, target, pool=pool)
         if qa is None or qa.key in asked:
+            continue
+        if category == "count" and qa.answer == "1" and count_one_keep < 1.0 and rng.random() >= count_one_keep:
+            asked.add(qa.key)
             continue
         asked.add(qa.key)
         if category == "exist":

@@ -5,10 +5,10 @@ dark outline, come in two sizes and seven exact colours, on a square 96-pixel ca
 bundled model trained on it called plain upright triangles drawn by someone else "circle". Here
 every scene draws its own canvas (64-384 px, up to 2:1 either way, as a user's picture goes
 through the image processor's pad and resize), object scale (one shape filling most of the
-image, or several small ones), shade of each named colour, fill or outline, edge, proportions and
-a slight turn of each shape, background tint, gradient, blur, noise, hard or smooth edges, and
-PNG or JPEG. Every choice keeps the answers true: no flips (left/right), no colour shifts past a
-name, no turn that makes a square a diamond.
+image, several small ones or several as large as fit), shade of each named colour, fill or
+outline, edge, proportions and a slight turn of each shape, background tint, gradient, blur,
+noise, hard or smooth edges, and PNG or JPEG. Every choice keeps the answers true: no flips
+(left/right), no colour shifts past a name, no turn that makes a square a diamond.
 
 A varied scene is still a `Scene` (its extra fields are plain data), so every question maker of
 `llava.data.synth_text` works on it unchanged.
@@ -36,6 +36,9 @@ BACKGROUND_TINTS: dict[str, tuple[int, int, int]] = {
     "light pink": (252, 230, 238),
 }
 SINGLE_OBJECT_SHARE = 0.25  # scenes of one shape: the picture a user draws first
+LARGE_SEVERAL_SHARE = 0.4  # scenes of several shapes drawn as large as they fit
+# The largest radius of n such shapes, as a fraction of the canvas's shorter side (room for all n).
+LARGEST_OF_SEVERAL: dict[int, float] = {2: 0.27, 3: 0.23, 4: 0.2, 5: 0.18}
 
 
 def _shade(rng: random.Random, color: str) -> tuple[int, int, int]:
@@ -74,10 +77,14 @@ def _layout(rng: random.Random, n: int, word: bool):
         word_box = (0, 0, width, h) if place == "top" else (0, height - h, width, height)
         top, bottom = (h, height) if place == "top" else (0, height - h)
     room, long = min(width, bottom - top), max(width, height)
-    # sizes relative to the long side: the model sees the canvas padded to a square of that side
+    # Several shapes are either small ones (relative to the long side: the model sees the canvas
+    # padded to a square of that side) or as large as they fit on the short side, as people draw them.
+    large = n > 1 and rng.random() < LARGE_SEVERAL_SHARE
     for scale in (1.0, 0.85, 0.7, 0.6):
         if n == 1:
             radii = [max(6, round(room * rng.uniform(0.12, 0.46) * scale))]
+        elif large:
+            radii = [max(5, round(room * rng.uniform(0.12, LARGEST_OF_SEVERAL[n]) * scale)) for _ in range(n)]
         else:
             radii = [max(5, round(long * rng.uniform(0.065, 0.18) * scale)) for _ in range(n)]
         centers = place_centers(rng, radii, width, top, bottom)
@@ -127,4 +134,5 @@ def sample_varied_scene(rng: random.Random, image_size: int = 0, *, count: int |
                  seed=rng.getrandbits(32))
 
 
-__all__ = ["sample_varied_scene", "SHADES", "BACKGROUND_TINTS", "SINGLE_OBJECT_SHARE"]
+__all__ = ["sample_varied_scene", "SHADES", "BACKGROUND_TINTS", "SINGLE_OBJECT_SHARE", "LARGE_SEVERAL_SHARE",
+           "LARGEST_OF_SEVERAL"]
