@@ -500,6 +500,38 @@ def test_restarted_recipe_keeps_finished_training_stages_of_the_same_config(smal
 
 
 @pytest.mark.slow
+def test_a_tail_in_a_second_world_trains_on_both_worlds_chats(small_run, tmp_path):
+    """`s2_tail_world`: the tail trains on that world's own scenes (in a folder of train_data, one
+    image folder for both) beside the first phase's first image chats, padded as varied pictures
+    are; the card says so; only the tail retrains when added to a finished run."""
+    from llava.recipe import SIZES, run_recipe
+    from llava.train.data import load_records, validate_record
+
+    out, _ = small_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy)
+    spec = dataclasses.replace(SIZES["small"], s2_tail_world="varied", s2_tail_scenes=12, s2_tail_main_chats=10)
+    summary = run_recipe(str(copy), seed=0, size=spec, threads=1, reuse=True, echo=lambda _: None)
+    assert {"stage1", "stage2_phase1"} <= set(summary["reused_stages"]) and "stage2" not in summary["reused_stages"]
+    train_data = copy / "train_data"
+    rows = load_records(train_data / "tail_instruct.json")
+    varied = [r for r in rows if r.get("image", "").startswith("tail_varied/")]
+    classic = [r for r in rows if "image" in r and r not in varied]
+    assert len(varied) == 12 and len(classic) == 10
+    assert len(rows) - 22 == round(12 * spec.text_chats)  # the varied world's own text chats
+    assert all(validate_record(r, image_folder=str(train_data)) == [] for r in rows)
+    main = [r for r in load_records(train_data / "instruct.json") if "image" in r]
+    assert classic == main[:10]
+    state = json.loads((copy / "stage2" / "trainer_state.json").read_text())
+    assert state["config"]["data"] == str(train_data / "tail_instruct.json")
+    assert state["config"]["image_aspect_ratio"] == "pad"
+    assert summary["tail_data_sha"]["instruct.json"]
+    card = (copy / "stage2" / "README.md").read_text()
+    assert "on the chats of 12 scenes of the varied world beside the first 10 image chats" in card
+    assert "tail_instruct.json" in card  # the tail's train command
+
+
+@pytest.mark.slow
 def test_killed_recipe_resumes_its_stage_from_the_last_checkpoint(small_run, tmp_path):
     """A real `llava recipe` process killed in stage 2 restarts (--reuse) from that stage's last
     checkpoint and ends with the weights of the uninterrupted run; no checkpoint stays behind."""

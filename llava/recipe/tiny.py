@@ -82,19 +82,19 @@ class _RecipeRun:
     def text_chats(self, n: int) -> int:
         return round(n * self.spec.text_chats)
 
-    def same_data(self, meta: dict[str, Any], n: int, text_only: int) -> bool:
+    def same_data(self, meta: dict[str, Any], n: int, text_only: int, world: str | None = None) -> bool:
         """An earlier data folder is this run's (older ones, without text_mc in meta.json, had none)."""
         spec = self.spec
         return (meta.get("seed"), meta.get("n"), meta.get("eval_n"), meta.get("text_only"), meta.get("text_mc", 0.0),
                 meta.get("vocab", {}).get("max_objects"), meta.get("world", "classic")) == (
-                    self.seed, n, 0, text_only, spec.text_mc, spec.max_objects, spec.world)
+                    self.seed, n, 0, text_only, spec.text_mc, spec.max_objects, world or spec.world)
 
     # data --------------------------------------------------------------------------------------
-    def _generate(self, folder: str, n: int, text_only: int) -> dict[str, Any]:
+    def _generate(self, folder: str, n: int, text_only: int, world: str | None = None) -> dict[str, Any]:
         from llava.data.synth import generate
 
         return generate(folder, seed=self.seed, n=n, eval_n=0, text_only=text_only, text_mc=self.spec.text_mc,
-                        max_objects=self.spec.max_objects, workers=self.workers, world=self.spec.world)
+                        max_objects=self.spec.max_objects, workers=self.workers, world=world or self.spec.world)
 
     def data(self) -> dict[str, Any]:
         """The recipe's own scenes (the tokenizer's and the LM's): meta.json of the data folder."""
@@ -126,6 +126,29 @@ class _RecipeRun:
         else:
             self._generate(folder, n, text_only)
         return folder
+
+    def tail_data(self, train_data: str) -> str:
+        """The tail's chats when it trains in a second world (`s2_tail_world`): that world's own scenes,
+        in a folder inside `train_data` (one image folder serves both worlds), and the main world's first
+        `s2_tail_main_chats` image chats. Returns the chats file (`train_data/tail_instruct.json`)."""
+        spec = self.spec
+        world = spec.s2_tail_world
+        folder = os.path.join(train_data, f"tail_{world}")
+        text_only = self.text_chats(spec.s2_tail_scenes)
+        meta_file = os.path.join(folder, "meta.json")
+        if self.reuse and os.path.isfile(meta_file) and self.same_data(read_json(meta_file), spec.s2_tail_scenes,
+                                                                       text_only, world):
+            self.reused.add("tail_data")
+        else:
+            self._generate(folder, spec.s2_tail_scenes, text_only, world)
+        prefix = os.path.basename(folder)
+        rows = [{**r, "image": f"{prefix}/{r['image']}"} if "image" in r else r
+                for r in read_json(os.path.join(folder, "instruct.json"))]
+        main = [r for r in read_json(os.path.join(train_data, "instruct.json")) if "image" in r]
+        path = os.path.join(train_data, "tail_instruct.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rows + main[:spec.s2_tail_main_chats], f)
+        return path
 
     # stage 0 -----------------------------------------------------------------------------------
     def tokenizer(self):
@@ -181,8 +204,9 @@ class _RecipeRun:
                                               check_dir=self.eval_dir), started)
 
     # stages 1-2 --------------------------------------------------------------------------------
-    def training_runs(self, train_data: str) -> list[tuple[str, dict[str, Any]]]:
-        """(name, `train_config` arguments) of stage 1, stage 2 and, with a tail, stage 2's second phase."""
+    def training_runs(self, train_data: str, tail_data: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(name, `train_config` arguments) of stage 1, stage 2 and, with a tail, stage 2's second phase
+        (on `tail_data`'s chats where given: `tail_data`)."""
         spec, out = self.spec, self.out
         s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
         bf16 = use_bf16(spec.bf16, self.device)
@@ -206,6 +230,9 @@ class _RecipeRun:
                                     "lr": spec.s2_tail_lr, "max_steps": spec.s2_tail_max_steps,
                                     "unfreeze_vision_tower": spec.s2_unfreeze_tower or spec.s2_tail_unfreeze_tower,
                                     "vision_tower_lr": spec.s2_tail_tower_lr}))
+            if tail_data:  # the varied world's canvases are not square: padded, as in its own stage 1
+                runs[-1][1].update(data=tail_data, image_aspect_ratio="pad" if spec.s2_tail_world == "varied"
+                                   else s1_args["image_aspect_ratio"])
         return runs
 
     def train(self, runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -266,7 +293,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     train_data = timer.run("train_data", lambda: run.superset(
         os.path.join(out, "train_data"), spec.train_scenes, text_only=run.text_chats(spec.train_scenes),
         name="train_data"))
-    runs = run.training_runs(train_data)
+    tail_data = timer.run("tail_data", lambda: run.tail_data(train_data)) if spec.s2_tail_world else None
+    runs = run.training_runs(train_data, tail_data)
     stages.update(run.train(runs))
     s2 = runs[-1][1]["out"]
     oos_dir = None
@@ -285,6 +313,9 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
                    commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
     summary["total_seconds"] = round(sum(times.values()), 1) if carried else summary["this_run_seconds"]
+    if tail_data:
+        summary["tail_data_sha"] = read_json(os.path.join(train_data, f"tail_{spec.s2_tail_world}",
+                                                          "meta.json")).get("files", {})
     if oos_dir:
         summary["out_of_style_set"] = {"seed": OUT_OF_STYLE_SEED, "per_cell": spec.out_of_style_per_cell,
                                        "eval_sha256": oos_meta["sha256"]}
@@ -293,7 +324,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     write_card(s2, summary)
     write_eval_results(s2, summary)
     if not keep_data:
-        for folder in (run.data_dir, train_data):
+        tail_folders = [os.path.join(train_data, f"tail_{spec.s2_tail_world}")] if tail_data else []
+        for folder in (run.data_dir, train_data, *tail_folders):
             shutil.rmtree(os.path.join(folder, "images"), ignore_errors=True)
     echo(f"[recipe] model: {s2}")
     echo("[recipe] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
