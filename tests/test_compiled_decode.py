@@ -267,19 +267,21 @@ def test_a_bf16_kv_cache_under_fp32_weights(tiny):
 
 
 @pytest.mark.slow
-def test_the_attended_span_grows_without_recompiling(tiny):
-    """Each step attends over the filled cache columns only, a length that grows by one a step:
-    one graph serves a whole answer, and a second answer of another length (no new graph)."""
+def test_one_graph_serves_every_answer_length(tiny):
+    """Each step attends over the filled cache columns only, a length that grows by one a step,
+    in a cache whose capacity depends on the answer's room (multiples of 128 columns): one graph
+    serves a whole answer, and answers of other lengths and capacities (no new graph)."""
     from torch._dynamo.utils import counters
 
     model, tok = tiny
     engine = Engine(model, tok, eos_token_ids=[], compile=True)
     req = _requests(model, 7)[0]
     counters.clear()
-    engine.generate([req], SamplingParams(max_new_tokens=12, temperature=0))
-    assert counters["stats"]["unique_graphs"] == 1
-    engine.generate([req], SamplingParams(max_new_tokens=30, temperature=0))
-    assert counters["stats"]["unique_graphs"] == 1
+    for new in (12, 30, 150):  # the last needs a 256-column cache
+        state = engine.prefill([req], new)
+        assert state.cache.keys[0].shape[2] == (256 if new == 150 else 128)
+        engine.generate([req], SamplingParams(max_new_tokens=new, temperature=0))
+        assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.slow

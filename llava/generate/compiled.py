@@ -22,14 +22,13 @@ per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800 with packed weights)
 first step compiles once for its size; when rows leave, the next size compiles once more with
 the batch dimension symbolic, and that graph serves every size from then on.
 
-The graph is compiled once for a whole answer: the cache has a fixed capacity, the step writes
-its keys and values at a column given as a tensor (`index_copy_` into the whole cache), and
-attends over the filled columns only, a slice whose length is symbolic from the first
-compilation (`maybe_mark_dynamic`), with an additive mask from the rows' padding. Attending over
-the whole capacity instead cost a fixed share of every step (batch 8, int4, a 256-column cache
-about 100 full: 142 us a layer for attention, 121 sliced). A second capacity triggers one more
-compilation with it symbolic (torch's default policy); compiling bench-200m takes 20-60 s on 2
-cores, once per process (Inductor caches kernels on disk).
+The graph is compiled once for every answer: the step writes its keys and values at a column
+given as a tensor (`index_copy_` into the whole cache), and attends over the filled columns
+only, a slice whose length, like the cache's capacity, is symbolic from the first compilation
+(`maybe_mark_dynamic`), with an additive mask from the rows' padding. Attending over the whole
+capacity instead cost a fixed share of every step (batch 8, int4, a 256-column cache about 100
+full: 142 us a layer for attention, 121 sliced). Compiling bench-200m takes 20-60 s on 2 cores,
+once per process (Inductor caches kernels on disk).
 """
 
 from __future__ import annotations
@@ -129,6 +128,8 @@ class CompiledDecoder:
         where = torch.tensor([column], device=token_ids.device)
         filled = key_mask[:, :column + 1]  # the columns attended: a symbolic length in the graph
         torch._dynamo.maybe_mark_dynamic(filled, 1)
+        for tensor in (*cache.keys, *cache.values):  # and any capacity: one graph for every answer's cache
+            torch._dynamo.maybe_mark_dynamic(tensor, 2)
         return self._compiled(token_ids, position_ids, filled, where, cache.keys, cache.values)
 
     def _step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, filled: torch.Tensor,

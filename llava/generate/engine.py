@@ -40,6 +40,7 @@ FORWARDS = ("auto", "lean", "transformers")
 # forward took 1.7x as long as in row chunks (benchmarks/README.md): the [rows, tokens, 3072] MLP
 # activations outgrow the caches. GPUs want the whole batch at once, so they have no budget.
 PREFILL_TOKEN_BUDGET = {"cpu": 1024}
+CAPACITY_STEP = 128  # compiled decoding's caches come in multiples of this many columns (`Engine._capacity`)
 
 
 @dataclass
@@ -253,11 +254,17 @@ class Engine:
         return reason is None
 
     def _capacity(self, needed: int) -> int:
-        """Exact size, except that compiled decoding uses power-of-two static caches: each new
-        cache shape costs a compilation (its steps attend over the filled columns only)."""
+        """Exact size, except for compiled decoding. The compiled lean step takes any capacity in
+        one graph (`CompiledDecoder.step`): multiples of 128, so a long answer does not reserve up
+        to twice its room. transformers' compiled step over its static cache compiles once per
+        shape: powers of two, few shapes."""
         if not self.compiled:
             return needed
-        return min(max(128, 1 << (needed - 1).bit_length()), max(needed, self.context_length))
+        if self.compiled_lean is not None:
+            rounded = max(CAPACITY_STEP, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
+        else:
+            rounded = max(CAPACITY_STEP, 1 << (needed - 1).bit_length())
+        return min(rounded, max(needed, self.context_length))
 
     def _new_cache(self, capacity: int) -> Cache:
         if self.cache_kind == "static":
