@@ -285,10 +285,10 @@ def conversation(rng: random.Random, scene: Scene, min_qa: int = 3, max_qa: int 
         qa = make_qa(rng, scene, category, target, pool=pool)
         if qa is None or qa.key in asked:
             continue
-        if category == "count" and qa.answer == "1" and count_one_keep < 1.0 and rng.random() >= count_one_keep:
-            asked.add(qa.key)
-            continue
         asked.add(qa.key)
+        # (a keep of 1 draws nothing: the classic world's chats keep their bytes)
+        if category == "count" and qa.answer == "1" and count_one_keep < 1.0 and rng.random() >= count_one_keep:
+            continue
         if category == "exist":
             yes_no[qa.answer] += 1
         if sentence_p and qa.sentence and rng.random() < sentence_p:

@@ -206,7 +206,7 @@ class _RecipeRun:
     # stages 1-2 --------------------------------------------------------------------------------
     def training_runs(self, train_data: str, tail_data: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         """(name, `train_config` arguments) of stage 1, stage 2 and, with a tail, stage 2's second phase
-        (on `tail_data`'s chats where given: `tail_data`)."""
+        (on the chats file `tail_data` where given)."""
         spec, out = self.spec, self.out
         s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
         bf16 = use_bf16(spec.bf16, self.device)
