@@ -500,35 +500,41 @@ def test_restarted_recipe_keeps_finished_training_stages_of_the_same_config(smal
 
 
 @pytest.mark.slow
-def test_a_tail_in_a_second_world_trains_on_both_worlds_chats(small_run, tmp_path):
-    """`s2_tail_world`: the tail trains on that world's own scenes (in a folder of train_data, one
-    image folder for both) beside the first phase's first image chats, padded as varied pictures
-    are; the card says so; only the tail retrains when added to a finished run."""
+def test_a_last_phase_in_a_second_world_trains_on_both_worlds_chats(small_run, tmp_path):
+    """`s2_mix_*`: a third phase of stage 2 after the tail, on the varied world's own scenes (in a
+    folder of train_data, one image folder for both) beside the first image chats of the main
+    world, padded as varied pictures are, the tower learning too; the card says so; added to a
+    finished run, only the tail (now phase 2) and the new phase train."""
     from llava.recipe import SIZES, run_recipe
     from llava.train.data import load_records, validate_record
 
-    out, _ = small_run
+    out, first = small_run
     copy = tmp_path / "tiny"
     shutil.copytree(out, copy)
-    spec = dataclasses.replace(SIZES["small"], s2_tail_world="varied", s2_tail_scenes=12, s2_tail_main_chats=10)
+    spec = dataclasses.replace(SIZES["small"], s2_mix_scenes=12, s2_mix_main_chats=10, s2_mix_epochs=1,
+                               s2_mix_max_steps=5, s2_mix_tower_lr=1e-4)
     summary = run_recipe(str(copy), seed=0, size=spec, threads=1, reuse=True, echo=lambda _: None)
-    assert {"stage1", "stage2_phase1"} <= set(summary["reused_stages"]) and "stage2" not in summary["reused_stages"]
+    assert {"stage1", "stage2_phase1"} <= set(summary["reused_stages"])
+    assert not {"stage2_phase2", "stage2"} & set(summary["reused_stages"])
+    assert list(summary["stages"])[-3:] == ["stage2_phase1", "stage2_phase2", "stage2"]
     train_data = copy / "train_data"
-    rows = load_records(train_data / "tail_instruct.json")
-    varied = [r for r in rows if r.get("image", "").startswith("tail_varied/")]
+    rows = load_records(train_data / "mix_instruct.json")
+    varied = [r for r in rows if r.get("image", "").startswith("mix_varied/")]
     classic = [r for r in rows if "image" in r and r not in varied]
     assert len(varied) == 12 and len(classic) == 10
     assert len(rows) - 22 == round(12 * spec.text_chats)  # the varied world's own text chats
     assert all(validate_record(r, image_folder=str(train_data)) == [] for r in rows)
     main = [r for r in load_records(train_data / "instruct.json") if "image" in r]
     assert classic == main[:10]
-    state = json.loads((copy / "stage2" / "trainer_state.json").read_text())
-    assert state["config"]["data"] == str(train_data / "tail_instruct.json")
-    assert state["config"]["image_aspect_ratio"] == "pad"
-    assert summary["tail_data_sha"]["instruct.json"]
+    tail = json.loads((copy / "stage2_phase2" / "trainer_state.json").read_text())["config"]
+    last = json.loads((copy / "stage2" / "trainer_state.json").read_text())["config"]
+    assert tail["data"] == str(train_data / "instruct.json") and tail["learning_rate"] == spec.s2_tail_lr
+    assert last["data"] == str(train_data / "mix_instruct.json") and last["image_aspect_ratio"] == "pad"
+    assert last["model"] == str(copy / "stage2_phase2") and last["unfreeze_vision_tower"]
+    assert summary["mix_data_sha"]["instruct.json"]
     card = (copy / "stage2" / "README.md").read_text()
-    assert "on the chats of 12 scenes of the varied world beside the first 10 image chats" in card
-    assert "tail_instruct.json" in card  # the tail's train command
+    assert "on the chats of 12 scenes of the varied world beside the first 10 image chats above" in card
+    assert "mix_instruct.json" in card  # the last phase's train command
 
 
 @pytest.mark.slow

@@ -108,14 +108,15 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
             "square by the image processor, as LLaVA-1.5 does), one shape filling the picture or up to five small "
             "ones, shades of each colour, filled or outlined, with or without an edge, tinted backgrounds, blur, "
             "noise and JPEG; questions in many wordings, some answered in sentences."
-            if "varied" in (spec.get("world"), spec.get("s2_tail_world")) else "")
+            if spec.get("world") == "varied" or spec.get("s2_mix_epochs") else "")
     tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"
             if spec.get("s2_tail_epochs") else "")
-    if spec.get("s2_tail_epochs") and spec.get("s2_tail_world"):
-        tower = (f", the tower learning too at lr {spec.get('s2_tail_tower_lr') or spec['s2_tail_lr']}"
-                 if spec.get("s2_tail_unfreeze_tower") else "")
-        tail += (f" on the chats of {spec['s2_tail_scenes']} scenes of the {spec['s2_tail_world']} world "
-                 f"beside the first {spec['s2_tail_main_chats']} image chats of the first phase{tower}")
+    if spec.get("s2_mix_epochs"):
+        tower = (f", the tower learning too at lr {spec['s2_mix_tower_lr']}"
+                 if spec.get("s2_mix_tower_lr") is not None else "")
+        tail += (f", then {spec['s2_mix_epochs']} more at lr {spec['s2_mix_lr']} on the chats of "
+                 f"{spec['s2_mix_scenes']} scenes of the {spec['s2_mix_world']} world beside the first "
+                 f"{spec['s2_mix_main_chats']} image chats above{tower}")
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),

@@ -25,9 +25,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                           description=__doc__)
     tiny.add_argument("--out", default="runs/tiny", help="output folder (the model ends up in OUT/stage2)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--size", choices=["full", "full-varied-tail", "varied", "reduced", "small"], default="full",
-                      help="full: the shipped model (~2 h on 2 cores); full-varied-tail: the full recipe whose "
-                           "stage-2 tail also trains on the varied world, for pictures drawn other ways; varied: "
+    tiny.add_argument("--size", choices=["full", "full-varied", "varied", "reduced", "small"], default="full",
+                      help="full: the shipped model (~2 h on 2 cores); full-varied: the full recipe with a last "
+                           "phase of stage 2 in the varied world too, for pictures drawn other ways; varied: "
                            "the full size in the varied world (~1 h 45 min; both work in progress, see "
                            "llava/recipe/sizes.py); reduced: ~8 min, a simpler world (at most 2 objects a scene) "
                            "where colour and the printed word are learnt; small: a one-minute smoke run")

@@ -127,27 +127,27 @@ class _RecipeRun:
             self._generate(folder, n, text_only)
         return folder
 
-    def tail_data(self, train_data: str) -> str:
-        """The tail's chats when it trains in a second world (`s2_tail_world`): that world's own scenes,
-        in a folder inside `train_data` (one image folder serves both worlds), and the main world's first
-        `s2_tail_main_chats` image chats. Returns the chats file (`train_data/tail_instruct.json`)."""
+    def mix_data(self, train_data: str) -> str:
+        """The chats of stage 2's mixed-world phase (`s2_mix_world`): that world's own scenes, in a
+        folder inside `train_data` (one image folder serves both worlds), and the main world's first
+        `s2_mix_main_chats` image chats. Returns the chats file (`train_data/mix_instruct.json`)."""
         spec = self.spec
-        world = spec.s2_tail_world
-        folder = os.path.join(train_data, f"tail_{world}")
-        text_only = self.text_chats(spec.s2_tail_scenes)
+        world = spec.s2_mix_world
+        folder = os.path.join(train_data, f"mix_{world}")
+        text_only = self.text_chats(spec.s2_mix_scenes)
         meta_file = os.path.join(folder, "meta.json")
-        if self.reuse and os.path.isfile(meta_file) and self.same_data(read_json(meta_file), spec.s2_tail_scenes,
+        if self.reuse and os.path.isfile(meta_file) and self.same_data(read_json(meta_file), spec.s2_mix_scenes,
                                                                        text_only, world):
-            self.reused.add("tail_data")
+            self.reused.add("mix_data")
         else:
-            self._generate(folder, spec.s2_tail_scenes, text_only, world)
+            self._generate(folder, spec.s2_mix_scenes, text_only, world)
         prefix = os.path.basename(folder)
         rows = [{**r, "image": f"{prefix}/{r['image']}"} if "image" in r else r
                 for r in read_json(os.path.join(folder, "instruct.json"))]
         main = [r for r in read_json(os.path.join(train_data, "instruct.json")) if "image" in r]
-        path = os.path.join(train_data, "tail_instruct.json")
+        path = os.path.join(train_data, "mix_instruct.json")
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(rows + main[:spec.s2_tail_main_chats], f)
+            json.dump(rows + main[:spec.s2_mix_main_chats], f)
         return path
 
     # stage 0 -----------------------------------------------------------------------------------
@@ -204,11 +204,13 @@ class _RecipeRun:
                                               check_dir=self.eval_dir), started)
 
     # stages 1-2 --------------------------------------------------------------------------------
-    def training_runs(self, train_data: str, tail_data: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """(name, `train_config` arguments) of stage 1, stage 2 and, with a tail, stage 2's second phase
-        (on the chats file `tail_data` where given)."""
+    def training_runs(self, train_data: str, mix_data: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(name, `train_config` arguments) of stage 1 and stage 2's phases: the first, the tail where
+        `s2_tail_epochs`, and the mixed-world phase on the chats file `mix_data` where given. Each
+        phase goes on from the one before; the last trains into OUT/stage2, the others into
+        OUT/stage2_phase1, _phase2."""
         spec, out = self.spec, self.out
-        s1, s2 = os.path.join(out, "stage1"), os.path.join(out, "stage2")
+        s1 = os.path.join(out, "stage1")
         bf16 = use_bf16(spec.bf16, self.device)
         s1_args = dict(stage="pretrain", out=s1, data=os.path.join(train_data, "pretrain.json"),
                        image_folder=train_data, epochs=spec.s1_epochs, batch=spec.s1_batch, lr=spec.s1_lr,
@@ -216,23 +218,28 @@ class _RecipeRun:
                        vision_tower=self.tower, save_steps=spec.save_steps, bf16=bf16,
                        # the varied world's canvases are not square: keep all of them, as LLaVA-1.5 does
                        image_aspect_ratio="pad" if spec.world == "varied" else None)
-        # with a tail, stage 2's first phase trains into its own folder and the tail ends in OUT/stage2
-        s2_first = os.path.join(out, "stage2_phase1") if spec.s2_tail_epochs else s2
         # template: else the stage-1 checkpoint's own template (plain) would be kept
-        s2_args = dict(stage="finetune", out=s2_first, data=os.path.join(train_data, "instruct.json"),
-                       image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr,
-                       seed=self.seed, max_steps=spec.s2_max_steps, model=s1, template="vicuna_v1",
-                       save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device,
-                       length_window=spec.s2_length_window, bf16=bf16)
-        runs = [("stage1", s1_args), ("stage2_phase1" if spec.s2_tail_epochs else "stage2", s2_args)]
+        first = dict(stage="finetune", data=os.path.join(train_data, "instruct.json"),
+                     image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr,
+                     seed=self.seed, max_steps=spec.s2_max_steps, template="vicuna_v1",
+                     save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device,
+                     length_window=spec.s2_length_window, bf16=bf16)
+        phases = [first]
         if spec.s2_tail_epochs:
-            runs.append(("stage2", {**s2_args, "out": s2, "model": s2_first, "epochs": spec.s2_tail_epochs,
-                                    "lr": spec.s2_tail_lr, "max_steps": spec.s2_tail_max_steps,
-                                    "unfreeze_vision_tower": spec.s2_unfreeze_tower or spec.s2_tail_unfreeze_tower,
-                                    "vision_tower_lr": spec.s2_tail_tower_lr}))
-            if tail_data:  # the varied world's canvases are not square: padded, as in its own stage 1
-                runs[-1][1].update(data=tail_data, image_aspect_ratio="pad" if spec.s2_tail_world == "varied"
-                                   else s1_args["image_aspect_ratio"])
+            phases.append({**first, "epochs": spec.s2_tail_epochs, "lr": spec.s2_tail_lr,
+                           "max_steps": spec.s2_tail_max_steps,
+                           "unfreeze_vision_tower": spec.s2_unfreeze_tower or spec.s2_tail_unfreeze_tower,
+                           "vision_tower_lr": spec.s2_tail_tower_lr})
+        if mix_data:  # the varied world's canvases are not square: padded, as in its own stage 1
+            phases.append({**first, "data": mix_data, "epochs": spec.s2_mix_epochs, "lr": spec.s2_mix_lr,
+                           "max_steps": spec.s2_mix_max_steps, "vision_tower_lr": spec.s2_mix_tower_lr,
+                           "unfreeze_vision_tower": spec.s2_mix_tower_lr is not None,
+                           "image_aspect_ratio": "pad" if spec.s2_mix_world == "varied" else None})
+        runs, model = [("stage1", s1_args)], s1
+        for i, args in enumerate(phases, start=1):
+            name = "stage2" if i == len(phases) else f"stage2_phase{i}"
+            runs.append((name, {**args, "out": os.path.join(out, name), "model": model}))
+            model = runs[-1][1]["out"]
         return runs
 
     def train(self, runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -293,8 +300,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     train_data = timer.run("train_data", lambda: run.superset(
         os.path.join(out, "train_data"), spec.train_scenes, text_only=run.text_chats(spec.train_scenes),
         name="train_data"))
-    tail_data = timer.run("tail_data", lambda: run.tail_data(train_data)) if spec.s2_tail_world else None
-    runs = run.training_runs(train_data, tail_data)
+    mix_data = timer.run("mix_data", lambda: run.mix_data(train_data)) if spec.s2_mix_epochs else None
+    runs = run.training_runs(train_data, mix_data)
     stages.update(run.train(runs))
     s2 = runs[-1][1]["out"]
     oos_dir = None
@@ -313,9 +320,9 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
                    commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
     summary["total_seconds"] = round(sum(times.values()), 1) if carried else summary["this_run_seconds"]
-    if tail_data:
-        summary["tail_data_sha"] = read_json(os.path.join(train_data, f"tail_{spec.s2_tail_world}",
-                                                          "meta.json")).get("files", {})
+    if mix_data:
+        summary["mix_data_sha"] = read_json(os.path.join(train_data, f"mix_{spec.s2_mix_world}",
+                                                         "meta.json")).get("files", {})
     if oos_dir:
         summary["out_of_style_set"] = {"seed": OUT_OF_STYLE_SEED, "per_cell": spec.out_of_style_per_cell,
                                        "eval_sha256": oos_meta["sha256"]}
@@ -324,8 +331,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     write_card(s2, summary)
     write_eval_results(s2, summary)
     if not keep_data:
-        tail_folders = [os.path.join(train_data, f"tail_{spec.s2_tail_world}")] if tail_data else []
-        for folder in (run.data_dir, train_data, *tail_folders):
+        mix_folders = [os.path.join(train_data, f"mix_{spec.s2_mix_world}")] if mix_data else []
+        for folder in (run.data_dir, train_data, *mix_folders):
             shutil.rmtree(os.path.join(folder, "images"), ignore_errors=True)
     echo(f"[recipe] model: {s2}")
     echo("[recipe] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
