@@ -508,7 +508,7 @@ def test_a_last_phase_in_a_second_world_trains_on_both_worlds_chats(small_run, t
     from llava.recipe import SIZES, run_recipe
     from llava.train.data import load_records, validate_record
 
-    out, first = small_run
+    out, _ = small_run
     copy = tmp_path / "tiny"
     shutil.copytree(out, copy)
     spec = dataclasses.replace(SIZES["small"], s2_mix_scenes=12, s2_mix_main_chats=10, s2_mix_epochs=1,

@@ -98,7 +98,7 @@ def test_varied_counts_are_not_mostly_one():
     for i in range(600):
         rng, scene = train_scene(SEED, i, world="varied")
         for question, answer in chat(rng, scene, world="varied"):
-            if question.endswith(SHORT_SUFFIX) and any(f"{p}" in question for p in PLURALS.values()) \
+            if question.endswith(SHORT_SUFFIX) and any(p in question for p in PLURALS.values()) \
                     and answer.isdigit():
                 answers[answer] += 1
     total = sum(answers.values())
