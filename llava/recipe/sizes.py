@@ -126,9 +126,10 @@ SIZES["varied"] = replace(
 # phase on the shipped model (session 28, 6000 classic chats, ~20 min): the out-of-style set's
 # held-out wordings colour 82.5, shape 77.5, count 45, yes/no F1 0.87, left/right 95 (77.5%
 # overall; the shipped model 37.5%), and the classic card's held-out set keeps every target
-# (count 82, lettered choice 94, yes/no F1 0.936). The same epochs in place of the classic tail
-# (straight after the first phase) never learn left/right: 50% in style, 56% out of style (it is
-# the classic tail that teaches it, and the varied chats keep it once learnt).
+# (count 82, lettered choice 94, yes/no F1 0.936). Session 28's runs of this preset (and one with the
+# mix in place of the classic tail) never learnt left/right, not even in their classic tail (46% in
+# style): they trained stage 2 under bf16 autocast with length-sorted batches, the shipped run in
+# fp32 without; which of the two costs left/right is not known yet. Not the default until it is.
 SIZES["full-varied"] = replace(
     SIZES["full"], s2_mix_scenes=11000, s2_mix_main_chats=9000, s2_mix_epochs=3, s2_mix_lr=3e-4,
     s2_mix_tower_lr=1e-4, s2_length_window=16)
