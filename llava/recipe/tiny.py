@@ -119,28 +119,31 @@ class _RecipeRun:
         extend the n; the tokenizer and the LM keep reading the n)."""
         if n <= self.spec.n:
             return self.data_dir
+        return self._kept_or_generated(folder, n, text_only, name)
+
+    def _kept_or_generated(self, folder: str, n: int, text_only: int, name: str | None,
+                           world: str | None = None) -> str:
+        """`folder` as an earlier run left it when asked to reuse and it is this run's data (recorded
+        as kept under `name`), else generated anew."""
         meta_file = os.path.join(folder, "meta.json")
-        if self.reuse and os.path.isfile(meta_file) and self.same_data(read_json(meta_file), n, text_only):
+        if self.reuse and os.path.isfile(meta_file) and self.same_data(read_json(meta_file), n, text_only, world):
             if name:
                 self.reused.add(name)
         else:
-            self._generate(folder, n, text_only)
+            self._generate(folder, n, text_only, world)
         return folder
+
+    def mix_folder(self, train_data: str) -> str:
+        """Where the mixed-world phase's own scenes go: inside `train_data`, one image folder for both."""
+        return os.path.join(train_data, f"mix_{self.spec.s2_mix_world}")
 
     def mix_data(self, train_data: str) -> str:
         """The chats of stage 2's mixed-world phase (`s2_mix_world`): that world's own scenes, in a
         folder inside `train_data` (one image folder serves both worlds), and the main world's first
         `s2_mix_main_chats` image chats. Returns the chats file (`train_data/mix_instruct.json`)."""
         spec = self.spec
-        world = spec.s2_mix_world
-        folder = os.path.join(train_data, f"mix_{world}")
-        text_only = self.text_chats(spec.s2_mix_scenes)
-        meta_file = os.path.join(folder, "meta.json")
-        if self.reuse and os.path.isfile(meta_file) and self.same_data(read_json(meta_file), spec.s2_mix_scenes,
-                                                                       text_only, world):
-            self.reused.add("mix_data")
-        else:
-            self._generate(folder, spec.s2_mix_scenes, text_only, world)
+        folder = self._kept_or_generated(self.mix_folder(train_data), spec.s2_mix_scenes,
+                                         self.text_chats(spec.s2_mix_scenes), "mix_data", spec.s2_mix_world)
         prefix = os.path.basename(folder)
         rows = [{**r, "image": f"{prefix}/{r['image']}"} if "image" in r else r
                 for r in read_json(os.path.join(folder, "instruct.json"))]
@@ -321,8 +324,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                    commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
     summary["total_seconds"] = round(sum(times.values()), 1) if carried else summary["this_run_seconds"]
     if mix_data:
-        summary["mix_data_sha"] = read_json(os.path.join(train_data, f"mix_{spec.s2_mix_world}",
-                                                         "meta.json")).get("files", {})
+        summary["mix_data_sha"] = read_json(os.path.join(run.mix_folder(train_data), "meta.json")).get("files", {})
     if oos_dir:
         summary["out_of_style_set"] = {"seed": OUT_OF_STYLE_SEED, "per_cell": spec.out_of_style_per_cell,
                                        "eval_sha256": oos_meta["sha256"]}
@@ -331,7 +333,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     write_card(s2, summary)
     write_eval_results(s2, summary)
     if not keep_data:
-        mix_folders = [os.path.join(train_data, f"mix_{spec.s2_mix_world}")] if mix_data else []
+        mix_folders = [run.mix_folder(train_data)] if mix_data else []
         for folder in (run.data_dir, train_data, *mix_folders):
             shutil.rmtree(os.path.join(folder, "images"), ignore_errors=True)
     echo(f"[recipe] model: {s2}")
