@@ -598,6 +598,22 @@ def test_reduced_recipe_learns_in_every_stage_and_answers_from_the_image(tmp_pat
     assert "llava recipe tiny --size reduced --seed 0" in card and "at most 2 objects a scene" in card
 
 
+def test_stage_1_trains_in_fp32_and_only_the_later_phases_sort_by_length(tmp_path):
+    """bf16 autocast and length-sorted batches are stage 2's: stage 1 under bf16 cost the full recipe
+    left/right for good, and its first phase is only measured unsorted."""
+    from llava.recipe import SIZES
+    from llava.recipe.tiny import _RecipeRun
+
+    spec = dataclasses.replace(SIZES["full-varied"], bf16=True)
+    run = _RecipeRun(str(tmp_path), 0, spec, 1, lambda _: None, False, "cpu")
+    runs = dict(run.training_runs(str(tmp_path / "train_data"), str(tmp_path / "train_data" / "mix.json")))
+    assert list(runs) == ["stage1", "stage2_phase1", "stage2_phase2", "stage2"]
+    assert runs["stage1"]["bf16"] is False
+    assert all(runs[name]["bf16"] is True for name in ("stage2_phase1", "stage2_phase2", "stage2"))
+    assert runs["stage2_phase1"].get("length_window", 1) == 1
+    assert runs["stage2_phase2"]["length_window"] == runs["stage2"]["length_window"] == spec.s2_length_window == 16
+
+
 def test_recipe_trains_in_bf16_only_where_it_is_native():
     """bf16 autocast by default only where oneDNN has bf16 instructions (elsewhere it is emulated, slower)."""
     from llava.model.onednn import native_bf16

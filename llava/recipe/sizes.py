@@ -48,7 +48,7 @@ class RecipeSize:
     s2_mix_lr: float = 3e-4
     s2_mix_max_steps: int | None = None
     s2_mix_tower_lr: float | None = None  # the tower learns in this phase too, at this lr (None: frozen)
-    s2_length_window: int = 1  # stage 2 sorts rows by length across this many batches (less padding)
+    s2_length_window: int = 1  # stage 2's tail and mixed phase sort rows by length across this many batches
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
     train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)
@@ -59,7 +59,7 @@ class RecipeSize:
     text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
     max_objects: int = MAX_OBJECTS  # objects a scene at most, in training and held-out data (fewer: a simpler world)
     world: str = "classic"  # the synthetic world (llava.data.synth.WORLDS): "varied" draws and words it many ways
-    bf16: bool | None = None  # stages 1-2 under bf16 autocast; None: where it is native (llava.recipe.stages.use_bf16)
+    bf16: bool | None = None  # stage 2 under bf16 autocast (stage 1 stays fp32); None: where native (stages.use_bf16)
     save_steps: int = 200  # stages 1-2 checkpoint this often; a killed run restarted with reuse goes on from there
     eval_batch: int = 32
     out_of_style_per_cell: int = 40  # questions per category and wording of the out-of-style set (0: not run)

@@ -71,7 +71,7 @@ def train_config(stage: str, out: str, data: str, image_folder: str, epochs: int
 
 
 def use_bf16(flag: bool | None, device: str) -> bool:
-    """Whether stages 1-2 train under bf16 autocast: as asked, else where bf16 is native (on a CPU
+    """Whether stage 2 trains under bf16 autocast: as asked, else where bf16 is native (on a CPU
     with AVX512_BF16 or AMX stage 2 trains ~1.4x faster). `llava train` itself defaults to bf16 on
     GPUs only, so the recipe decides and says so in each stage's command."""
     if flag is not None:
