@@ -133,9 +133,12 @@ SIZES["varied"] = replace(
 # and LM are the shipped ones, bf16 autocast in stage 2 moves no loss curve by more than ~0.01, and
 # unsorted batches in the first phase did not help; but from an fp32 stage 1 (final loss 0.976764,
 # the shipped run's 0.976765; under bf16 0.97880) the first phase ends at colour 96 / word 100 in
-# style (76 / 20 from the bf16 stage 1) and the tail follows the shipped tail's loss (0.176 a step
-# over its first 200 steps, the shipped 0.178; 0.23 after the bf16 stage 1). The recipe now keeps
-# stage 1 in fp32. Not the default until a full run of it is measured.
+# style (76 / 20 from the bf16 stage 1) and the tail starts on the shipped tail's loss (0.176 a step
+# over its first 200 steps, the shipped 0.178; 0.23 after the bf16 stage 1). From step ~800 this
+# preset's tail (length-sorted, the shipped one was not) falls more slowly (0.135 at steps 1200-1400,
+# the shipped 0.111), and left/right was still at chance at step 1200: whether the sorted batches
+# cost it there too is open. The recipe now keeps stage 1 in fp32. Not the default until a full run
+# of it is measured.
 SIZES["full-varied"] = replace(
     SIZES["full"], s2_mix_scenes=11000, s2_mix_main_chats=9000, s2_mix_epochs=3, s2_mix_lr=3e-4,
     s2_mix_tower_lr=1e-4, s2_length_window=16)
