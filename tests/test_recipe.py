@@ -610,7 +610,7 @@ def test_stage_1_trains_in_fp32_and_only_the_later_phases_sort_by_length(tmp_pat
     assert list(runs) == ["stage1", "stage2_phase1", "stage2_phase2", "stage2"]
     assert runs["stage1"]["bf16"] is False
     assert all(runs[name]["bf16"] is True for name in ("stage2_phase1", "stage2_phase2", "stage2"))
-    assert runs["stage2_phase1"].get("length_window", 1) == 1
+    assert runs["stage2_phase1"]["length_window"] == 1
     assert runs["stage2_phase2"]["length_window"] == runs["stage2"]["length_window"] == spec.s2_length_window == 16
 
 

@@ -232,7 +232,7 @@ class _RecipeRun:
                      image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr,
                      seed=self.seed, max_steps=spec.s2_max_steps, template="vicuna_v1",
                      save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device,
-                     bf16=bf16)
+                     length_window=1, bf16=bf16)
         later = {**first, "length_window": spec.s2_length_window}
         phases = [first]
         if spec.s2_tail_epochs:
