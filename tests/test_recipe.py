@@ -343,9 +343,11 @@ def test_cli_parses_recipe_flags():
     add_recipe_command(parser.add_subparsers())
     args = parser.parse_args(["recipe", "tiny", "--out", "x", "--seed", "3", "--size", "small"])
     assert (args.out, args.seed, args.size) == ("x", 3, "small") and callable(args.func)
-    # the choices are listed by hand (building the parser imports no torch): every named size is one
+    # the choices are listed by hand (building the parser imports no torch): the named sizes, no more, no fewer
+    from llava.recipe.cli import SIZE_NAMES
     from llava.recipe.sizes import SIZES
 
+    assert sorted(SIZE_NAMES) == sorted(SIZES)
     for name in SIZES:
         assert parser.parse_args(["recipe", "tiny", "--size", name]).size == name
 
@@ -604,7 +606,7 @@ def test_stage_1_trains_in_fp32_and_only_the_later_phases_sort_by_length(tmp_pat
     from llava.recipe import SIZES
     from llava.recipe.tiny import _RecipeRun
 
-    spec = dataclasses.replace(SIZES["full-varied"], bf16=True)
+    spec = dataclasses.replace(SIZES["full"], bf16=True)
     run = _RecipeRun(str(tmp_path), 0, spec, 1, lambda _: None, False, "cpu")
     runs = dict(run.training_runs(str(tmp_path / "train_data"), str(tmp_path / "train_data" / "mix.json")))
     assert list(runs) == ["stage1", "stage2_phase1", "stage2_phase2", "stage2"]

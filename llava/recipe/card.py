@@ -82,6 +82,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     reused_note = (f"\nStages {', '.join(reused)} were reused from an earlier run of the same recipe in the same folder "
                    f"(`--reuse`); their times are that run's. This run took {summary.get('this_run_seconds', 0):.1f} s.\n"
                    if reused else "")
+    # how a model was actually made, where that differs from one uninterrupted run (set by whoever ships it)
+    provenance = f"\n{summary['provenance']}\n" if summary.get("provenance") else ""
     images = summary.get("images_sha", {})
     v, lm = spec["vision"], spec["lm"]
     s0 = summary.get("stages", {}).get("stage0_vision", {})
@@ -177,7 +179,7 @@ about chance.
 |---|---|
 {timing}
 | total | {summary['total_seconds']:.1f} |
-{reused_note}"""
+{reused_note}{provenance}"""
 
 
 def write_card(model_dir: str, summary: Mapping[str, Any]) -> str:
