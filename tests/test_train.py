@@ -152,6 +152,28 @@ def test_finetune_from_checkpoint_with_unfrozen_tower(src, data, tmp_path):
                            source["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"])
 
 
+def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, tmp_path):
+    """`--image-aspect-ratio` on a `--model` checkpoint was once ignored while the run's config said it
+    (a recipe phase asked for pad and trained on centre crops). Now square <-> pad switch what training
+    feeds the model and what the saved one says; anyres is refused with one clear error."""
+    from llava.train.build import build_model
+
+    have = load_checkpoint(src["llava"]).model.config.image_aspect_ratio
+    other = "square" if have == "pad" else "pad"
+    kept = run("finetune", data["chat"], tmp_path / "kept", data["folder"], model=src["llava"], max_steps=1)
+    assert result_cfg(kept).image_aspect_ratio is None and kept.model.config.image_aspect_ratio == have
+    asked = TrainConfig(stage="finetune", data=str(data["chat"]), out=str(tmp_path / "x"), model=src["llava"],
+                        image_aspect_ratio=other).resolved()
+    assert build_model(asked).image_processor.aspect == other
+    run("finetune", data["chat"], tmp_path / "switched", data["folder"], model=src["llava"], max_steps=1,
+        image_aspect_ratio=other)
+    saved = load_checkpoint(tmp_path / "switched")
+    assert saved.model.config.image_aspect_ratio == other and saved.image_processor.aspect == other
+    with pytest.raises(ValueError, match=f"the checkpoint's is {have}.*anyres"):
+        run("finetune", data["chat"], tmp_path / "anyres", data["folder"], model=src["llava"], max_steps=1,
+            image_aspect_ratio="anyres")
+
+
 def result_cfg(result) -> TrainConfig:
     return TrainConfig.from_dict(result.state["config"])
 
@@ -465,6 +487,7 @@ def test_original_flags_map_onto_our_config(src, tmp_path):
     assert cfg.stage == "qlora"
     cfg, _ = config_from_original(["--model_name_or_path", src["llava"], "--data_path", "d", "--output_dir", "o"])
     assert (cfg.stage, cfg.model, cfg.language_model, cfg.template) == ("finetune", src["llava"], None, "v0")
+    assert cfg.image_aspect_ratio is None  # a checkpoint keeps its own unless --image_aspect_ratio is given
     with pytest.raises(ValueError, match="vision_tower"):
         config_from_original(["--model_name_or_path", src["lm"], "--data_path", "d", "--output_dir", "o"])
 

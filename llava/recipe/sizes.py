@@ -138,11 +138,11 @@ SIZES["varied"] = replace(
 # lettered choice 92), out-of-style 79.5% (colour 90, shape 77.5, count 47.5, yes/no F1 0.865,
 # left/right 95; the classic model 37.5%). On 1400 more held-out questions (seed 11) the shipped
 # model and the classic one stay within two points in style (lettered choice 87.5 / 88.5, count
-# 84.5 / 86.5, left/right 95 / 96.5). About 1 h 40 min on 2 AVX-512-BF16 cores. Its mixed phase asks
-# for `pad`, but the trainer keeps a fine-tuned checkpoint's own aspect ratio (here `square`: resize and
-# centre-crop), so the shipped model learnt the varied world's non-square pictures from centre crops,
-# where an object near an edge may be gone while the chat counts it (found in session 30, not yet fixed;
-# padding only at inference scores 66% out-of-style against 79%).
+# 84.5 / 86.5, left/right 95 / 96.5). About 1 h 40 min on 2 AVX-512-BF16 cores. Its mixed phase asked
+# for `pad`, but the trainer of the time kept a fine-tuned checkpoint's own aspect mode (`square`: resize
+# and centre-crop), so the shipped model learnt the varied world's non-square pictures from centre crops,
+# where an object near an edge may be gone while the chat counts it. The trainer now applies the flag,
+# so this preset pads there (not yet measured; padding only at inference scores 66% out-of-style, not 79).
 SIZES["full"] = replace(
     SIZES["classic"], s2_mix_scenes=11000, s2_mix_main_chats=9000, s2_mix_epochs=4, s2_mix_lr=3e-4,
     s2_mix_tower_lr=1e-4, s2_length_window=16)

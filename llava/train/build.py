@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -93,9 +93,24 @@ def _from_checkpoint(cfg: TrainConfig) -> Built:
     ckpt = load_checkpoint(cfg.model, model_base=cfg.model_base, vision_tower=cfg.vision_tower, device="cpu",
                            dtype=torch.float32)
     model = ckpt.model
-    return Built(model.train(), ckpt.tokenizer, ckpt.image_processor, ckpt.convention,
+    image_processor = _with_aspect(model.config, ckpt.image_processor, cfg.image_aspect_ratio)
+    return Built(model.train(), ckpt.tokenizer, image_processor, ckpt.convention,
                  source=os.path.abspath(cfg.model), tower_is_stock=False,
                  base_vocab=model.input_embeddings().weight.shape[0])
+
+
+def _with_aspect(config: LlavaConfig, processor: ImageProcessor, aspect: str | None) -> ImageProcessor:
+    """The checkpoint's image processor in the asked aspect mode, written into its config too (as the
+    original's trainer writes its flag), so that training sees what the saved model will; None keeps
+    the checkpoint's. square <-> pad only: anyres needs grid resolutions and an image newline."""
+    have = config.image_aspect_ratio
+    if aspect is None or aspect == have:
+        return processor
+    if {aspect, have} <= {"square", "pad"}:
+        config.image_aspect_ratio = aspect
+        return replace(processor, aspect=aspect)
+    raise ValueError(f"--image-aspect-ratio {aspect}: the checkpoint's is {have}, and switching to or from anyres "
+                     f"needs grid resolutions and an image newline; fine-tune it as {have} (leave the flag out)")
 
 
 def _default_pinpoints(side: int) -> list[tuple[int, int]]:

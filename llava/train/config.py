@@ -108,7 +108,8 @@ class TrainConfig:
                                       help="tower layer the projector reads")
     vision_feature_select: str = _flag("patch", group=_MODEL, choices=["patch", "cls_patch"])
     image_aspect_ratio: str | None = _flag(None, group=_MODEL, choices=list(ASPECT_RATIOS),
-                                           help="fresh models only (default: square for pretrain, pad otherwise)")
+                                           help="default: a fresh model square for pretrain, pad otherwise; a --model "
+                                                "checkpoint keeps its own (square <-> pad switch it)")
     mm_patch_merge_type: str | None = _flag(None, group=_MODEL, choices=list(MERGE_TYPES),
                                             help="fresh builds: flat, or spatial_unpad with anyres")
     image_grid_pinpoints: list[tuple[int, int]] | None = _flag(
@@ -191,6 +192,8 @@ class TrainConfig:
         """A copy with every None recipe field set from the stage, validated."""
         stage = get_stage(self.stage)
         values = {k: v for k, v in stage.recipe.items() if getattr(self, k) is None}
+        if self.model:  # a checkpoint keeps its own aspect mode unless one is asked for
+            values.pop("image_aspect_ratio", None)
         if self.grad_accum is not None:  # an explicit accumulation fixes the global batch with the micro batch
             values.pop("global_batch_size", None)
         cfg = dataclasses.replace(self, **values)
@@ -198,7 +201,7 @@ class TrainConfig:
             cfg.template = stage.template
         if cfg.grad_accum is None and cfg.global_batch_size is None:
             cfg.grad_accum = 1
-        if cfg.mm_patch_merge_type is None:
+        if cfg.mm_patch_merge_type is None and not cfg.model:
             cfg.mm_patch_merge_type = "spatial_unpad" if cfg.image_aspect_ratio == "anyres" else "flat"
         cfg.validate()
         return cfg
@@ -231,9 +234,10 @@ class TrainConfig:
             raise ValueError("no model: pass --model CHECKPOINT, or --language-model LM_FOLDER and "
                              "--vision-tower CLIP_FOLDER to build a fresh LLaVA")
         validate_projector_type(self.projector_type)
-        if self.image_aspect_ratio not in ASPECT_RATIOS:
+        fresh = not self.model  # a checkpoint's own aspect and merge type stand where these are None
+        if self.image_aspect_ratio not in ASPECT_RATIOS and (fresh or self.image_aspect_ratio is not None):
             raise ValueError(f"unknown image aspect ratio {self.image_aspect_ratio!r}; valid: {ASPECT_RATIOS}")
-        if self.mm_patch_merge_type not in MERGE_TYPES:
+        if self.mm_patch_merge_type not in MERGE_TYPES and (fresh or self.mm_patch_merge_type is not None):
             raise ValueError(f"unknown patch merge type {self.mm_patch_merge_type!r}; valid: {MERGE_TYPES}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.lr_scheduler!r}; valid: {', '.join(SCHEDULERS)}")

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lazy_preprocess", default=None, **flag)
     add("--is_multimodal", default=None, **flag)
     add("--image_folder", default=None)
-    add("--image_aspect_ratio", default="square")
+    add("--image_aspect_ratio", default=None)  # the original's default is square; None lets a checkpoint keep its own
     # TrainingArguments
     add("--output_dir", required=True)
     add("--num_train_epochs", type=float, default=3.0)
@@ -186,7 +186,8 @@ def config_from_original(argv: Sequence[str] | None = None) -> tuple[TrainConfig
         model=args.model_name_or_path if existing else None,
         language_model=None if existing else args.model_name_or_path, vision_tower=args.vision_tower,
         projector_type=args.mm_projector_type, vision_feature_layer=args.mm_vision_select_layer,
-        vision_feature_select=args.mm_vision_select_feature, image_aspect_ratio=args.image_aspect_ratio,
+        vision_feature_select=args.mm_vision_select_feature,
+        image_aspect_ratio=args.image_aspect_ratio if existing else args.image_aspect_ratio or "square",
         mm_patch_merge_type=args.mm_patch_merge_type, image_grid_pinpoints=pinpoints,
         pretrain_mm_mlp_adapter=args.pretrain_mm_mlp_adapter, template=template,
         unfreeze_vision_tower=bool(args.unfreeze_mm_vision_tower), freeze_projector=bool(args.freeze_mm_mlp_adapter),
