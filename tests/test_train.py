@@ -169,7 +169,9 @@ def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, t
         image_aspect_ratio=other)
     saved = load_checkpoint(tmp_path / "switched")
     assert saved.model.config.image_aspect_ratio == other and saved.image_processor.aspect == other
-    with pytest.raises(ValueError, match=f"the checkpoint's is {have}.*anyres"):
+    from llava.errors import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch, match=f"the checkpoint's is {have}.*anyres"):  # one clear error in the CLI
         run("finetune", data["chat"], tmp_path / "anyres", data["folder"], model=src["llava"], max_steps=1,
             image_aspect_ratio="anyres")
 

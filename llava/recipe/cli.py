@@ -30,12 +30,12 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     tiny.add_argument("--out", default="runs/tiny", help="output folder (the model ends up in OUT/stage2)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=SIZE_NAMES, default="full",
-                      help="full: the shipped model (~2 h on 2 cores): the classic world, then a last phase of "
-                           "stage 2 in the varied world too, for pictures drawn other ways; classic: the model "
-                           "shipped before it, without that phase; varied: the full size in the varied world only "
-                           "(~1 h 45 min, work in progress, see llava/recipe/sizes.py); reduced: ~8 min, a simpler "
-                           "world (at most 2 objects a scene) where colour and the printed word are learnt; small: a "
-                           "one-minute smoke run")
+                      help="full: the shipped model (~1 h 40 min on 2 cores with bf16 instructions, ~3 h "
+                           "without): the classic world, then a last phase of stage 2 in the varied world too, for "
+                           "pictures drawn other ways; classic: the model shipped before it, without that phase; "
+                           "varied: the full size in the varied world only (~1 h 45 min, work in progress, see "
+                           "llava/recipe/sizes.py); reduced: ~8 min, a simpler world (at most 2 objects a scene) "
+                           "where colour and the printed word are learnt; small: a one-minute smoke run")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

@@ -109,8 +109,9 @@ def _with_aspect(config: LlavaConfig, processor: ImageProcessor, aspect: str | N
     if {aspect, have} <= {"square", "pad"}:
         config.image_aspect_ratio = aspect
         return replace(processor, aspect=aspect)
-    raise ValueError(f"--image-aspect-ratio {aspect}: the checkpoint's is {have}, and switching to or from anyres "
-                     f"needs grid resolutions and an image newline; fine-tune it as {have} (leave the flag out)")
+    raise CheckpointMismatch(f"--image-aspect-ratio {aspect}: the checkpoint's is {have}, and switching to or from "
+                             f"anyres needs grid resolutions and an image newline; fine-tune it as {have} "
+                             "(leave the flag out)")
 
 
 def _default_pinpoints(side: int) -> list[tuple[int, int]]:
