@@ -141,8 +141,10 @@ SIZES["varied"] = replace(
 # 84.5 / 86.5, left/right 95 / 96.5). About 1 h 40 min on 2 AVX-512-BF16 cores. Its mixed phase asked
 # for `pad`, but the trainer of the time kept a fine-tuned checkpoint's own aspect mode (`square`: resize
 # and centre-crop), so the shipped model learnt the varied world's non-square pictures from centre crops,
-# where an object near an edge may be gone while the chat counts it. The trainer now applies the flag,
-# so this preset pads there (not yet measured; padding only at inference scores 66% out-of-style, not 79).
+# where an object near an edge may be gone while the chat counts it. The trainer now applies the flag;
+# trained padded (session 30, same parts) the phase did worse: in style lettered choice 88 (below 90),
+# out-of-style held-out wordings 72.5% (count 35, colour 82.5; cropped: 79.5, 47.5, 90), so the phase
+# keeps the checkpoint's square (a guess why: at 96 px a padded 2:1 canvas halves every object).
 SIZES["full"] = replace(
     SIZES["classic"], s2_mix_scenes=11000, s2_mix_main_chats=9000, s2_mix_epochs=4, s2_mix_lr=3e-4,
     s2_mix_tower_lr=1e-4, s2_length_window=16)
