@@ -30,6 +30,7 @@ from llava.eval.out_of_style import (
     evaluate_out_of_style,
     format_report,
     main,
+    seen_after_center_crop,
     trained_templates,
     write_set,
 )
@@ -239,16 +240,45 @@ def test_evaluate_and_report(tiny_set):
     import llava
 
     result = evaluate_out_of_style(llava.load(), tiny_set, batch_size=32)
-    assert set(result) == {"train", "heldout", "all", "blank"}
+    assert set(result) == {"train", "heldout", "all", "blank", "after_crop"}
     assert result["all"]["n"] == 20 and result["train"]["n"] == result["heldout"]["n"] == 10
     assert result["blank"]["blank_images"] is True and result["blank"]["n"] == 20
-    for part in result.values():
+    rows = load_questions(tiny_set / "eval.jsonl")
+    assert result["after_crop"]["n"] == sum(map(seen_after_center_crop, rows))
+    for category, share in result["after_crop"]["share"].items():
+        in_category = [r for r in rows if r["category"] == category]
+        assert share == pytest.approx(100 * sum(map(seen_after_center_crop, in_category)) / len(in_category))
+    for part in (result[k] for k in ("train", "heldout", "all", "blank")):
         assert set(part["categories"]) == {"color", "shape", "count", "exist", "position"}
         assert "exist" in part and "chance" in part
     # Answered once: the subsets' correct counts add up to the whole.
     assert result["train"]["correct"] + result["heldout"]["correct"] == result["all"]["correct"]
     report = format_report(result)
     assert "heldout" in report and "blank" in report and all(k in report for k in TARGETS)
+    assert "a centre crop (square mode) keeps" in report
+
+
+def _row(category: str, canvas: tuple[int, int], items: list[tuple[str, str, float, float]], **fields: str) -> dict:
+    return {"category": category, "canvas": list(canvas), "fields": fields,
+            "scene": {"items": [{"shape": s, "color": c, "x": x, "y": y} for s, c, x, y in items]}}
+
+
+def test_what_a_centre_crop_keeps():
+    """A 200x100 picture keeps x in [50, 150] after a centre crop; only the items that decide
+    the answer count (an existence "No" has none, so nothing a crop hides can change it)."""
+    wide = (200, 100)
+    side, middle = ("circle", "red", 20.0, 50.0), ("circle", "blue", 100.0, 50.0)
+    square_elsewhere = ("square", "red", 190.0, 50.0)
+    assert not seen_after_center_crop(_row("count", wide, [side, middle], shape="circle"))
+    assert seen_after_center_crop(_row("count", wide, [middle, square_elsewhere], shape="circle"))
+    assert seen_after_center_crop(_row("count", (100, 200), [("circle", "red", 20.0, 100.0)], shape="circle"))
+    assert not seen_after_center_crop(_row("count", (100, 200), [("circle", "red", 50.0, 20.0)], shape="circle"))
+    assert not seen_after_center_crop(_row("shape", wide, [side, middle], color="red"))
+    assert seen_after_center_crop(_row("color", wide, [middle, square_elsewhere], shape="circle"))
+    assert seen_after_center_crop(_row("exist", wide, [side], shape="square", color="green"))
+    assert not seen_after_center_crop(_row("exist", wide, [side], shape="circle", color="red"))
+    assert not seen_after_center_crop(_row("position", wide, [side, middle], a="red circle", b="blue circle"))
+    assert seen_after_center_crop(_row("position", (300, 300), [side, middle], a="red circle", b="blue circle"))
 
 
 def test_cli(tiny_set, capsys):

@@ -69,6 +69,19 @@ def test_card_says_how_the_shipped_model_was_made():
     assert f"| total | {summary['total_seconds']:.1f} |" in card
 
 
+def test_card_says_what_its_square_mode_cuts_off():
+    """The shipped model resizes and centre-crops: the card says so where it describes the varied
+    world, and says how many out-of-style questions are about objects the crop keeps."""
+    card = (DEFAULT_MODEL / "README.md").read_text()
+    assert "centre-cropped to a square" in card and "padded to a square" not in card
+    crop = RESULTS["out_of_style"]["after_crop"]
+    assert "A centre crop (this model's square mode) keeps" in card
+    for category, share in crop["share"].items():
+        assert f"{category} {share:.0f}%" in card and 0 < share <= 100
+        assert f"{category} {crop['accuracy'][category]:.1f}" in card
+    assert crop["share"]["count"] < 85  # below the count target: why square mode cannot reach it
+
+
 def test_grounding_check_of_the_card():
     """With blank images every category of the card sits within 10 points of chance (so the
     answers come from the image, not from priors), and the overall score drops well below the real one."""
@@ -123,11 +136,12 @@ def test_card_out_of_style_numbers_match_a_fresh_evaluation(out_of_style):
     """The card's figures on pictures drawn another way, per category and wording, hold for the shipped weights."""
     card = (DEFAULT_MODEL / "README.md").read_text()
     assert "## Pictures drawn another way" in card
-    for part in ("all", "train", "heldout", "blank"):
+    for part in ("all", "train", "heldout", "blank", "after_crop"):
         for category, acc in RESULTS["out_of_style"][part]["accuracy"].items():
             assert abs(out_of_style[part]["accuracy"][category] - acc) <= TOLERANCE, (part, category)
             if part == "all":
                 assert f"| {category} | " in card and f"{acc:.1f}" in card
+    assert out_of_style["after_crop"]["share"] == RESULTS["out_of_style"]["after_crop"]["share"]
     # the grounding check: blank images sit near chance there too
     chance = RESULTS["out_of_style"]["chance"]
     for category, acc in RESULTS["out_of_style"]["blank"]["accuracy"].items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -155,10 +156,12 @@ def test_finetune_from_checkpoint_with_unfrozen_tower(src, data, tmp_path):
 def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, tmp_path):
     """`--image-aspect-ratio` on a `--model` checkpoint was once ignored while the run's config said it
     (a recipe phase asked for pad and trained on centre crops). Now square <-> pad switch what training
-    feeds the model and what the saved one says; anyres is refused with one clear error."""
+    feeds the model and what the saved one says; square or pad -> anyres is LLaVA-NeXT's path (grids,
+    a fresh image newline that trains); leaving anyres is one clear error."""
     from llava.train.build import build_model
 
-    have = load_checkpoint(src["llava"]).model.config.image_aspect_ratio
+    source = load_checkpoint(src["llava"]).model.config
+    have, side = source.image_aspect_ratio, source.vision_config.image_size
     other = "square" if have == "pad" else "pad"
     kept = run("finetune", data["chat"], tmp_path / "kept", data["folder"], model=src["llava"], max_steps=1)
     assert result_cfg(kept).image_aspect_ratio is None and kept.model.config.image_aspect_ratio == have
@@ -169,11 +172,25 @@ def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, t
         image_aspect_ratio=other)
     saved = load_checkpoint(tmp_path / "switched")
     assert saved.model.config.image_aspect_ratio == other and saved.image_processor.aspect == other
+
+    grids = [(side, 2 * side), (2 * side, side), (2 * side, 2 * side)]
+    to_anyres = TrainConfig(stage="finetune", data=str(data["chat"]), out=str(tmp_path / "y"), model=src["llava"],
+                            image_aspect_ratio="anyres", image_grid_pinpoints=grids).resolved()
+    fresh = build_model(to_anyres)
+    with pytest.raises(ValueError, match=f"multiple of the vision tower's image size, {side}"):
+        build_model(dataclasses.replace(to_anyres, image_grid_pinpoints=[(side + 1, side)]))
+    assert fresh.image_processor.aspect == "anyres" and fresh.model.image_newline is not None
+    run("finetune", data["chat"], tmp_path / "anyres", data["folder"], model=src["llava"],
+        image_aspect_ratio="anyres", image_grid_pinpoints=grids, learning_rate=1e-2, warmup_ratio=0.0, max_steps=2)
+    nxt = load_checkpoint(tmp_path / "anyres")
+    assert nxt.model.config.image_aspect_ratio == "anyres" and nxt.model.config.mm_patch_merge_type == "spatial_unpad"
+    assert [tuple(p) for p in nxt.model.config.image_grid_pinpoints] == grids and nxt.image_processor.aspect == "anyres"
+    assert not torch.equal(nxt.model.image_newline.detach(), fresh.model.image_newline.detach())  # it learnt
     from llava.errors import CheckpointMismatch
 
-    with pytest.raises(CheckpointMismatch, match=f"the checkpoint's is {have}.*anyres"):  # one clear error in the CLI
-        run("finetune", data["chat"], tmp_path / "anyres", data["folder"], model=src["llava"], max_steps=1,
-            image_aspect_ratio="anyres")
+    with pytest.raises(CheckpointMismatch, match="trained as anyres"):  # one clear error in the CLI
+        run("finetune", data["chat"], tmp_path / "back", data["folder"], model=str(tmp_path / "anyres"), max_steps=1,
+            image_aspect_ratio=other)
 
 
 def result_cfg(result) -> TrainConfig:

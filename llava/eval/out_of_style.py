@@ -49,7 +49,7 @@ SINGLE_EVERY = 5  # every 5th colour/shape question (20%): one large shape on a 
 MIN_DX = 0.2  # position: centres at least this fraction of the width apart
 
 __all__ = ["HELDOUT_TEMPLATES", "TARGETS", "CATEGORIES", "WORDINGS", "fields_of", "trained_templates",
-           "make_question", "write_set",
+           "make_question", "write_set", "deciding_items", "seen_after_center_crop",
            "evaluate_out_of_style", "format_report", "main"]
 
 
@@ -194,10 +194,36 @@ def write_set(out_dir: str | os.PathLike, seed: int = 0, per_cell: int = 40) -> 
     return meta
 
 
+def deciding_items(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The drawn items (`row["scene"]["items"]`) whose sight decides the answer: every object of
+    the counted shape, the one the colour or shape question names, both of a position question,
+    the present one of a "Yes" existence question (a "No" stays true whatever is hidden)."""
+    items, f, category = row["scene"]["items"], row["fields"], row["category"]
+    if category in ("color", "count"):
+        return [o for o in items if o["shape"] == f["shape"]]
+    if category == "shape":
+        return [o for o in items if o["color"] == f["color"]]
+    if category == "exist":
+        return [o for o in items if o["shape"] == f["shape"] and o["color"] == f["color"]]
+    return [o for o in items if f"{o['color']} {o['shape']}" in (f["a"], f["b"])]
+
+
+def seen_after_center_crop(row: Mapping[str, Any]) -> bool:
+    """Whether a square-mode image processor (shortest edge, then a centre crop) keeps the centre
+    of every deciding item: on a wide or tall picture it cuts the sides off, and what it cut no
+    square-mode model can answer about. (Pad and anyres keep the whole picture.)"""
+    width, height = row["canvas"]
+    short = min(width, height)
+    x0, y0 = (width - short) / 2, (height - short) / 2
+    return all(x0 <= o["x"] <= x0 + short and y0 <= o["y"] <= y0 + short for o in deciding_items(row))
+
+
 def evaluate_out_of_style(pipe: Any, data_dir: str | os.PathLike, batch_size: int = 32) -> dict[str, Any]:
     """Answer every question once (and once more on blank images) and score by wording.
 
-    Returns {"train", "heldout", "all", "blank"}: `llava.eval.synth.score` dicts with "chance".
+    Returns {"train", "heldout", "all", "blank", "after_crop"}: `llava.eval.synth.score` dicts
+    with "chance"; "after_crop" scores only the questions `seen_after_center_crop` and adds
+    "share" ({category: percent of its questions that are}).
     """
     eval_file = os.path.join(data_dir, "eval.jsonl")
     questions = load_questions(eval_file)
@@ -209,6 +235,11 @@ def evaluate_out_of_style(pipe: Any, data_dir: str | os.PathLike, batch_size: in
     for wording in WORDINGS:
         subset = [q for q in questions if q.get("wording") == wording]
         result[wording] = {**score(subset, answers), "chance": chance_levels(subset)}
+    seen = [q for q in questions if seen_after_center_crop(q)]
+    per_category = Counter(q["category"] for q in questions)
+    result["after_crop"] = {**score(seen, answers), "chance": chance_levels(seen),
+                            "share": {c: round(100.0 * sum(q["category"] == c for q in seen) / n, 2)
+                                      for c, n in per_category.items()}}
     result["blank"] = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True)
     return result
 
@@ -252,6 +283,11 @@ def format_report(result: Mapping[str, Any]) -> str:
         if e:
             lines.append(f"exist ({part}): precision {e['precision']:.3f} recall {e['recall']:.3f} "
                          f"yes-ratio {e['yes_ratio']:.3f}")
+    crop = result.get("after_crop")
+    if crop:
+        lines.append("a centre crop (square mode) keeps what decides the answer in: " + ", ".join(
+            f"{c} {crop['share'][c]:.0f}% (accuracy there {crop['accuracy'][c]:.1f})"
+            for c in CATEGORIES if c in crop.get("accuracy", {})))
     lines.append("targets: " + ("all met" if targets_met(result) else "NOT all met"))
     return "\n".join(lines)
 

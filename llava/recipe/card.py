@@ -34,8 +34,35 @@ def metrics_table(real: Mapping[str, Any], blank: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def out_of_style_section(oos: Mapping[str, Any], set_info: Mapping[str, Any]) -> str:
-    """Markdown: the out-of-style set per category, training vs held-out wordings, blank images, targets."""
+def _how_the_model_sees(spec: Mapping[str, Any]) -> str:
+    """How the image processor frames a non-square picture for this recipe's model."""
+    if spec.get("world") == "varied":
+        return "padded to a square by the image processor, as LLaVA-1.5 does"
+    if spec.get("s2_mix_aspect") == "anyres":
+        grids = ", ".join(f"{c}x{r}" for c, r in spec.get("s2_mix_grids", ()))
+        return (f"which its last phase sees as LLaVA-NeXT does: the whole picture plus tiles of the tower's side "
+                f"on the best of the grids {grids}, columns x rows")
+    return ("resized and centre-cropped to a square by the image processor, the model's square mode, which cuts "
+            "off the sides of a wide picture")
+
+
+def _crop_sentence(oos: Mapping[str, Any], square: bool) -> str:
+    """What a centre crop keeps of the set, and the accuracy there (where the evaluation measured it)."""
+    crop = oos.get("after_crop")
+    if not crop:
+        return ""
+    kept = ", ".join(f"{c} {share:.0f}%" for c, share in crop["share"].items())
+    there = ", ".join(f"{c} {acc:.1f}" for c, acc in crop["accuracy"].items())
+    who = ("this model's square mode" if square else
+           "a square-mode model; this one sees the whole picture")
+    return (f"\nA centre crop ({who}) keeps what decides the answer (the counted shapes, the one asked about) "
+            f"in {kept} of each category's questions; what it cuts off no square-mode model can answer. Accuracy "
+            f"on the questions it keeps: {there}.\n")
+
+
+def out_of_style_section(oos: Mapping[str, Any], set_info: Mapping[str, Any], square: bool = True) -> str:
+    """Markdown: the out-of-style set per category, training vs held-out wordings, blank images, targets,
+    and what a centre crop keeps (`square`: the model sees pictures that way)."""
     from llava.eval.out_of_style import TARGETS as OOS_TARGETS
 
     chance = oos["all"].get("chance", {})
@@ -60,7 +87,7 @@ category and wording, `eval.jsonl` SHA-256 `{set_info.get('eval_sha256', '?')}`)
 
 Yes/no F1 (yes = positive): training wordings {f1['train']:.3f}, held-out {f1['heldout']:.3f}, all {f1['all']:.3f}
 (target {OOS_TARGETS['exist_f1']}), blank images {f1['blank']:.3f}.
-"""
+{_crop_sentence(oos, square)}"""
 
 
 def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
@@ -104,10 +131,11 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
               f" (so the patch tokens keep where they are)" if v.get("sincos_positions") else "")
     lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
     lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
-    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {})) + "\n"
+    square = spec.get("world") != "varied" and not spec.get("s2_mix_aspect")
+    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {}), square) + "\n"
            if "out_of_style" in m else "")
-    look = ("\nThe varied world (`llava.data.synth_varied`): canvases of 64-384 px up to 2:1 either way (padded to a "
-            "square by the image processor, as LLaVA-1.5 does), one shape filling the picture or up to five small "
+    look = (f"\nThe varied world (`llava.data.synth_varied`): canvases of 64-384 px up to 2:1 either way "
+            f"({_how_the_model_sees(spec)}), one shape filling the picture or up to five small "
             "ones, shades of each colour, filled or outlined, with or without an edge, tinted backgrounds, blur, "
             "noise and JPEG; questions in many wordings, some answered in sentences."
             if spec.get("world") == "varied" or spec.get("s2_mix_epochs") else "")

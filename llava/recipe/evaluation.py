@@ -55,6 +55,10 @@ def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
             **{part: {"accuracy": oos[part]["accuracy"], "overall": oos[part]["overall"],
                       "exist_f1": oos[part].get("exist", {}).get("f1")} for part in ("all", "train", "heldout", "blank")},
             "chance": oos["all"]["chance"]}
+        if "after_crop" in oos:
+            crop = oos["after_crop"]
+            results["out_of_style"]["after_crop"] = {"accuracy": crop["accuracy"], "overall": crop["overall"],
+                                                     "share": crop["share"]}
     path = os.path.join(model_dir, "eval_results.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)

@@ -48,6 +48,11 @@ class RecipeSize:
     s2_mix_lr: float = 3e-4
     s2_mix_max_steps: int | None = None
     s2_mix_tower_lr: float | None = None  # the tower learns in this phase too, at this lr (None: frozen)
+    # Its aspect mode: None keeps the checkpoint's (square: resize, centre crop); "anyres" turns the
+    # model into a LLaVA-NeXT one here (a fresh image newline, pictures cut into tiles of the tower's
+    # side on the best of `s2_mix_grids`, (columns, rows) of tiles, plus the whole picture).
+    s2_mix_aspect: str | None = None
+    s2_mix_grids: tuple[tuple[int, int], ...] = ()
     s2_length_window: int = 1  # stage 2's tail and mixed phase sort rows by length across this many batches
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)

@@ -59,13 +59,14 @@ def train_config(stage: str, out: str, data: str, image_folder: str, epochs: int
                   max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
                   vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
                   image_aspect_ratio: str | None = None, length_window: int = 1, bf16: bool = False,
-                  **model: str) -> TrainConfig:
+                  image_grid_pinpoints: list[tuple[int, int]] | None = None, **model: str) -> TrainConfig:
     """One `llava train` run as the trainer's own config."""
     return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
                        max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
                        lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
                        device=device, progress=False, logging_steps=5, overwrite=True, template=template,
                        save_steps=save_steps, save_total_limit=1, image_aspect_ratio=image_aspect_ratio,
+                       image_grid_pinpoints=image_grid_pinpoints,
                        unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr,
                        length_window=length_window, bf16=bf16, **model)
 
@@ -142,7 +143,8 @@ def train_command(stage: str, out: str, data: str, image_folder: str, epochs: in
                   seed: int, max_steps: int | None, template: str | None = None,
                   unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
                   save_steps: int = 0, image_aspect_ratio: str | None = None, length_window: int = 1,
-                  bf16: bool = False, **model: str) -> str:
+                  bf16: bool = False, image_grid_pinpoints: list[tuple[int, int]] | None = None,
+                  **model: str) -> str:
     """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
     parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
     parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
@@ -151,6 +153,8 @@ def train_command(stage: str, out: str, data: str, image_folder: str, epochs: in
         parts.append(f"--template {template}")
     if image_aspect_ratio:
         parts.append(f"--image-aspect-ratio {image_aspect_ratio}")
+    if image_grid_pinpoints:
+        parts.append("--image-grid-pinpoints '" + json.dumps([list(p) for p in image_grid_pinpoints]) + "'")
     if unfreeze_vision_tower:
         parts.append("--unfreeze-vision-tower")
     if vision_tower_lr is not None:

@@ -240,10 +240,13 @@ class _RecipeRun:
                            "max_steps": spec.s2_tail_max_steps,
                            "unfreeze_vision_tower": spec.s2_unfreeze_tower or spec.s2_tail_unfreeze_tower,
                            "vision_tower_lr": spec.s2_tail_tower_lr})
-        if mix_data:  # in the checkpoint's own aspect mode (square): padding the varied canvases measured worse
+        if mix_data:  # None: the checkpoint's own aspect mode (square); padding the varied canvases measured worse
+            side = spec.vision.image_size
+            grids = [(cols * side, rows * side) for cols, rows in spec.s2_mix_grids] or None
             phases.append({**later, "data": mix_data, "epochs": spec.s2_mix_epochs, "lr": spec.s2_mix_lr,
                            "max_steps": spec.s2_mix_max_steps, "vision_tower_lr": spec.s2_mix_tower_lr,
-                           "unfreeze_vision_tower": spec.s2_mix_tower_lr is not None})
+                           "unfreeze_vision_tower": spec.s2_mix_tower_lr is not None,
+                           "image_aspect_ratio": spec.s2_mix_aspect, "image_grid_pinpoints": grids})
         runs, model = [("stage1", s1_args)], s1
         for i, args in enumerate(phases, start=1):
             name = "stage2" if i == len(phases) else f"stage2_phase{i}"

@@ -25,6 +25,7 @@ from llava.checkpoint.io import CheckpointMismatch, load_weights_file
 from llava.checkpoint.loader import prepare_for_hf
 from llava.checkpoint.tokenizer import IMAGE_TOKEN, add_special_tokens, token_id
 from llava.config import LlavaConfig
+from llava.errors import InputError
 from llava.model.llava import LlavaModel
 from llava.model.vision import load_vision_tower
 from llava.processing.image import ImageProcessor
@@ -93,30 +94,50 @@ def _from_checkpoint(cfg: TrainConfig) -> Built:
     ckpt = load_checkpoint(cfg.model, model_base=cfg.model_base, vision_tower=cfg.vision_tower, device="cpu",
                            dtype=torch.float32)
     model = ckpt.model
-    image_processor = _with_aspect(model.config, ckpt.image_processor, cfg.image_aspect_ratio)
+    image_processor = _with_aspect(model, ckpt.image_processor, cfg)
     return Built(model.train(), ckpt.tokenizer, image_processor, ckpt.convention,
                  source=os.path.abspath(cfg.model), tower_is_stock=False,
                  base_vocab=model.input_embeddings().weight.shape[0])
 
 
-def _with_aspect(config: LlavaConfig, processor: ImageProcessor, aspect: str | None) -> ImageProcessor:
+def _with_aspect(model: LlavaModel, processor: ImageProcessor, cfg: TrainConfig) -> ImageProcessor:
     """The checkpoint's image processor in the asked aspect mode, written into its config too (as the
     original's trainer writes its flag), so that training sees what the saved model will; None keeps
-    the checkpoint's. square <-> pad only: anyres needs grid resolutions and an image newline."""
+    the checkpoint's. square <-> pad switch the processor alone; square or pad -> anyres is
+    LLaVA-NeXT's own path (a 1.5-style checkpoint fine-tuned on grids of tiles): the grid
+    resolutions (`--image-grid-pinpoints`, default 1.6's in units of the tower's side) and merge
+    type (default spatial_unpad) go into the config, and unpadding grows a fresh image newline,
+    which the finetune and lora stages train with the projector. Leaving anyres is refused: the
+    model learnt its tiles and newline."""
+    config, aspect = model.config, cfg.image_aspect_ratio
     have = config.image_aspect_ratio
     if aspect is None or aspect == have:
         return processor
     if {aspect, have} <= {"square", "pad"}:
         config.image_aspect_ratio = aspect
         return replace(processor, aspect=aspect)
-    raise CheckpointMismatch(f"--image-aspect-ratio {aspect}: the checkpoint's is {have}, and switching to or from "
-                             f"anyres needs grid resolutions and an image newline; fine-tune it as {have} "
-                             "(leave the flag out)")
+    if aspect != "anyres":
+        raise CheckpointMismatch(f"--image-aspect-ratio {aspect}: the checkpoint was trained as {have}, on grids of "
+                                 f"tiles with their own merge; fine-tune it as {have} (leave the flag out)")
+    merge = cfg.mm_patch_merge_type or "spatial_unpad"
+    pinpoints = _grid_pinpoints(cfg, processor.crop_size)
+    config.image_aspect_ratio, config.image_grid_pinpoints, config.mm_patch_merge_type = "anyres", pinpoints, merge
+    if "unpad" in merge and model.image_newline is None:  # as LlavaModel.__init__ draws it (seeded by build_model)
+        hidden = config.hidden_size
+        model.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
+    return replace(processor, aspect="anyres", pinpoints=pinpoints)
 
 
-def _default_pinpoints(side: int) -> list[tuple[int, int]]:
-    """LLaVA-1.6's grids (336x672 ... 1008x336) in units of this tower's crop size."""
-    return [(side, 2 * side), (2 * side, side), (2 * side, 2 * side), (3 * side, side), (side, 3 * side)]
+def _grid_pinpoints(cfg: TrainConfig, side: int) -> list[tuple[int, int]]:
+    """`--image-grid-pinpoints`, or LLaVA-1.6's grids (336x672 ... 1008x336) in units of this tower's
+    crop size; each side must be a whole number of tiles (else the processor and merge disagree)."""
+    pins = [tuple(p) for p in cfg.image_grid_pinpoints or ()] or [
+        (side, 2 * side), (2 * side, side), (2 * side, 2 * side), (3 * side, side), (side, 3 * side)]
+    bad = [p for p in pins if p[0] % side or p[1] % side]
+    if bad:
+        raise InputError(f"--image-grid-pinpoints {bad}: every width and height must be a multiple of the vision "
+                         f"tower's image size, {side}")
+    return pins
 
 
 def _from_parts(cfg: TrainConfig) -> Built:
@@ -131,8 +152,7 @@ def _from_parts(cfg: TrainConfig) -> Built:
         text_config=lm.config, vision_config=tower.config, projector_type=cfg.projector_type,
         vision_feature_layer=cfg.vision_feature_layer, vision_feature_select=cfg.vision_feature_select,
         image_aspect_ratio=cfg.image_aspect_ratio, mm_patch_merge_type=cfg.mm_patch_merge_type,
-        image_grid_pinpoints=(cfg.image_grid_pinpoints or _default_pinpoints(tower.config.image_size))
-        if anyres else None,
+        image_grid_pinpoints=_grid_pinpoints(cfg, tower.config.image_size) if anyres else None,
         vision_tower_name=os.path.abspath(cfg.vision_tower), template=cfg.template,
     )
     model = LlavaModel(config, language_model=lm, vision_tower=tower)
