@@ -13,6 +13,9 @@ a field without a default is a required flag. `field(metadata=...)` adds:
 bool fields become on/off switches (`--x` / `--no-x`). `from_args` builds the dataclass back from
 the parsed namespace. Scalars are str, int, float, bool and their `| None` forms.
 
+`to_argv` goes the other way: the flags that rebuild a given instance (for commands written out,
+such as a model card's).
+
 `saved_value` reads a field back from a dataclass saved as a dict by an older version, which may
 lack fields added since: those read as their defaults, so old runs still compare equal.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from typing import Any, TypeVar
 
@@ -86,3 +90,30 @@ def saved_value(cls: type, saved: dict[str, Any], key: str, nested: type | None 
     if nested is not None and isinstance(value, dict):
         value = {**{f.name: _field_default(f) for f in dataclasses.fields(nested)}, **value}
     return value
+
+
+def _flag_text(value: Any) -> str:
+    """A value as its flag's parser reads it back: pairs as JSON, tuples of scalars comma-joined."""
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (list, tuple)) for v in value):
+            return json.dumps([list(v) if isinstance(v, (list, tuple)) else v for v in value], separators=(",", ":"))
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def to_argv(obj: Any, skip: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """The flags that rebuild `obj` through `add_dataclass_args` + `from_args`: one per field whose
+    value differs from its default, in field order (`skip`: field names left out)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip or value == _field_default(f):
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        elif value is None:
+            raise ValueError(f"{f.name}=None has no flag (its default is {_field_default(f)!r})")
+        else:
+            argv += [flag, _flag_text(value)]
+    return argv

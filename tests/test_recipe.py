@@ -416,7 +416,7 @@ def test_small_recipe_end_to_end(small_run):
     assert "--data $OUT/train_data/instruct.json" in saved["commands"][1]
     # stage 2's low-lr tail goes on from the first phase's last step and ends in OUT/stage2
     tail = saved["commands"][2]
-    assert "--model $OUT/stage2_phase1" in tail and "--out $OUT/stage2 " in tail and "--lr 0.0006" in tail
+    assert "--model $OUT/stage2_phase1" in tail and "--out $OUT/stage2 " in tail and "--learning-rate 0.0006" in tail
     assert json.loads((model / "trainer_state.json").read_text())["config"]["model"] == str(out / "stage2_phase1")
     assert "then 1 more from its last step at lr 0.0006" in card
     own, more = (json.loads((out / d / "instruct.json").read_text()) for d in ("data", "train_data"))

@@ -328,6 +328,14 @@ def test_every_train_config_field_is_a_flag_of_llava_train():
     assert [tuple(p) for p in cfg.image_grid_pinpoints] == [(64, 32), (32, 64)] and cfg.vision_feature_layer == -1
     defaults = config_from_args(parser.parse_args(["--stage", "finetune", "--data", "d", "--out", "o"]))
     assert defaults == TrainConfig(stage="finetune", data="d", out="o")
+    # ... and back: `to_argv` writes the flags that parse to the same config (the recipe's card commands).
+    from llava.dataclass_cli import to_argv
+
+    written = dataclasses.replace(cfg, report_to=("tensorboard", "wandb"), progress=True, bf16=False, seed=7,
+                                  image_aspect_ratio="anyres", max_grad_norm=0.5)
+    assert config_from_args(parser.parse_args(to_argv(written))) == written
+    assert to_argv(defaults) == ["--stage", "finetune", "--data", "d", "--out", "o"]
+    assert not {"--stage", "--data", "--out"} & set(to_argv(written, skip={"stage", "data", "out"}))
     with pytest.raises(SystemExit):
         parser.parse_args(["--stage", "finetune", "--data", "d"])  # --out is required
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
-from llava.dataclass_cli import saved_value
+from llava.dataclass_cli import saved_value, to_argv
 from llava.recipe.common import read_json
 from llava.recipe.sizes import RecipeSize
 from llava.train.config import TrainConfig
@@ -139,31 +140,12 @@ def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
     return latest if latest and _same_run(ckpt.read_state(latest), cfg, root) else None
 
 
-def train_command(stage: str, out: str, data: str, image_folder: str, epochs: int, batch: int, lr: float,
-                  seed: int, max_steps: int | None, template: str | None = None,
-                  unfreeze_vision_tower: bool = False, vision_tower_lr: float | None = None, device: str = "cpu",
-                  save_steps: int = 0, image_aspect_ratio: str | None = None, length_window: int = 1,
-                  bf16: bool = False, image_grid_pinpoints: list[tuple[int, int]] | None = None,
-                  **model: str) -> str:
-    """The equivalent shell command (for the model card; checkpointing, which changes nothing learnt, left out)."""
-    parts = ["llava train", f"--stage {stage}"] + [f"--{k.replace('_', '-')} {v}" for k, v in model.items()]
-    parts += [f"--data {data}", f"--image-folder {image_folder}", f"--out {out}", f"--lr {lr}", f"--epochs {epochs}",
-              f"--micro-batch-size {batch}", "--grad-accum 1", "--model-max-length 512", "--no-gradient-checkpointing"]
-    if template:
-        parts.append(f"--template {template}")
-    if image_aspect_ratio:
-        parts.append(f"--image-aspect-ratio {image_aspect_ratio}")
-    if image_grid_pinpoints:
-        parts.append("--image-grid-pinpoints '" + json.dumps([list(p) for p in image_grid_pinpoints]) + "'")
-    if unfreeze_vision_tower:
-        parts.append("--unfreeze-vision-tower")
-    if vision_tower_lr is not None:
-        parts.append(f"--vision-tower-lr {vision_tower_lr}")
-    if length_window != 1:
-        parts.append(f"--length-window {length_window}")
-    if max_steps:
-        parts.append(f"--max-steps {max_steps}")
-    parts.append("--bf16" if bf16 else "--no-bf16")  # as run: else a GPU would choose bf16 by itself
-    if device != "cpu":
-        parts.append(f"--device {device}")
-    return " ".join(parts + [f"--seed {seed}"])
+def train_command(device: str = "cpu", **args: Any) -> str:
+    """The equivalent shell command (for the model card): `train_config`'s flags, derived from the
+    config itself; where and how the run is kept (checkpoints, logging, progress) left out, and the
+    device too where it is the CPU."""
+    cfg = train_config(device=device, **args)
+    skip = {"save_steps", "save_total_limit", "logging_steps", "progress", "overwrite"}
+    if device == "cpu":
+        skip.add("device")
+    return shlex.join(["llava", "train", *to_argv(cfg, skip)])
