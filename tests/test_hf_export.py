@@ -224,3 +224,27 @@ def test_transformers_generate_equals_ours_on_anyres_model(tmp_path: Path) -> No
     _, our_ids, our_new = _our_answer(tmp_path, turns, (1, 1), None, pil, 8)
     assert hf_ids == our_ids
     assert len(hf_new) == 8 and hf_new == our_new
+
+
+def test_bundled_model_turned_anyres_by_the_trainer_answers_in_transformers_as_ours(tmp_path: Path) -> None:
+    """`llava train --model <square checkpoint> --image-aspect-ratio anyres` (LLaVA-NeXT's path) writes a
+    llava_next folder that transformers' processor and generate read exactly as we do, wide pictures too."""
+    from llava.train.build import build_model
+    from llava.train.checkpointing import write_full
+    from llava.train.config import TrainConfig
+
+    side = 96
+    cfg = TrainConfig(stage="finetune", data="unused.json", out=str(tmp_path), model=str(BUNDLED),
+                      image_aspect_ratio="anyres", image_grid_pinpoints=[(side, side), (side, 2 * side),
+                                                                         (2 * side, side), (2 * side, 2 * side)])
+    built = build_model(cfg.resolved())
+    write_full(built.model, built.model.state_dict(), built.tokenizer, built.image_processor, str(tmp_path),
+               layout=built.save_layout)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava_next"
+    turns = ["What color is the square?", "Red.", "What shape is in the picture?"]
+    pil = [PIL.Image.open(EXAMPLES / name).convert("RGB") for name in ("red_square_wide.png", "shapes.png")]
+    hf_ids, hf_new, _ = _transformers_answer(tmp_path, LlavaNextForConditionalGeneration,
+                                             _messages(turns, (1, 1)), pil, 8)
+    _, our_ids, our_new = _our_answer(tmp_path, turns, (1, 1), None, pil, 8)
+    assert hf_ids == our_ids and len(our_ids) > 2 * 72  # every picture as the whole plus tiles
+    assert len(hf_new) > 0 and hf_new == our_new

@@ -184,6 +184,7 @@ def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, t
         image_aspect_ratio="anyres", image_grid_pinpoints=grids, learning_rate=1e-2, warmup_ratio=0.0, max_steps=2)
     nxt = load_checkpoint(tmp_path / "anyres")
     assert nxt.model.config.image_aspect_ratio == "anyres" and nxt.model.config.mm_patch_merge_type == "spatial_unpad"
+    assert nxt.layout == "hf" and nxt.model.config.anyres_rounding == "hf"
     assert [tuple(p) for p in nxt.model.config.image_grid_pinpoints] == grids and nxt.image_processor.aspect == "anyres"
     assert not torch.equal(nxt.model.image_newline.detach(), fresh.model.image_newline.detach())  # it learnt
     from llava.errors import CheckpointMismatch

@@ -122,6 +122,7 @@ def _with_aspect(model: LlavaModel, processor: ImageProcessor, cfg: TrainConfig)
     merge = cfg.mm_patch_merge_type or "spatial_unpad"
     pinpoints = _grid_pinpoints(cfg, processor.crop_size)
     config.image_aspect_ratio, config.image_grid_pinpoints, config.mm_patch_merge_type = "anyres", pinpoints, merge
+    config.anyres_rounding = "hf"  # unpad as transformers does: the output is llava-hf's llava_next unless asked
     if "unpad" in merge and model.image_newline is None:  # as LlavaModel.__init__ draws it (seeded by build_model)
         hidden = config.hidden_size
         model.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
