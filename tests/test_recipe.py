@@ -335,6 +335,11 @@ def test_the_card_s_train_commands_parse_to_the_configs_the_recipe_trains_with()
         parsed = config_from_args(parser.parse_args(shlex.split(train_command(**args))[2:])).resolved().to_dict()
         assert {k: v for k, v in parsed.items() if k not in run_only} == {
             k: v for k, v in ran.items() if k not in run_only}
+    # Paths inside the run folder read $OUT/...; a sibling folder sharing its prefix does not.
+    moved = train_command(root="/r/run", **{**stages[1], "out": "/r/run/o2", "model": "/r/run2/o1",
+                                            "image_folder": "/r/run/img dir"})
+    assert "--out $OUT/o2 " in moved and "--model /r/run2/o1 " in moved
+    assert shlex.split(moved.replace("$OUT", "/x"))[shlex.split(moved).index("--image-folder") + 1] == "/x/img dir"
 
 
 def test_cli_parses_recipe_flags():

@@ -140,12 +140,19 @@ def resumable_checkpoint(cfg: TrainConfig, root: str) -> str | None:
     return latest if latest and _same_run(ckpt.read_state(latest), cfg, root) else None
 
 
-def train_command(device: str = "cpu", **args: Any) -> str:
+def train_command(device: str = "cpu", root: str | None = None, **args: Any) -> str:
     """The equivalent shell command (for the model card): `train_config`'s flags, derived from the
     config itself; where and how the run is kept (checkpoints, logging, progress) left out, and the
-    device too where it is the CPU."""
+    device too where it is the CPU. Paths inside the run folder `root` read `$OUT/...`."""
     cfg = train_config(device=device, **args)
     skip = {"save_steps", "save_total_limit", "logging_steps", "progress", "overwrite"}
     if device == "cpu":
         skip.add("device")
-    return shlex.join(["llava", "train", *to_argv(cfg, skip)])
+
+    def word(token: str) -> str:
+        if root and (token == root or token.startswith(root.rstrip(os.sep) + os.sep)):
+            rest = token[len(root.rstrip(os.sep)):]
+            return "$OUT" + rest if shlex.quote(rest) == rest or not rest else '"$OUT"' + shlex.quote(rest)
+        return shlex.quote(token)
+
+    return " ".join(["llava", "train", *map(word, to_argv(cfg, skip))])

@@ -330,7 +330,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                    data_sha=meta.get("files", {}), images_sha=meta.get("images", {}), eval_seed=eval_seed(seed),
                    train_data_sha=read_json(os.path.join(train_data, "meta.json")).get("files", {}),
                    eval_sha=eval_meta.get("files", {}).get("eval.jsonl"),
-                   commands=[train_command(**a).replace(out, "$OUT") for _, a in runs], metrics=metrics)
+                   commands=[train_command(root=out, **a) for _, a in runs], metrics=metrics)
     summary["total_seconds"] = round(sum(times.values()), 1) if carried else summary["this_run_seconds"]
     if mix_data:
         summary["mix_data_sha"] = read_json(os.path.join(run.mix_folder(train_data), "meta.json")).get("files", {})
