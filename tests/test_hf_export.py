@@ -217,13 +217,20 @@ def test_transformers_generate_equals_ours_on_anyres_model(tmp_path: Path) -> No
     assert model.image_newline is not None
     save_checkpoint(model, tok, image_processor_for(model.config), tmp_path, layout="hf")
     assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "LlavaNextProcessor"
-    turns = ["Describe the picture in detail.", "A red square.", "Where is the square?"]
-    pil = [PIL.Image.open(EXAMPLES / name).convert("RGB") for name in ("red_square_wide.png", "shapes.png")]
-    hf_ids, hf_new, _ = _transformers_answer(tmp_path, LlavaNextForConditionalGeneration,
-                                             _messages(turns, (1, 1)), pil, 8)
-    _, our_ids, our_new = _our_answer(tmp_path, turns, (1, 1), None, pil, 8)
+    hf_ids, hf_new, our_ids, our_new = _next_answers(tmp_path, ["Describe the picture in detail.", "A red square.",
+                                                                "Where is the square?"])
     assert hf_ids == our_ids
     assert len(hf_new) == 8 and hf_new == our_new
+
+
+def _next_answers(folder: Path, turns: list[str]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """transformers' LlavaNext and ours, greedy, 8 new tokens, on a wide and a square picture:
+    (their prompt ids, their new ids, our prompt ids, our new ids)."""
+    pil = [PIL.Image.open(EXAMPLES / name).convert("RGB") for name in ("red_square_wide.png", "shapes.png")]
+    hf_ids, hf_new, _ = _transformers_answer(folder, LlavaNextForConditionalGeneration, _messages(turns, (1, 1)),
+                                             pil, 8)
+    _, our_ids, our_new = _our_answer(folder, turns, (1, 1), None, pil, 8)
+    return hf_ids, hf_new, our_ids, our_new
 
 
 def test_bundled_model_turned_anyres_by_the_trainer_answers_in_transformers_as_ours(tmp_path: Path) -> None:
@@ -241,10 +248,7 @@ def test_bundled_model_turned_anyres_by_the_trainer_answers_in_transformers_as_o
     write_full(built.model, built.model.state_dict(), built.tokenizer, built.image_processor, str(tmp_path),
                layout=built.save_layout)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava_next"
-    turns = ["What color is the square?", "Red.", "What shape is in the picture?"]
-    pil = [PIL.Image.open(EXAMPLES / name).convert("RGB") for name in ("red_square_wide.png", "shapes.png")]
-    hf_ids, hf_new, _ = _transformers_answer(tmp_path, LlavaNextForConditionalGeneration,
-                                             _messages(turns, (1, 1)), pil, 8)
-    _, our_ids, our_new = _our_answer(tmp_path, turns, (1, 1), None, pil, 8)
+    hf_ids, hf_new, our_ids, our_new = _next_answers(tmp_path, ["What color is the square?", "Red.",
+                                                                "What shape is in the picture?"])
     assert hf_ids == our_ids and len(our_ids) > 2 * 72  # every picture as the whole plus tiles
     assert len(hf_new) > 0 and hf_new == our_new
