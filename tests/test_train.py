@@ -192,6 +192,14 @@ def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, t
     with pytest.raises(CheckpointMismatch, match="trained as anyres"):  # one clear error in the CLI
         run("finetune", data["chat"], tmp_path / "back", data["folder"], model=str(tmp_path / "anyres"), max_steps=1,
             image_aspect_ratio=other)
+    # Flags that would do nothing are refused; grids on an anyres checkpoint replace its own.
+    with pytest.raises(InputError, match="--image-grid-pinpoints: the checkpoint is"):
+        build_model(dataclasses.replace(asked, image_aspect_ratio=None, image_grid_pinpoints=grids))
+    with pytest.raises(CheckpointMismatch, match="--mm-patch-merge-type spatial_unpad"):
+        build_model(dataclasses.replace(asked, image_aspect_ratio=None, mm_patch_merge_type="spatial_unpad"))
+    regrid = build_model(dataclasses.replace(to_anyres, model=str(tmp_path / "anyres"), image_aspect_ratio=None,
+                                             image_grid_pinpoints=grids[:1]))
+    assert regrid.model.config.image_grid_pinpoints == grids[:1] and regrid.image_processor.pinpoints == grids[:1]
 
 
 def result_cfg(result) -> TrainConfig:

@@ -108,10 +108,20 @@ def _with_aspect(model: LlavaModel, processor: ImageProcessor, cfg: TrainConfig)
     resolutions (`--image-grid-pinpoints`, default 1.6's in units of the tower's side) and merge
     type (default spatial_unpad) go into the config, and unpadding grows a fresh image newline,
     which the finetune and lora stages train with the projector. Leaving anyres is refused: the
-    model learnt its tiles and newline."""
+    model learnt its tiles and newline. On an anyres checkpoint `--image-grid-pinpoints` replaces its
+    grids; the flags that would otherwise do nothing are refused rather than ignored."""
     config, aspect = model.config, cfg.image_aspect_ratio
     have = config.image_aspect_ratio
-    if aspect is None or aspect == have:
+    if (aspect or have) != "anyres" and cfg.image_grid_pinpoints:
+        raise InputError(f"--image-grid-pinpoints: the checkpoint is {have} and grids are anyres's; add "
+                         "--image-aspect-ratio anyres (LLaVA-NeXT's fine-tuning from a 1.5-style checkpoint)")
+    if aspect in (None, have) and cfg.mm_patch_merge_type not in (None, config.mm_patch_merge_type):
+        raise CheckpointMismatch(f"--mm-patch-merge-type {cfg.mm_patch_merge_type}: the checkpoint merges "
+                                 f"{config.mm_patch_merge_type}; leave the flag out")
+    if aspect in (None, have):
+        if have == "anyres" and cfg.image_grid_pinpoints:
+            config.image_grid_pinpoints = _grid_pinpoints(cfg, processor.crop_size)
+            return replace(processor, pinpoints=config.image_grid_pinpoints)
         return processor
     if {aspect, have} <= {"square", "pad"}:
         config.image_aspect_ratio = aspect
