@@ -511,6 +511,7 @@ def test_original_flags_map_onto_our_config(src, tmp_path):
         (1e-3, 32, 1, True, ("wandb",))
     assert (cfg.projector_type, cfg.vision_feature_layer, cfg.image_aspect_ratio, cfg.num_workers) == \
         ("mlp2x_gelu", -2, "square", 4)
+    assert cfg.mm_patch_merge_type == "flat"  # the original's default for a fresh build
     assert (cfg.save_steps, cfg.save_total_limit, cfg.warmup_ratio, cfg.lr_scheduler) == (24000, 1, 0.03, "cosine")
     text = "\n".join(notes)
     assert "--deepspeed ./scripts/zero2.json: DeepSpeed is not used; run torchrun" in text and "--strategy ddp" in text
@@ -523,7 +524,8 @@ def test_original_flags_map_onto_our_config(src, tmp_path):
     assert cfg.stage == "qlora"
     cfg, _ = config_from_original(["--model_name_or_path", src["llava"], "--data_path", "d", "--output_dir", "o"])
     assert (cfg.stage, cfg.model, cfg.language_model, cfg.template) == ("finetune", src["llava"], None, "v0")
-    assert cfg.image_aspect_ratio is None  # a checkpoint keeps its own unless --image_aspect_ratio is given
+    # a checkpoint keeps its own aspect and merge (a LLaVA-1.6 one stays spatial_unpad) unless the flags are given
+    assert cfg.image_aspect_ratio is None and cfg.mm_patch_merge_type is None
     with pytest.raises(ValueError, match="vision_tower"):
         config_from_original(["--model_name_or_path", src["lm"], "--data_path", "d", "--output_dir", "o"])
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mm_projector_type", default="linear")
     add("--mm_use_im_start_end", default=False, **flag)
     add("--mm_use_im_patch_token", default=False, **flag)
-    add("--mm_patch_merge_type", default="flat")
+    add("--mm_patch_merge_type", default=None)  # the original's default is flat; None lets a checkpoint keep its own
     add("--mm_vision_select_feature", default="patch")
     add("--unfreeze_mm_vision_tower", default=False, **flag)
     add("--mm_vision_tower_lr", type=float, default=None)
@@ -188,7 +188,8 @@ def config_from_original(argv: Sequence[str] | None = None) -> tuple[TrainConfig
         projector_type=args.mm_projector_type, vision_feature_layer=args.mm_vision_select_layer,
         vision_feature_select=args.mm_vision_select_feature,
         image_aspect_ratio=args.image_aspect_ratio if existing else args.image_aspect_ratio or "square",
-        mm_patch_merge_type=args.mm_patch_merge_type, image_grid_pinpoints=pinpoints,
+        mm_patch_merge_type=args.mm_patch_merge_type if existing else args.mm_patch_merge_type or "flat",
+        image_grid_pinpoints=pinpoints,
         pretrain_mm_mlp_adapter=args.pretrain_mm_mlp_adapter, template=template,
         unfreeze_vision_tower=bool(args.unfreeze_mm_vision_tower), freeze_projector=bool(args.freeze_mm_mlp_adapter),
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
