@@ -233,15 +233,18 @@ def _next_answers(folder: Path, turns: list[str]) -> tuple[list[int], list[int],
     return hf_ids, hf_new, our_ids, our_new
 
 
-def test_bundled_model_turned_anyres_by_the_trainer_answers_in_transformers_as_ours(tmp_path: Path) -> None:
-    """`llava train --model <square checkpoint> --image-aspect-ratio anyres` (LLaVA-NeXT's path) writes a
-    llava_next folder that transformers' processor and generate read exactly as we do, wide pictures too."""
+def test_a_model_turned_anyres_by_the_trainer_answers_in_transformers_as_ours(tmp_path: Path) -> None:
+    """`llava train --model <1.5-style checkpoint> --image-aspect-ratio anyres` (LLaVA-NeXT's path) writes
+    a llava_next folder that transformers' processor and generate read exactly as we do, wide pictures too."""
     from llava.train.build import build_model
     from llava.train.checkpointing import write_full
     from llava.train.config import TrainConfig
 
-    side = 96
-    cfg = TrainConfig(stage="finetune", data="unused.json", out=str(tmp_path), model=str(BUNDLED),
+    model, tok = tiny_model("tiny", seed=2)
+    assert model.config.image_aspect_ratio != "anyres"
+    save_checkpoint(model, tok, image_processor_for(model.config), tmp_path / "v15", layout="hf")
+    side = model.config.vision_config.image_size
+    cfg = TrainConfig(stage="finetune", data="unused.json", out=str(tmp_path), model=str(tmp_path / "v15"),
                       image_aspect_ratio="anyres", image_grid_pinpoints=[(side, side), (side, 2 * side),
                                                                          (2 * side, side), (2 * side, 2 * side)])
     built = build_model(cfg.resolved())
@@ -250,5 +253,6 @@ def test_bundled_model_turned_anyres_by_the_trainer_answers_in_transformers_as_o
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava_next"
     hf_ids, hf_new, our_ids, our_new = _next_answers(tmp_path, ["What color is the square?", "Red.",
                                                                 "What shape is in the picture?"])
-    assert hf_ids == our_ids and len(our_ids) > 2 * 72  # every picture as the whole plus tiles
+    tokens_per_crop = (side // model.config.vision_config.patch_size) ** 2
+    assert hf_ids == our_ids and len(our_ids) > 2 * 2 * tokens_per_crop  # every picture as the whole plus tiles
     assert len(hf_new) > 0 and hf_new == our_new
