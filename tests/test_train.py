@@ -193,6 +193,9 @@ def test_a_checkpoint_keeps_its_aspect_mode_unless_one_is_asked_for(src, data, t
         run("finetune", data["chat"], tmp_path / "back", data["folder"], model=str(tmp_path / "anyres"), max_steps=1,
             image_aspect_ratio=other)
     # Flags that would do nothing are refused; grids on an anyres checkpoint replace its own.
+    with pytest.raises(ValueError, match="anyres's grids; this build is pad"):
+        TrainConfig(stage="finetune", data="d", out="o", language_model=src["lm"], vision_tower=src["tower"],
+                    image_grid_pinpoints=grids).resolved()
     with pytest.raises(InputError, match="--image-grid-pinpoints: the checkpoint is"):
         build_model(dataclasses.replace(asked, image_aspect_ratio=None, image_grid_pinpoints=grids))
     with pytest.raises(CheckpointMismatch, match="--mm-patch-merge-type spatial_unpad"):

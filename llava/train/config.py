@@ -239,6 +239,9 @@ class TrainConfig:
             raise ValueError(f"unknown image aspect ratio {self.image_aspect_ratio!r}; valid: {ASPECT_RATIOS}")
         if self.mm_patch_merge_type not in MERGE_TYPES and (fresh or self.mm_patch_merge_type is not None):
             raise ValueError(f"unknown patch merge type {self.mm_patch_merge_type!r}; valid: {MERGE_TYPES}")
+        if fresh and self.image_grid_pinpoints and self.image_aspect_ratio != "anyres":
+            raise ValueError(f"--image-grid-pinpoints are anyres's grids; this build is {self.image_aspect_ratio} "
+                             "(add --image-aspect-ratio anyres)")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.lr_scheduler!r}; valid: {', '.join(SCHEDULERS)}")
         for name in self.report_to:
