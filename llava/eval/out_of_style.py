@@ -145,6 +145,12 @@ def answer_of(category: str, drawing: Drawing, fields: Mapping[str, str]) -> str
     return "left" if named["a"].x < named["b"].x else "right"
 
 
+def _center_square(width: int, height: int) -> tuple[float, float, int]:
+    """(left, top, side) of the square a shortest-edge + centre-crop processor keeps, in pixels."""
+    short = min(width, height)
+    return (width - short) / 2, (height - short) / 2, short
+
+
 def make_question(seed: int, i: int, category: str, wording: str, answer: str,
                   first_picture: bool = False) -> tuple[dict[str, Any], Drawing]:
     """Question `i` of the set (its row, without the image path) and its drawing."""
@@ -153,8 +159,7 @@ def make_question(seed: int, i: int, category: str, wording: str, answer: str,
     if answer_of(category, drawing, fields) != answer:
         raise RuntimeError(f"question {i}: scene does not answer {answer!r}")
     template = _template(rng, category, wording, len(drawing.items) == 1)
-    short = min(drawing.width, drawing.height)
-    x0, y0 = (drawing.width - short) / 2, (drawing.height - short) / 2
+    x0, y0, short = _center_square(drawing.width, drawing.height)
     row = {"question_id": i, "text": template.format(**fields) + SHORT_SUFFIX, "answer": answer,
            "category": category, "wording": wording, "template": template, "fields": fields,
            "n_objects": len(drawing.items), "outline": any(o.style == "outline" for o in drawing.items),
@@ -212,9 +217,7 @@ def seen_after_center_crop(row: Mapping[str, Any]) -> bool:
     """Whether a square-mode image processor (shortest edge, then a centre crop) keeps the centre
     of every deciding item: on a wide or tall picture it cuts the sides off, and what it cut no
     square-mode model can answer about. (Pad and anyres keep the whole picture.)"""
-    width, height = row["canvas"]
-    short = min(width, height)
-    x0, y0 = (width - short) / 2, (height - short) / 2
+    x0, y0, short = _center_square(*row["canvas"])
     return all(x0 <= o["x"] <= x0 + short and y0 <= o["y"] <= y0 + short for o in deciding_items(row))
 
 
@@ -236,10 +239,9 @@ def evaluate_out_of_style(pipe: Any, data_dir: str | os.PathLike, batch_size: in
         subset = [q for q in questions if q.get("wording") == wording]
         result[wording] = {**score(subset, answers), "chance": chance_levels(subset)}
     seen = [q for q in questions if seen_after_center_crop(q)]
-    per_category = Counter(q["category"] for q in questions)
+    asked, kept = Counter(q["category"] for q in questions), Counter(q["category"] for q in seen)
     result["after_crop"] = {**score(seen, answers), "chance": chance_levels(seen),
-                            "share": {c: round(100.0 * sum(q["category"] == c for q in seen) / n, 2)
-                                      for c, n in per_category.items()}}
+                            "share": {c: round(100.0 * kept[c] / n, 2) for c, n in asked.items()}}
     result["blank"] = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True)
     return result
 

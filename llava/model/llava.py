@@ -35,7 +35,12 @@ class LlavaModel(nn.Module):
                                else AutoModelForCausalLM.from_config(config.text_config))
         self.image_newline = None
         if "unpad" in config.mm_patch_merge_type:
-            self.image_newline = nn.Parameter(torch.randn(config.hidden_size) / config.hidden_size**0.5)
+            self.add_image_newline()
+
+    def add_image_newline(self) -> None:
+        """A fresh image newline (spatial_unpad's row separator), scaled like an embedding."""
+        hidden = self.config.hidden_size
+        self.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
 
     # Properties ---------------------------------------------------------------------------
     @property

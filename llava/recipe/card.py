@@ -34,11 +34,16 @@ def metrics_table(real: Mapping[str, Any], blank: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _aspect(spec: Mapping[str, Any]) -> str:
+    """The recipe's model's aspect mode: pad (the varied world throughout), the mixed phase's, or square."""
+    return "pad" if spec.get("world") == "varied" else spec.get("s2_mix_aspect") or "square"
+
+
 def _how_the_model_sees(spec: Mapping[str, Any]) -> str:
     """How the image processor frames a non-square picture for this recipe's model."""
-    if spec.get("world") == "varied":
+    if _aspect(spec) == "pad":
         return "padded to a square by the image processor, as LLaVA-1.5 does"
-    if spec.get("s2_mix_aspect") == "anyres":
+    if _aspect(spec) == "anyres":
         grids = ", ".join(f"{c}x{r}" for c, r in spec.get("s2_mix_grids", ()))
         return (f"which its last phase sees as LLaVA-NeXT does: the whole picture plus tiles of the tower's side "
                 f"on the best of the grids {grids}, columns x rows")
@@ -131,8 +136,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
               f" (so the patch tokens keep where they are)" if v.get("sincos_positions") else "")
     lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
     lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
-    square = spec.get("world") != "varied" and not spec.get("s2_mix_aspect")
-    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {}), square) + "\n"
+    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {}), _aspect(spec) == "square")
+           + "\n"
            if "out_of_style" in m else "")
     look = (f"\nThe varied world (`llava.data.synth_varied`): canvases of 64-384 px up to 2:1 either way "
             f"({_how_the_model_sees(spec)}), one shape filling the picture or up to five small "

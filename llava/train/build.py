@@ -115,10 +115,10 @@ def _with_aspect(model: LlavaModel, processor: ImageProcessor, cfg: TrainConfig)
     if (aspect or have) != "anyres" and cfg.image_grid_pinpoints:
         raise InputError(f"--image-grid-pinpoints: the checkpoint is {have} and grids are anyres's; add "
                          "--image-aspect-ratio anyres (LLaVA-NeXT's fine-tuning from a 1.5-style checkpoint)")
-    if aspect in (None, have) and cfg.mm_patch_merge_type not in (None, config.mm_patch_merge_type):
-        raise CheckpointMismatch(f"--mm-patch-merge-type {cfg.mm_patch_merge_type}: the checkpoint merges "
-                                 f"{config.mm_patch_merge_type}; leave the flag out")
     if aspect in (None, have):
+        if cfg.mm_patch_merge_type not in (None, config.mm_patch_merge_type):
+            raise CheckpointMismatch(f"--mm-patch-merge-type {cfg.mm_patch_merge_type}: the checkpoint merges "
+                                     f"{config.mm_patch_merge_type}; leave the flag out")
         if have == "anyres" and cfg.image_grid_pinpoints:
             config.image_grid_pinpoints = _grid_pinpoints(cfg, processor.crop_size)
             return replace(processor, pinpoints=config.image_grid_pinpoints)
@@ -133,9 +133,8 @@ def _with_aspect(model: LlavaModel, processor: ImageProcessor, cfg: TrainConfig)
     pinpoints = _grid_pinpoints(cfg, processor.crop_size)
     config.image_aspect_ratio, config.image_grid_pinpoints, config.mm_patch_merge_type = "anyres", pinpoints, merge
     config.anyres_rounding = "hf"  # unpad as transformers does: the output is llava-hf's llava_next unless asked
-    if "unpad" in merge and model.image_newline is None:  # as LlavaModel.__init__ draws it (seeded by build_model)
-        hidden = config.hidden_size
-        model.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
+    if "unpad" in merge and model.image_newline is None:
+        model.add_image_newline()  # seeded by build_model
     return replace(processor, aspect="anyres", pinpoints=pinpoints)
 
 
