@@ -18,7 +18,7 @@ from llava.errors import InputError
 from llava.generate import Engine, Request, SamplingParams
 from llava.generate.compiled import gemv
 from llava.model.quantize import quantize_language_model, quantized_layers
-from llava.model.int8_dynamic import Int8DynamicLinear
+from llava.model.int8_dynamic import Int8DynamicLinear, PackedInt8DynamicLinear, exact_unsigned_product
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
 # Relative error of one layer's output against fp32 (nn.Linear's uniform init). Measured 2026-12:
@@ -200,8 +200,8 @@ def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,pack", [(None, False), (None, True), ("int8-dynamic", False), ("int8-weight", False),
-                                       ("int4-weight", False)])
+@pytest.mark.parametrize("mode,pack", [(None, False), (None, True), ("int8-dynamic", False), ("int8-dynamic", True),
+                                       ("int8-weight", False), ("int4-weight", False)])
 def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     """Batches take the compiled step too (oneDNN linears, packed ones through the `llava::onednn_linear`
     op): a left-padded batch step by step, then with a row gone (another batch size: one more
@@ -211,6 +211,8 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
         model = quantize_language_model(copy.deepcopy(model), mode)
     eager = Engine(model, tok, eos_token_ids=[], pack_weights=pack)
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=pack)
+    if mode == "int8-dynamic" and pack and exact_unsigned_product():  # the step reads the reordered copies
+        assert isinstance(compiled.compiled_lean.layers[0].qkv, PackedInt8DynamicLinear)
     batch = _requests(model, 8) + _requests(model, 9)
     state_e, state_c = eager.prefill(batch, 12), compiled.prefill(batch, 12)
     for step in range(10):

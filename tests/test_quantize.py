@@ -90,6 +90,44 @@ def test_int8_dynamic_linear_is_the_integer_product_of_its_codes(in_features, ou
     torch.testing.assert_close(compiled(one), layer(one), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_features,out_features,bias", [(37, 11, True), (64, 48, False)])
+def test_int8_dynamic_packed_form_gives_the_layers_products(in_features, out_features, bias):
+    """Batches may read a oneDNN-reordered copy (`WeightPacker`): the same integer products (one
+    row keeps `_int_mm`), made once per weight; on a CPU whose oneDNN would saturate, no copy."""
+    from llava.model.int8_dynamic import Int8DynamicLinear, PackedInt8DynamicLinear, exact_unsigned_product
+    from llava.model.onednn import WeightPacker
+
+    g = torch.Generator().manual_seed(1)
+    layer = Int8DynamicLinear.from_linear(nn.Linear(in_features, out_features, bias=bias))
+    packer = WeightPacker()
+    packed = packer.part(layer)
+    if not exact_unsigned_product():
+        assert packed is None
+        return
+    assert isinstance(packed, PackedInt8DynamicLinear) and packer.part(layer).packed is packed.packed
+    assert packer.nbytes == layer.weight.numel()
+    for rows in (1, 2, 8, 40):
+        x = torch.randn(3, rows, in_features, generator=g) * 4
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(packed(x.bfloat16()), layer(x.bfloat16()), rtol=0, atol=0)
+    # the largest codes in every position: exact where 16-bit pair sums would overflow
+    extreme = torch.where(layer.weight[:1].float() >= 0, 1.0, -1.0).repeat(4, 1)
+    torch.testing.assert_close(packed(extreme), layer(extreme), rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(lambda x: packed(x))
+    x = torch.randn(5, in_features, generator=g)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_dynamic_is_not_packed_where_onednn_would_saturate(monkeypatch):
+    import llava.model.int8_dynamic as int8_dynamic
+    from llava.model.onednn import WeightPacker
+
+    monkeypatch.setattr(int8_dynamic, "exact_unsigned_product", lambda: False)
+    layer = int8_dynamic.Int8DynamicLinear.from_linear(nn.Linear(32, 16))
+    packer = WeightPacker()
+    assert packer.part(layer) is None and packer.nbytes == 0
+
+
 def test_int8_dynamic_quantizes_a_bf16_model_too(tiny):
     model, tok, req = tiny
     half = copy.deepcopy(model).to(torch.bfloat16)

@@ -16,7 +16,8 @@ graph, decoded bench-200m at 107-110 tokens/s against the reduction's 129-144, a
 boundary keeps the norm that feeds each linear out of its loop.
 
 Batches take the same step, with their linears on oneDNN (`decode_linear`; packed copies
-through the `llava::onednn_linear` op): at 8 rows the reductions re-read each weight row per
+through the `llava::onednn_linear` op, and int8-dynamic layers' through oneDNN's packed int8
+kernel, `llava::packed_int8_product`, when the engine packs weights): at 8 rows the reductions re-read each weight row per
 input row and ran ~3x slower than a GEMM. Compiled, a batch of 8 loses the eager forward's
 per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800 with packed weights). A batch's
 first step compiles once for its size; when rows leave, the next size compiles once more with
@@ -118,8 +119,21 @@ class CompiledDecoder:
         for plan in self.layers:
             plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
             plan.gate_up = fuse_outputs((plan.gate, plan.up))
-        self.head = _linear_part(decoder.lm.get_output_embeddings(), decoder.packer)
+            called = ("o", "down") + (("qkv",) if plan.qkv is not None else ("q", "k", "v")) + (
+                ("gate_up",) if plan.gate_up is not None else ("gate", "up"))
+            for name in called:
+                setattr(plan, name, self._for_batches(getattr(plan, name)))
+        self.head = self._for_batches(_linear_part(decoder.lm.get_output_embeddings(), decoder.packer))
         self._compiled = torch.compile(_own_code(self._step), dynamic=None)
+
+    def _for_batches(self, part: Linear | None) -> Linear | None:
+        """A quantized layer with a packed copy for batches, where the engine packs weights and the
+        layer packs (`llava.model.int8_dynamic`); its parts' own copies would only add memory, so
+        only the layers the step calls are packed (after fusing)."""
+        packer = self.decoder.packer
+        if packer is None or not isinstance(part, torch.nn.Module) or type(part) is torch.nn.Linear:
+            return part
+        return packer.part(part) or part
 
     def step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
              cache: KVCache, column: int) -> torch.Tensor:

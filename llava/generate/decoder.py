@@ -75,7 +75,7 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | nn.Module  # see LayerPlan
+Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | nn.Module | Callable  # see LayerPlan
 
 
 @dataclass(slots=True)
@@ -83,7 +83,8 @@ class LayerPlan:
     """One decoder layer's parts, read off the model at prefill so a decode step does no module lookups.
 
     A plain nn.Linear is kept as its (weight, bias), or as a `PackedLinear` when packing; anything
-    else (int8, bitsandbytes, LoRA) as the module, whose own forward then runs.
+    else (int8, bitsandbytes, LoRA) as the module, whose own forward then runs (in the compiled
+    step, an int8-dynamic layer may be its packed form: `CompiledDecoder._for_batches`).
     """
 
     input_norm: nn.Module
@@ -96,8 +97,8 @@ class LayerPlan:
     up: Linear
     down: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
-    qkv: nn.Module | None = None  # q, k and v as one quantized layer (the compiled step's; `fuse_outputs`)
-    gate_up: nn.Module | None = None  # gate and up, likewise
+    qkv: Linear | None = None  # q, k and v as one quantized layer (the compiled step's; `fuse_outputs`)
+    gate_up: Linear | None = None  # gate and up, likewise
 
 
 def _linear_part(module: nn.Module, packer: WeightPacker | None = None) -> Linear:

@@ -112,7 +112,8 @@ class Engine:
     up front and lifts bench-200m's batch-1 decode 2-3x. pack_weights=True gives the lean
     forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
     faster prefills and batches (bench-200m's compiled batch of 8: fp32 ~1.5x, bf16 ~1.6x), at the cost
-    of a second copy of the language model's weights; elsewhere it changes nothing.
+    of a second copy of the language model's weights; with compile=True, int8-dynamic layers get
+    one too, for batches (~1.3x at 8 rows; `llava.model.int8_dynamic`); elsewhere it changes nothing.
     kv_cache_dtype (lean forward only; default the model's dtype) stores keys and values in
     another dtype: torch.bfloat16 halves what each decode step's attention reads, as llama.cpp
     keeps its cache in f16 under f32 weights (attention still computes in the model's dtype).

@@ -17,10 +17,21 @@ over 32 tokens, but on random weights the first token already differs; benchmark
 
 One code path serves every row count, eager and inside `torch.compile` (Inductor fuses the
 activation quantization and the rescale around the `_int_mm` call). Any shape works.
+
+Batches of a few rows read the weights badly through `_int_mm` (8 rows: ~16 GB/s against ~44
+for one row; bench-200m's linears, 2 AVX-512 VNNI cores). oneDNN's quantized linear on a weight
+it has reordered (`onednn.qlinear_prepack`, the kernel PyTorch's x86 int8 inference path uses)
+reads them at ~30 GB/s from 2 to 8 rows, but not faster for one row (34) nor for hundreds. So
+`packed_weight()` makes that copy for the compiled step's batches (`Engine(pack_weights=True)`,
+as for float weights). It takes unsigned activations: the codes shifted by 128, with the shift's
+product subtracted by oneDNN (exact where the CPU multiplies u8 x s8 into 32 bits, VNNI; on
+AVX2 alone pairs of such products saturate 16 bits, so there it declines: checked once).
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -63,12 +74,80 @@ class Int8DynamicLinear(nn.Module):
                    share_rows(parts, "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        row_scale = rows.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-        codes = (rows / row_scale).round().to(torch.int8)
-        product = torch._int_mm(codes, self.weight.t())  # the transposed view: oneDNN's fast one-row path
-        out = (product.float() * row_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+        codes, row_scale = _row_codes(x)
+        product = torch._int_mm(codes.to(torch.int8), self.weight.t())  # the transposed view: the fast one-row path
+        return self._finish(product.float() * row_scale * self.scale, x)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def packed_weight(self) -> torch.Tensor | None:
+        """The weight reordered by oneDNN for batches (module docstring), or None where this CPU's
+        oneDNN does not multiply unsigned activations exactly. `llava.model.onednn.WeightPacker`
+        keeps it; `on_packed` uses it."""
+        if self.weight.device.type != "cpu" or not exact_unsigned_product():
+            return None
+        return torch.ops.onednn.qlinear_prepack(self.weight, None)
+
+    def on_packed(self, packed: torch.Tensor) -> "PackedInt8DynamicLinear":
+        return PackedInt8DynamicLinear(self, packed, torch.zeros(self.out_features, dtype=torch.int64))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _row_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows as integer codes in -127..127 (held in fp32) and their per-row scales."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    row_scale = rows.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return (rows / row_scale).round(), row_scale
+
+
+@dataclass(frozen=True, slots=True)
+class PackedInt8DynamicLinear:
+    """An `Int8DynamicLinear` whose weight oneDNN has also reordered: one row goes through the
+    layer itself (`_int_mm` reads faster there), more through `packed_int8_product`."""
+
+    module: Int8DynamicLinear
+    packed: torch.Tensor
+    zero_points: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return self.module(x)
+        codes, row_scale = _row_codes(x)
+        product = packed_int8_product((codes + 128).to(torch.uint8), self.packed, self.module.scale, self.zero_points)
+        return self.module._finish(product * row_scale, x)
+
+
+@torch.library.custom_op("llava::packed_int8_product", mutates_args=())
+def packed_int8_product(codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+                        zero_points: torch.Tensor) -> torch.Tensor:
+    """(codes - 128) [rows, in] @ weight.T * weight_scale in fp32, `packed` the weight reordered by
+    `onednn.qlinear_prepack`; an op `torch.compile` keeps whole (it cannot trace the opaque copy)."""
+    return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, weight_scale, zero_points, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
+@packed_int8_product.register_fake
+def _packed_int8_product_shape(codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+                               zero_points: torch.Tensor) -> torch.Tensor:
+    return codes.new_empty(codes.shape[0], weight_scale.shape[0], dtype=torch.float32)
+
+
+@functools.cache
+def exact_unsigned_product() -> bool:
+    """Whether oneDNN's quantized linear gives `_int_mm`'s exact products for the largest codes
+    (255 x +-127 in every pair of a row, where 16-bit pair sums would saturate)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return False
+    weight = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32, [-127, 127] * 32], dtype=torch.int8)
+    codes = torch.tensor([[255] * 64, [1] * 64, [255, 1] * 32], dtype=torch.uint8)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        got = packed_int8_product(codes, packed, torch.ones(4), torch.zeros(4, dtype=torch.int64))
+    except RuntimeError:
+        return False
+    want = torch._int_mm((codes.int() - 128).to(torch.int8), weight.t()).float()
+    return torch.equal(got, want)

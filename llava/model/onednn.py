@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,22 +110,28 @@ class WeightPacker:
     def __init__(self) -> None:
         self._copies: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
-    def part(self, module: nn.Linear) -> PackedLinear | None:
-        """`module` as a `PackedLinear`, or None when its weight cannot be packed here."""
-        weight, bias = module.weight, module.bias
-        if weight.device.type != "cpu" or weight.dtype not in packable_dtypes():
+    def part(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """`module` on a packed copy of its weight, or None when it cannot be packed here: an
+        `nn.Linear` as a `PackedLinear`; a quantized layer that packs itself (`packed_weight()`,
+        `on_packed(copy)`: `llava.model.int8_dynamic`) as what `on_packed` returns."""
+        weight, own = module.weight, type(module) is nn.Linear
+        if own and (weight.device.type != "cpu" or weight.dtype not in packable_dtypes()
+                    or (module.bias is not None and module.bias.dtype != weight.dtype)):
             return None
-        if bias is not None and bias.dtype != weight.dtype:
+        if not own and not callable(getattr(module, "packed_weight", None)):
             return None
         key = id(weight)
         state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)  # `.to()` keeps the Parameter
         held = self._copies.get(key)
         if held is None or held[0]() is not weight or held[1] != state:
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+                packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None) if own
+                          else module.packed_weight())
+            if packed is None:
+                return None
             held = (weakref.ref(weight), state, packed)
             self._copies[key] = held
-        return PackedLinear(held[2], weight, bias)
+        return PackedLinear(held[2], weight, module.bias) if own else module.on_packed(held[2])
 
     def forget_dead(self) -> None:
         """Drop the copies of weights that no longer exist (modules replaced or freed since)."""
