@@ -306,6 +306,19 @@ def test_each_engine_compiles_within_a_budget_of_its_own(tiny):
     assert counters["stats"]["unique_graphs"] >= 4  # a refused compilation runs eagerly: fewer graphs
 
 
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-weight", "int4-weight"])
+def test_every_quantized_mode_takes_packed_weights(tiny, mode):
+    """pack_weights beside compile=True is asked for every mode (the CLI's `--pack-weights`): the
+    layers that pack themselves are packed, the others stay themselves, and the engine is built."""
+    model, tok = tiny
+    model = quantize_language_model(copy.deepcopy(model), mode)
+    compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=True)
+    plan = compiled.compiled_lean.layers[0]
+    packs = mode == "int8-dynamic" and exact_unsigned_product()
+    assert isinstance(plan.qkv, PackedInt8DynamicLinear) == packs
+    assert isinstance(plan.down, PackedInt8DynamicLinear) == packs
+
+
 @pytest.mark.slow
 def test_compiled_step_beside_packed_weights(tiny):
     """With pack_weights the compiled one-row step keeps its reductions over the plain weights while

@@ -128,6 +128,18 @@ def test_int8_dynamic_is_not_packed_where_onednn_would_saturate(monkeypatch):
     assert packer.part(layer) is None and packer.nbytes == 0
 
 
+def test_layers_that_do_not_pack_themselves_are_left_alone():
+    """Only plain linears and layers with `packed_weight()` get copies; the weight-only layers (an
+    int4 one has no `weight` at all) stay as they are."""
+    from llava.model.onednn import WeightPacker
+    from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    packer = WeightPacker()
+    for kind in (Int4WeightOnlyLinear, Int8WeightOnlyLinear):
+        assert packer.part(kind.from_linear(nn.Linear(64, 64))) is None
+    assert packer.nbytes == 0
+
+
 def test_int8_dynamic_quantizes_a_bf16_model_too(tiny):
     model, tok, req = tiny
     half = copy.deepcopy(model).to(torch.bfloat16)

@@ -17,9 +17,10 @@ boundary keeps the norm that feeds each linear out of its loop.
 
 Batches take the same step, with their linears on oneDNN (`decode_linear`; packed copies
 through the `llava::onednn_linear` op, and int8-dynamic layers' through oneDNN's packed int8
-kernel, `llava::packed_int8_product`, when the engine packs weights): at 8 rows the reductions re-read each weight row per
-input row and ran ~3x slower than a GEMM. Compiled, a batch of 8 loses the eager forward's
-per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800 with packed weights). A batch's
+kernel, `llava::packed_int8_product`, when the engine packs weights): at 8 rows the
+reductions re-read each weight row per input row and ran ~3x slower than a GEMM. Compiled, a
+batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800
+with packed weights; int8-dynamic 840 -> 1080 with packed weights). A batch's
 first step compiles once for its size; when rows leave, the next size compiles once more with
 the batch dimension symbolic, and that graph serves every size from then on.
 

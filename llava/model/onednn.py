@@ -114,11 +114,12 @@ class WeightPacker:
         """`module` on a packed copy of its weight, or None when it cannot be packed here: an
         `nn.Linear` as a `PackedLinear`; a quantized layer that packs itself (`packed_weight()`,
         `on_packed(copy)`: `llava.model.int8_dynamic`) as what `on_packed` returns."""
-        weight, own = module.weight, type(module) is nn.Linear
+        own = type(module) is nn.Linear
+        if not own and not callable(getattr(module, "packed_weight", None)):
+            return None
+        weight = module.weight
         if own and (weight.device.type != "cpu" or weight.dtype not in packable_dtypes()
                     or (module.bias is not None and module.bias.dtype != weight.dtype)):
-            return None
-        if not own and not callable(getattr(module, "packed_weight", None)):
             return None
         key = id(weight)
         state = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)  # `.to()` keeps the Parameter
