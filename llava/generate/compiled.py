@@ -132,7 +132,7 @@ class CompiledDecoder:
         layer packs (`llava.model.int8_dynamic`); its parts' own copies would only add memory, so
         only the layers the step calls are packed (after fusing)."""
         packer = self.decoder.packer
-        if packer is None or not isinstance(part, torch.nn.Module) or type(part) is torch.nn.Linear:
+        if packer is None or not isinstance(part, torch.nn.Module):  # plain linears are planned already
             return part
         return packer.part(part) or part
 

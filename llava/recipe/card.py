@@ -41,9 +41,10 @@ def _aspect(spec: Mapping[str, Any]) -> str:
 
 def _how_the_model_sees(spec: Mapping[str, Any]) -> str:
     """How the image processor frames a non-square picture for this recipe's model."""
-    if _aspect(spec) == "pad":
+    aspect = _aspect(spec)
+    if aspect == "pad":
         return "padded to a square by the image processor, as LLaVA-1.5 does"
-    if _aspect(spec) == "anyres":
+    if aspect == "anyres":
         grids = ", ".join(f"{c}x{r}" for c, r in spec.get("s2_mix_grids", ()))
         return (f"which its last phase sees as LLaVA-NeXT does: the whole picture plus tiles of the tower's side "
                 f"on the best of the grids {grids}, columns x rows")
