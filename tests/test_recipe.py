@@ -548,6 +548,32 @@ def test_a_last_phase_in_a_second_world_trains_on_both_worlds_chats(small_run, t
 
 
 @pytest.mark.slow
+def test_the_tower_pretrains_on_the_second_world_s_scenes_too(small_run, tmp_path):
+    """`vision_mix_scenes`: stage 0's tower reads that many scenes of the mixed phase's world beside
+    its own (their images in a folder inside its scenes folder); a restart with it retrains the tower
+    and what depends on it, but keeps the tokenizer and the LM, whose data did not change."""
+    from llava.recipe import SIZES, run_recipe
+    from llava.train.data import load_records, validate_record
+
+    out, _ = small_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy)
+    spec = dataclasses.replace(SIZES["small"], vision_mix_scenes=12)
+    summary = run_recipe(str(copy), seed=0, size=spec, threads=1, reuse=True, echo=lambda _: None)
+    assert {"stage0_tokenizer", "stage0_lm"} <= set(summary["reused_stages"])
+    assert not {"stage0_vision", "stage1"} & set(summary["reused_stages"])
+    scenes = copy / "stage0" / "scenes"
+    rows = load_records(scenes / "vision_pretrain.json")
+    own = load_records(scenes / "pretrain.json")
+    assert rows[:len(own)] == own and len(rows) == len(own) + 12
+    assert all(r["image"].startswith("mix_varied/") for r in rows[len(own):])
+    assert all(validate_record(r, image_folder=str(scenes)) == [] for r in rows)
+    assert summary["stages"]["stage0_vision"]["pairs"] == len(rows)
+    card = (copy / "stage2" / "README.md").read_text()
+    assert f"captions of {len(own)} scenes and 12 of the varied world's scenes" in card
+
+
+@pytest.mark.slow
 def test_killed_recipe_resumes_its_stage_from_the_last_checkpoint(small_run, tmp_path):
     """A real `llava recipe` process killed in stage 2 restarts (--reuse) from that stage's last
     checkpoint and ends with the weights of the uninterrupted run; no checkpoint stays behind."""

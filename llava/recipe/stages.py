@@ -20,7 +20,8 @@ _DATA_FIELDS = ("n", "vocab", "text_chats", "text_mc", "max_objects", "world")
 _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
     "stage0_tokenizer": _DATA_FIELDS,
     "stage0_vision": _DATA_FIELDS + ("vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
-                                     "vision_negatives", "grounding_weight", "order_weight"),
+                                     "vision_negatives", "grounding_weight", "order_weight", "vision_mix_scenes",
+                                     "s2_mix_world"),
     "stage0_lm": _DATA_FIELDS + ("lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
 

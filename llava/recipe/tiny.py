@@ -187,12 +187,29 @@ class _RecipeRun:
             return self._reused_stage("stage0_vision", self.tower, ("binding", "grounding"))
         scenes = self.superset(os.path.join(self.stage0, "scenes"), spec.vision_scenes, text_only=0)
         return self.made(self.tower, pretrain_vision(
-            os.path.join(scenes, "pretrain.json"), scenes, tokenizer, self.tower, spec.vision,
+            self.vision_captions(scenes), scenes, tokenizer, self.tower, spec.vision,
             steps=spec.vision_steps, batch_size=spec.vision_batch, lr=spec.vision_lr, seed=self.seed,
             device=self.device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(self.eval_dir, image_size=spec.vision.image_size),
             grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
             check_every=max(1, spec.vision_steps // 6)), started)
+
+    def vision_captions(self, scenes: str) -> str:
+        """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`
+        beside it that adds as many scenes of the mixed phase's world (generated into a folder inside
+        `scenes`, so one image folder serves both worlds; the same seed's scenes as stage 2 trains on)."""
+        spec = self.spec
+        if not spec.vision_mix_scenes:
+            return os.path.join(scenes, "pretrain.json")
+        folder = self._kept_or_generated(os.path.join(scenes, f"mix_{spec.s2_mix_world}"), spec.vision_mix_scenes,
+                                         0, "stage0_mix_scenes", spec.s2_mix_world)
+        prefix = os.path.basename(folder)
+        rows = read_json(os.path.join(scenes, "pretrain.json")) + [
+            {**r, "image": f"{prefix}/{r['image']}"} for r in read_json(os.path.join(folder, "pretrain.json"))]
+        path = os.path.join(scenes, "vision_pretrain.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rows, f)
+        return path
 
     def language_model(self, tokenizer) -> dict[str, Any]:
         """Stage 0c: the Llama LM, on the scenes' descriptions and chats as text."""
