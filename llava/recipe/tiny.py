@@ -46,6 +46,20 @@ class _Timer:
         return result
 
 
+def _rows_inside(folder: str, name: str) -> list[dict[str, Any]]:
+    """The rows of `folder/name`, their images named from the folder above (`folder` sits inside
+    another data folder, so one image folder serves both)."""
+    prefix = os.path.basename(folder)
+    return [{**r, "image": f"{prefix}/{r['image']}"} if "image" in r else r
+            for r in read_json(os.path.join(folder, name))]
+
+
+def _write_rows(path: str, rows: list[dict[str, Any]]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f)
+    return path
+
+
 class _RecipeRun:
     """One run of the recipe into `out`: where each part goes, which parts an earlier run left that
     may be kept (`reuse`), and the wall time of each part."""
@@ -144,14 +158,9 @@ class _RecipeRun:
         spec = self.spec
         folder = self._kept_or_generated(self.mix_folder(train_data), spec.s2_mix_scenes,
                                          self.text_chats(spec.s2_mix_scenes), "mix_data", spec.s2_mix_world)
-        prefix = os.path.basename(folder)
-        rows = [{**r, "image": f"{prefix}/{r['image']}"} if "image" in r else r
-                for r in read_json(os.path.join(folder, "instruct.json"))]
         main = [r for r in read_json(os.path.join(train_data, "instruct.json")) if "image" in r]
-        path = os.path.join(train_data, "mix_instruct.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(rows + main[:spec.s2_mix_main_chats], f)
-        return path
+        return _write_rows(os.path.join(train_data, "mix_instruct.json"),
+                           _rows_inside(folder, "instruct.json") + main[:spec.s2_mix_main_chats])
 
     # stage 0 -----------------------------------------------------------------------------------
     def tokenizer(self):
@@ -203,13 +212,8 @@ class _RecipeRun:
             return os.path.join(scenes, "pretrain.json")
         folder = self._kept_or_generated(os.path.join(scenes, f"mix_{spec.s2_mix_world}"), spec.vision_mix_scenes,
                                          0, "stage0_mix_scenes", spec.s2_mix_world)
-        prefix = os.path.basename(folder)
-        rows = read_json(os.path.join(scenes, "pretrain.json")) + [
-            {**r, "image": f"{prefix}/{r['image']}"} for r in read_json(os.path.join(folder, "pretrain.json"))]
-        path = os.path.join(scenes, "vision_pretrain.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(rows, f)
-        return path
+        return _write_rows(os.path.join(scenes, "vision_pretrain.json"),
+                           read_json(os.path.join(scenes, "pretrain.json")) + _rows_inside(folder, "pretrain.json"))
 
     def language_model(self, tokenizer) -> dict[str, Any]:
         """Stage 0c: the Llama LM, on the scenes' descriptions and chats as text."""
