@@ -201,11 +201,13 @@ def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,pack", [(None, False), (None, True), ("int8-dynamic", False), ("int8-dynamic", True),
-                                       ("int8-weight", False), ("int4-weight", False)])
+                                       ("int8-weight", False), ("int8-weight", True), ("int4-weight", False),
+                                       ("int4-weight", True)])
 def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     """Batches take the compiled step too (oneDNN linears, packed ones through the `llava::onednn_linear`
-    op): a left-padded batch step by step, then with a row gone (another batch size: one more
-    compilation, with the batch dimension symbolic), against the eager lean forward's logits."""
+    op; weight-only layers beside packing through Inductor's autotuned GEMM templates): a left-padded
+    batch step by step, then with a row gone (another batch size: one more compilation, with the batch
+    dimension symbolic), against the eager lean forward's logits."""
     model, tok = tiny
     if mode:
         model = quantize_language_model(copy.deepcopy(model), mode)
@@ -213,6 +215,8 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=pack)
     if mode == "int8-dynamic" and pack and exact_unsigned_product():  # the step reads the reordered copies
         assert isinstance(compiled.compiled_lean.layers[0].qkv, PackedInt8DynamicLinear)
+    step = compiled.compiled_lean
+    assert (step._compiled_batches is not step._compiled) == (pack and mode in ("int8-weight", "int4-weight"))
     batch = _requests(model, 8) + _requests(model, 9)
     state_e, state_c = eager.prefill(batch, 12), compiled.prefill(batch, 12)
     for step in range(10):

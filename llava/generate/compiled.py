@@ -21,8 +21,9 @@ kernel, `llava::packed_int8_product`, when the engine packs weights): at 8 rows 
 reductions re-read each weight row per input row and ran ~3x slower than a GEMM. Compiled, a
 batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800
 with packed weights; int8-dynamic 840 -> 1080 with packed weights). A batch's
-first step compiles once for its size; when rows leave, the next size compiles once more with
-the batch dimension symbolic, and that graph serves every size from then on.
+first step compiles once for its size (with weight-only int8/int4 layers and packed weights,
+through Inductor's autotuned GEMM templates: `AUTOTUNED_BATCHES`); when rows leave, the next size
+compiles once more with the batch dimension symbolic, and that graph serves every size from then on.
 
 The graph is compiled once for every answer: the step writes its keys and values at a column
 given as a tensor (`index_copy_` into the whole cache), and attends over the filled columns
@@ -52,7 +53,7 @@ from llava.generate.decoder import (
     rotate,
 )
 from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes
-from llava.model.woq import fuse_outputs
+from llava.model.woq import WEIGHT_ONLY, fuse_outputs
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
 
@@ -75,6 +76,24 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     kernel accumulates), for Inductor to fuse into loops over the cache (module docstring)."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + mask
     return torch.matmul(torch.softmax(scores, -1), values.float()).to(q.dtype)
+
+
+# Inductor's options for the batch step of a model with weight-only int8 or int4 layers, where the
+# engine packs weights (a second copy in the layout the batch kernels read fastest): with frozen
+# weights and max-autotune, Inductor times its own C++ GEMM templates (AMX or AVX-512 micro-kernels
+# that read int8 or int4 weights, prepacked at compile time) against ATen's kernel for each shape and
+# keeps the faster (bench-200m, batch 8, 2-core Xeon with AMX, interleaved: int4 459 -> 613 tokens/s,
+# int8-weight 293 -> 622, one row unchanged; compiling ~15 s more, and for int8-weight ~140 MB more
+# resident, the prepacked copy; benchmarks/README.md). Not for the one-row step: freezing folds
+# everything computed from weights alone, so int8-weight's one-row reduction would read the weight
+# converted to fp32 (79 -> 53 tokens/s). Freezing is set around the call: torch.compile's `options`
+# reach Inductor after the choice to freeze is made, so given there it does nothing.
+AUTOTUNED_BATCHES = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def has_weight_only_layers(lm: torch.nn.Module) -> bool:
+    """Whether `lm` has weight-only quantized layers (`llava.model.woq`: CPU-only, their kernels' packing)."""
+    return any(isinstance(m, tuple(WEIGHT_ONLY.values())) for m in lm.modules())
 
 
 def _own_code(method: types.MethodType) -> Callable:
@@ -126,6 +145,9 @@ class CompiledDecoder:
                 setattr(plan, name, self._for_batches(getattr(plan, name)))
         self.head = self._for_batches(_linear_part(decoder.lm.get_output_embeddings(), decoder.packer))
         self._compiled = torch.compile(_own_code(self._step), dynamic=None)
+        self._compiled_batches = self._compiled
+        if decoder.packer is not None and has_weight_only_layers(decoder.lm):
+            self._compiled_batches = torch.compile(_own_code(self._step), dynamic=None, options=AUTOTUNED_BATCHES)
 
     def _for_batches(self, part: Linear | None) -> Linear | None:
         """A quantized layer with a packed copy for batches, where the engine packs weights and the
@@ -145,7 +167,11 @@ class CompiledDecoder:
         torch._dynamo.maybe_mark_dynamic(filled, 1)
         for tensor in (*cache.keys, *cache.values):  # and any capacity: one graph for every answer's cache
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        return self._compiled(token_ids, position_ids, filled, where, cache.keys, cache.values)
+        args = (token_ids, position_ids, filled, where, cache.keys, cache.values)
+        if token_ids.shape[0] == 1 or self._compiled_batches is self._compiled:
+            return self._compiled(*args)
+        with torch._inductor.config.patch(freezing=True):  # read before `options` apply (AUTOTUNED_BATCHES)
+            return self._compiled_batches(*args)
 
     def _step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, filled: torch.Tensor,
               column: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
