@@ -215,8 +215,8 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=pack)
     if mode == "int8-dynamic" and pack and exact_unsigned_product():  # the step reads the reordered copies
         assert isinstance(compiled.compiled_lean.layers[0].qkv, PackedInt8DynamicLinear)
-    step = compiled.compiled_lean
-    assert (step._compiled_batches is not step._compiled) == (pack and mode in ("int8-weight", "int4-weight"))
+    decoder = compiled.compiled_lean
+    assert (decoder._compiled_batches is not decoder._compiled) == (pack and mode in ("int8-weight", "int4-weight"))
     batch = _requests(model, 8) + _requests(model, 9)
     state_e, state_c = eager.prefill(batch, 12), compiled.prefill(batch, 12)
     for step in range(10):

@@ -78,14 +78,15 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     return torch.matmul(torch.softmax(scores, -1), values.float()).to(q.dtype)
 
 
-# Inductor's options for the step. By default Inductor computes a cheap pointwise result (the RMS norm
-# that feeds a linear) inside each loop that reads it up to 4 times, so a one-row matrix product
-# written as a reduction (`gemv`, int8-weight's loop over int32 words, which reads its row as 4
-# slices) recomputed the norm for every output row. Threshold 1 stores it once. bench-200m, one row,
+# Inductor's options for the step. By default Inductor does not store a cheap pointwise result read at
+# most 4 times (`realize_reads_threshold`) but recomputes it inside each loop that reads it, so the
+# RMS norm feeding a one-row matrix product written as a reduction was recomputed for every output
+# row: int8-weight's loop over int32 words reads its row as 4 slices, and plain q, k and v (`gemv`)
+# read one norm 3 times. Threshold 1 stores any result read more than once. bench-200m, one row,
 # 2-core Xeon with AMX, interleaved, without -> with: int8-weight 73.7 -> 87.1 tokens/s (75.8 -> 91.3
 # in another run), fp32 53.9 -> 55.5 (it reads at the full bandwidth either way), int8-dynamic 81.9 ->
-# 83.4, bf16 72.4 -> 69.9 (71.6 -> 78.9 in another run: noise), int4 188 -> 192.
-ONE_ROW_OPTIONS = {"realize_reads_threshold": 1}
+# 83.4, bf16 72.4 -> 69.9 (71.6 -> 78.9 in another run: noise), int4 188 -> 192; batches within noise.
+STEP_OPTIONS = {"realize_reads_threshold": 1}
 
 # Inductor's options for the batch step of a model with weight-only int8 or int4 layers, where the
 # engine packs weights (a second copy in the layout the batch kernels read fastest): with frozen
@@ -153,11 +154,11 @@ class CompiledDecoder:
             for name in called:
                 setattr(plan, name, self._for_batches(getattr(plan, name)))
         self.head = self._for_batches(_linear_part(decoder.lm.get_output_embeddings(), decoder.packer))
-        self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=ONE_ROW_OPTIONS)
+        self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
         self._compiled_batches = self._compiled
         if decoder.packer is not None and has_weight_only_layers(decoder.lm):
             self._compiled_batches = torch.compile(_own_code(self._step), dynamic=None,
-                                                   options={**ONE_ROW_OPTIONS, **AUTOTUNED_BATCHES})
+                                                   options={**STEP_OPTIONS, **AUTOTUNED_BATCHES})
 
     def _for_batches(self, part: Linear | None) -> Linear | None:
         """A quantized layer with a packed copy for batches, where the engine packs weights and the
