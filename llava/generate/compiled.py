@@ -22,8 +22,9 @@ reductions re-read each weight row per input row and ran ~3x slower than a GEMM.
 batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800
 with packed weights; int8-dynamic 840 -> 1080 with packed weights). A batch's
 first step compiles once for its size (with weight-only int8/int4 layers and packed weights,
-through Inductor's autotuned GEMM templates: `AUTOTUNED_BATCHES`); when rows leave, the next size
-compiles once more with the batch dimension symbolic, and that graph serves every size from then on.
+through Inductor's autotuned GEMM templates: `AUTOTUNED`, which then takes one row too); when rows
+leave, the next size compiles once more with the batch dimension symbolic, and that graph serves
+every size from then on.
 
 The graph is compiled once for every answer: the step writes its keys and values at a column
 given as a tensor (`index_copy_` into the whole cache), and attends over the filled columns
@@ -88,17 +89,17 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 # 83.4, bf16 72.4 -> 69.9 (71.6 -> 78.9 in another run: noise), int4 188 -> 192; batches within noise.
 STEP_OPTIONS = {"realize_reads_threshold": 1}
 
-# Inductor's options for the batch step of a model with weight-only int8 or int4 layers, where the
-# engine packs weights (a second copy in the layout the batch kernels read fastest): with frozen
-# weights and max-autotune, Inductor times its own C++ GEMM templates (AMX or AVX-512 micro-kernels
-# that read int8 or int4 weights, prepacked at compile time) against ATen's kernel for each shape and
-# keeps the faster (bench-200m, batch 8, 2-core Xeon with AMX, interleaved: int4 459 -> 613 tokens/s,
-# int8-weight 293 -> 622, one row unchanged; compiling ~15 s more, and for int8-weight ~140 MB more
-# resident, the prepacked copy; benchmarks/README.md). Not for the one-row step: freezing folds
-# everything computed from weights alone, so int8-weight's one-row reduction would read the weight
-# converted to fp32 (79 -> 53 tokens/s). Freezing is set around the call: torch.compile's `options`
-# reach Inductor after the choice to freeze is made, so given there it does nothing.
-AUTOTUNED_BATCHES = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# Inductor's options for the step of a model with weight-only int8 or int4 layers, where the engine
+# packs weights (memory for speed): with frozen weights and max-autotune, Inductor times its own C++
+# GEMM templates (AMX or AVX-512 micro-kernels that read int8 or int4 weights, prepacked at compile
+# time) against ATen's kernel for each shape and keeps the faster. bench-200m, 2-core Xeon with AMX,
+# interleaved: batch 8, int4 459 -> 613 tokens/s, int8-weight 293 -> 622; one row, int4 209 -> 228,
+# int8-weight 82 -> 144 (a bf16 model: 85 -> 125); compiling ~20-40 s more, and for int8-weight ~140 MB
+# more resident, the prepacked copy (benchmarks/README.md). Here int8-weight layers take the kernel
+# form at one row too (`decode_linear(templates=True)`): freezing folds everything computed from weights
+# alone, so the fp32 word loop would read the weight converted to fp32 (79 -> 53 tokens/s). Freezing is
+# set around the call: torch.compile's `options` reach Inductor after the choice to freeze is made.
+AUTOTUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def has_weight_only_layers(lm: torch.nn.Module) -> bool:
@@ -117,10 +118,13 @@ def _own_code(method: types.MethodType) -> Callable:
     return types.MethodType(copy, method.__self__)
 
 
-def decode_linear(part: Linear, x: torch.Tensor) -> torch.Tensor:
+def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> torch.Tensor:
     """A planned linear inside the compiled step. One row: plain CPU weights (packed ones too: the
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
-    packed copy where there is one. Quantized layers run as themselves (they pick their own forms)."""
+    packed copy where there is one. Quantized layers run as themselves (they pick their own forms),
+    except that under Inductor's templates (`AUTOTUNED`) int8-weight layers take the kernel they replace."""
+    if templates and isinstance(part, WEIGHT_ONLY["int8-weight"]):
+        return part.kernel_product(x)
     one_row = x.numel() == x.shape[-1]
     if isinstance(part, PackedLinear) and one_row:
         part = (part.weight, part.bias)
@@ -155,10 +159,10 @@ class CompiledDecoder:
                 setattr(plan, name, self._for_batches(getattr(plan, name)))
         self.head = self._for_batches(_linear_part(decoder.lm.get_output_embeddings(), decoder.packer))
         self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
-        self._compiled_batches = self._compiled
+        self._autotuned = None  # the step, frozen, through Inductor's GEMM templates (`AUTOTUNED`)
         if decoder.packer is not None and has_weight_only_layers(decoder.lm):
-            self._compiled_batches = torch.compile(_own_code(self._step), dynamic=None,
-                                                   options={**STEP_OPTIONS, **AUTOTUNED_BATCHES})
+            self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
+                                            options={**STEP_OPTIONS, **AUTOTUNED})
 
     def _for_batches(self, part: Linear | None) -> Linear | None:
         """A quantized layer with a packed copy for batches, where the engine packs weights and the
@@ -179,13 +183,14 @@ class CompiledDecoder:
         for tensor in (*cache.keys, *cache.values):  # and any capacity: one graph for every answer's cache
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
         args = (token_ids, position_ids, filled, where, cache.keys, cache.values)
-        if token_ids.shape[0] == 1 or self._compiled_batches is self._compiled:
-            return self._compiled(*args)
-        with torch._inductor.config.patch(freezing=True):  # read before `options` apply (AUTOTUNED_BATCHES)
-            return self._compiled_batches(*args)
+        if self._autotuned is None:
+            return self._compiled(*args, templates=False)
+        with torch._inductor.config.patch(freezing=True):  # read before `options` apply (`AUTOTUNED`)
+            return self._autotuned(*args, templates=True)
 
     def _step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, filled: torch.Tensor,
-              column: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+              column: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+              templates: bool) -> torch.Tensor:
         dec = self.decoder
         body = dec.lm.model
         hidden = dec.lm.get_input_embeddings()(token_ids)
@@ -197,22 +202,22 @@ class CompiledDecoder:
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.input_norm, hidden)
             if layer.qkv is not None:
-                qk, v = layer.qkv(x).split(((heads + kv_heads) * dim, kv_heads * dim), dim=-1)
+                qk, v = decode_linear(layer.qkv, x, templates).split(((heads + kv_heads) * dim, kv_heads * dim), -1)
             else:
-                qk = torch.cat((decode_linear(layer.q, x), decode_linear(layer.k, x)), dim=-1)
-                v = decode_linear(layer.v, x)
+                qk = torch.cat((decode_linear(layer.q, x, templates), decode_linear(layer.k, x, templates)), dim=-1)
+                v = decode_linear(layer.v, x, templates)
             qk = rotate(qk.reshape(batch, 1, heads + kv_heads, dim).transpose(1, 2), *rotary)
             keys[i].index_copy_(2, column, qk[:, heads:].to(keys[i].dtype))
             values[i].index_copy_(2, column, v.reshape(batch, 1, kv_heads, dim).transpose(1, 2).to(values[i].dtype))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
             out = attend_one_row(q, keys[i][:, :, :span], values[i][:, :, :span], mask, dec.scale)
-            hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim))
+            hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim), templates)
             x = _rms_norm(layer.post_norm, hidden)
             if layer.gate_up is not None:
-                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+                gate, up = decode_linear(layer.gate_up, x, templates).chunk(2, dim=-1)
             else:
-                gate, up = decode_linear(layer.gate, x), decode_linear(layer.up, x)
+                gate, up = decode_linear(layer.gate, x, templates), decode_linear(layer.up, x, templates)
             gated = layer.act(gate) * up
-            hidden = hidden + decode_linear(layer.down, gated)
+            hidden = hidden + decode_linear(layer.down, gated, templates)
         last = _rms_norm(body.norm, hidden[:, -1])
-        return decode_linear(self.head, last).float()  # the same values; argmax over bf16 was 4x slower
+        return decode_linear(self.head, last, templates).float()  # the same values; argmax over bf16 was 4x slower

@@ -113,10 +113,10 @@ class Engine:
     forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
     faster prefills and batches (bench-200m's compiled batch of 8: fp32 ~1.5x, bf16 ~1.6x), at the cost
     of a second copy of the language model's weights; with compile=True, int8-dynamic layers get
-    one too, for batches (~1.3x at 8 rows; `llava.model.int8_dynamic`), and weight-only int8/int4 layers'
-    batches compile through Inductor's autotuned GEMM templates, which prepack their own copy
-    (`compiled.AUTOTUNED_BATCHES`: int4 ~1.3x, int8-weight ~2x at 8 rows on an AMX Xeon); elsewhere it
-    changes nothing.
+    one too, for batches (~1.3x at 8 rows; `llava.model.int8_dynamic`), and the step of weight-only
+    int8/int4 layers compiles through Inductor's autotuned GEMM templates, which prepack their own
+    copy (`compiled.AUTOTUNED`, on an AMX Xeon: 8 rows int4 ~1.3x, int8-weight ~2x; one row int4
+    ~1.1x, int8-weight ~1.5-1.7x); elsewhere it changes nothing.
     kv_cache_dtype (lean forward only; default the model's dtype) stores keys and values in
     another dtype: torch.bfloat16 halves what each decode step's attention reads, as llama.cpp
     keeps its cache in f16 under f32 weights (attention still computes in the model's dtype).

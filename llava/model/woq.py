@@ -115,9 +115,15 @@ class Int8WeightOnlyLinear(nn.Module):
             # where its int32 -> float conversion goes element by element (6 GB/s against 44).
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
-            permuted = x.reshape(rows, -1)[:, self.order].to(torch.bfloat16)
-            out = torch.ops.aten._weight_int8pack_mm(permuted, self.weight, self.kernel_scale_bits.view(torch.bfloat16))
-            out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+            return self.kernel_product(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through `aten._weight_int8pack_mm` whatever the rows (bf16 activations): the form
+        Inductor's GEMM templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`)."""
+        permuted = x.reshape(-1, x.shape[-1])[:, self.order].to(torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(permuted, self.weight, self.kernel_scale_bits.view(torch.bfloat16))
+        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def _word_reduction(self, x: torch.Tensor) -> torch.Tensor:
