@@ -16,7 +16,7 @@ from torch import nn
 import llava
 from llava.errors import InputError
 from llava.generate import Engine, Request, SamplingParams
-from llava.generate.compiled import gemv
+from llava.generate.compiled import AMX, gemv
 from llava.model.quantize import quantize_language_model, quantized_layers
 from llava.model.int8_dynamic import Int8DynamicLinear, PackedInt8DynamicLinear, exact_unsigned_product
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
@@ -205,21 +205,22 @@ def test_compiled_one_row_decode_matches_the_eager_lean_forward(tiny, mode):
                                        ("int4-weight", True)])
 def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     """Batches take the compiled step too (oneDNN linears, packed ones through the `llava::onednn_linear`
-    op; weight-only layers beside packing through Inductor's autotuned GEMM templates, down to one row):
-    a left-padded batch step by step, then with a row gone (another batch size: one more compilation,
-    with the batch dimension symbolic), against the eager lean forward's logits."""
+    op; quantized layers beside packing through Inductor's autotuned GEMM templates: weight-only ones
+    everywhere, int8-dynamic ones and one row where the CPU has AMX): a left-padded batch step by step,
+    then with a row gone (another batch size: one more compilation, with the batch dimension symbolic),
+    against the eager lean forward's logits."""
     model, tok = tiny
     if mode:
         model = quantize_language_model(copy.deepcopy(model), mode)
     eager = Engine(model, tok, eos_token_ids=[], pack_weights=pack)
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=pack)
-    if mode == "int8-dynamic" and pack and exact_unsigned_product():  # the step reads the reordered copies
-        assert isinstance(compiled.compiled_lean.layers[0].qkv, PackedInt8DynamicLinear)
     decoder = compiled.compiled_lean
-    autotuned = pack and mode in ("int8-weight", "int4-weight")
+    autotuned = pack and (mode in ("int8-weight", "int4-weight") or (mode == "int8-dynamic" and AMX))
     assert (decoder._autotuned is not None) == autotuned
+    if mode == "int8-dynamic" and pack and not autotuned and exact_unsigned_product():  # the reordered copies
+        assert isinstance(decoder.layers[0].qkv, PackedInt8DynamicLinear)
     leaving = (4, 7)
-    if autotuned:  # every row count takes the frozen graph, the last row too (int8-weight not as its word loop)
+    if autotuned and AMX:  # every row count takes the frozen graph, the last one too (int8-weight as its kernel)
         decoder._compiled, leaving = None, (4, 7, 8)
     batch = _requests(model, 8) + _requests(model, 9)
     state_e, state_c = eager.prefill(batch, 12), compiled.prefill(batch, 12)
@@ -322,7 +323,7 @@ def test_every_quantized_mode_takes_packed_weights(tiny, mode):
     model = quantize_language_model(copy.deepcopy(model), mode)
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=True)
     plan = compiled.compiled_lean.layers[0]
-    packs = mode == "int8-dynamic" and exact_unsigned_product()
+    packs = mode == "int8-dynamic" and exact_unsigned_product() and not AMX  # with AMX: Inductor's templates
     assert isinstance(plan.qkv, PackedInt8DynamicLinear) == packs
     assert isinstance(plan.down, PackedInt8DynamicLinear) == packs
 

@@ -20,11 +20,12 @@ through the `llava::onednn_linear` op, and int8-dynamic layers' through oneDNN's
 kernel, `llava::packed_int8_product`, when the engine packs weights): at 8 rows the
 reductions re-read each weight row per input row and ran ~3x slower than a GEMM. Compiled, a
 batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800
-with packed weights; int8-dynamic 840 -> 1080 with packed weights). A batch's
-first step compiles once for its size (with weight-only int8/int4 layers and packed weights,
-through Inductor's autotuned GEMM templates: `AUTOTUNED`, which then takes one row too); when rows
-leave, the next size compiles once more with the batch dimension symbolic, and that graph serves
-every size from then on.
+with packed weights; int8-dynamic 840 -> 1080 with packed weights). A quantized model whose
+engine packs weights compiles a second, frozen graph through Inductor's autotuned GEMM templates
+instead (`AUTOTUNED`: batches of weight-only layers everywhere; one row, and int8-dynamic layers,
+where the CPU has AMX). A batch's first step compiles once for its size; when rows leave, the next
+size compiles once more with the batch dimension symbolic, and that graph serves every size from
+then on.
 
 The graph is compiled once for every answer: the step writes its keys and values at a column
 given as a tensor (`index_copy_` into the whole cache), and attends over the filled columns
@@ -53,10 +54,12 @@ from llava.generate.decoder import (
     rotary_tables,
     rotate,
 )
+from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes
 from llava.model.woq import WEIGHT_ONLY, fuse_outputs
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
+AMX = torch.cpu._is_amx_tile_supported()  # where Inductor's int8/bf16 GEMM templates have AMX micro-kernels
 
 
 def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -89,22 +92,29 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 # 83.4, bf16 72.4 -> 69.9 (71.6 -> 78.9 in another run: noise), int4 188 -> 192; batches within noise.
 STEP_OPTIONS = {"realize_reads_threshold": 1}
 
-# Inductor's options for the step of a model with weight-only int8 or int4 layers, where the engine
-# packs weights (memory for speed): with frozen weights and max-autotune, Inductor times its own C++
-# GEMM templates (AMX or AVX-512 micro-kernels that read int8 or int4 weights, prepacked at compile
-# time) against ATen's kernel for each shape and keeps the faster. bench-200m, 2-core Xeon with AMX,
-# interleaved: batch 8, int4 459 -> 613 tokens/s, int8-weight 293 -> 622; one row, int4 209 -> 228,
-# int8-weight 82 -> 144 (a bf16 model: 85 -> 125); compiling ~20-40 s more, and for int8-weight ~140 MB
-# more resident, the prepacked copy (benchmarks/README.md). Here int8-weight layers take the kernel
-# form at one row too (`decode_linear(templates=True)`): freezing folds everything computed from weights
-# alone, so the fp32 word loop would read the weight converted to fp32 (79 -> 53 tokens/s). Freezing is
-# set around the call: torch.compile's `options` reach Inductor after the choice to freeze is made.
+# Inductor's options for the step of a quantized model where the engine packs weights (memory for
+# speed; `templated_layers` says which): with frozen weights and max-autotune, Inductor times its own
+# C++ GEMM templates (AMX or AVX-512 micro-kernels that read int8 or int4 weights, prepacked at compile
+# time) against ATen's kernel for each shape and keeps the faster. Its x86 int8 pass also turns
+# int8-dynamic's `_int_mm` and rescale into a quantized linear for those templates. bench-200m, 2-core
+# Xeon with AMX, interleaved, tokens/s: batch 8, int4 459 -> 613, int8-weight 293 -> 622, int8-dynamic
+# 452 -> 635 (against its packed oneDNN kernel); one row, int4 128 -> 162, int8-weight 78 -> 123,
+# int8-dynamic 65 -> 115; compiling 30-120 s more, and ~100 MB more resident for the 8-bit modes (the
+# prepacked copy; benchmarks/README.md). Here int8-weight layers take the kernel form at one row too
+# (`decode_linear(templates=True)`): freezing folds everything computed from weights alone, so the
+# fp32 word loop would read the weight converted to fp32 (79 -> 53 tokens/s). One row and int8-dynamic
+# take this graph only where the CPU has AMX, where it was measured: on the AVX-512 EPYC the one-row
+# forms beat the ATen kernels autotuning would fall back to (int8-weight's word loop 240 tokens/s
+# against the kernel's 210; `_int_mm` 44 GB/s at one row against oneDNN's 34). Freezing is set around
+# the call: torch.compile's `options` reach Inductor after the choice to freeze is made.
 AUTOTUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
-def has_weight_only_layers(lm: torch.nn.Module) -> bool:
-    """Whether `lm` has weight-only quantized layers (`llava.model.woq`: CPU-only, their kernels' packing)."""
-    return any(isinstance(m, tuple(WEIGHT_ONLY.values())) for m in lm.modules())
+def templated_layers(lm: torch.nn.Module) -> bool:
+    """Whether `lm` has quantized layers that Inductor's GEMM templates take (`AUTOTUNED`): weight-only
+    int8/int4 (`llava.model.woq`), and int8-dynamic where the CPU has AMX."""
+    kinds = (*WEIGHT_ONLY.values(), Int8DynamicLinear) if AMX else tuple(WEIGHT_ONLY.values())
+    return any(isinstance(m, kinds) for m in lm.modules())
 
 
 def _own_code(method: types.MethodType) -> Callable:
@@ -149,6 +159,7 @@ class CompiledDecoder:
 
     def __init__(self, decoder: LlamaFamilyDecoder) -> None:
         self.decoder = decoder
+        self.templated = decoder.packer is not None and templated_layers(decoder.lm)
         self.layers = plan_layers(decoder.lm, decoder.packer)
         for plan in self.layers:
             plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
@@ -160,16 +171,17 @@ class CompiledDecoder:
         self.head = self._for_batches(_linear_part(decoder.lm.get_output_embeddings(), decoder.packer))
         self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
         self._autotuned = None  # the step, frozen, through Inductor's GEMM templates (`AUTOTUNED`)
-        if decoder.packer is not None and has_weight_only_layers(decoder.lm):
+        if self.templated:
             self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
                                             options={**STEP_OPTIONS, **AUTOTUNED})
 
     def _for_batches(self, part: Linear | None) -> Linear | None:
         """A quantized layer with a packed copy for batches, where the engine packs weights and the
-        layer packs (`llava.model.int8_dynamic`); its parts' own copies would only add memory, so
-        only the layers the step calls are packed (after fusing)."""
+        layer packs (`llava.model.int8_dynamic`) but Inductor's templates do not take it (they prepack
+        their own); its parts' own copies would only add memory, so only the layers the step calls
+        are packed (after fusing)."""
         packer = self.decoder.packer
-        if packer is None or not isinstance(part, torch.nn.Module):  # plain linears are planned already
+        if packer is None or self.templated or not isinstance(part, torch.nn.Module):  # plain: planned already
             return part
         return packer.part(part) or part
 
@@ -183,7 +195,7 @@ class CompiledDecoder:
         for tensor in (*cache.keys, *cache.values):  # and any capacity: one graph for every answer's cache
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
         args = (token_ids, position_ids, filled, where, cache.keys, cache.values)
-        if self._autotuned is None:
+        if self._autotuned is None or (token_ids.shape[0] == 1 and not AMX):
             return self._compiled(*args, templates=False)
         with torch._inductor.config.patch(freezing=True):  # read before `options` apply (`AUTOTUNED`)
             return self._autotuned(*args, templates=True)
