@@ -11,8 +11,9 @@ one, whose tower, attention and norms then run in bf16: a shorter time to first 
 slower batch-1 step).
 
 Our rows come compiled and eager, each without and with oneDNN-packed weights (`--pack`,
-`Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster; of the quantized
-modes only int8-dynamic packs, for the compiled step's batches), and with the KV
+`Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster; a compiled quantized
+model then decodes through Inductor's autotuned GEMM templates, which prepack their own copies:
+`llava.generate.compiled.AUTOTUNED`), and with the KV
 cache in the model's dtype and/or bf16 (`--kv-cache`; llama.cpp's default cache is f16 whatever
 the weights, so "bf16 KV" rows read what its rows read).
 

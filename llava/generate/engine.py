@@ -112,11 +112,13 @@ class Engine:
     up front and lifts bench-200m's batch-1 decode 2-3x. pack_weights=True gives the lean
     forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
     faster prefills and batches (bench-200m's compiled batch of 8: fp32 ~1.5x, bf16 ~1.6x), at the cost
-    of a second copy of the language model's weights; with compile=True, int8-dynamic layers get
-    one too, for batches (~1.3x at 8 rows; `llava.model.int8_dynamic`), and the step of weight-only
-    int8/int4 layers compiles through Inductor's autotuned GEMM templates, which prepack their own
-    copy (`compiled.AUTOTUNED`, on an AMX Xeon: 8 rows int4 ~1.3x, int8-weight ~2x; one row int4
-    ~1.1x, int8-weight ~1.5-1.7x); elsewhere it changes nothing.
+    of a second copy of the language model's weights. With compile=True, a quantized model's step
+    compiles through Inductor's autotuned GEMM templates, each graph prepacking its own copy
+    (`compiled.AUTOTUNED`: batches of weight-only int8/int4 layers everywhere; one row, and
+    int8-dynamic layers, where the CPU has AMX; on an AMX Xeon, bench-200m: one row int8-dynamic
+    ~1.8x, int8-weight ~1.6x, int4 ~1.25x, 8 rows 1.3-2x, for 0.2-0.8 GB more resident); without
+    AMX int8-dynamic layers get a packed copy for batches instead (~1.3x at 8 rows;
+    `llava.model.int8_dynamic`). Elsewhere it changes nothing.
     kv_cache_dtype (lean forward only; default the model's dtype) stores keys and values in
     another dtype: torch.bfloat16 halves what each decode step's attention reads, as llama.cpp
     keeps its cache in f16 under f32 weights (attention still computes in the model's dtype).
