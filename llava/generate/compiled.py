@@ -99,8 +99,9 @@ STEP_OPTIONS = {"realize_reads_threshold": 1}
 # int8-dynamic's `_int_mm` and rescale into a quantized linear for those templates. bench-200m, 2-core
 # Xeon with AMX, interleaved, tokens/s: batch 8, int4 459 -> 613, int8-weight 293 -> 622, int8-dynamic
 # 452 -> 635 (against its packed oneDNN kernel); one row, int4 128 -> 162, int8-weight 78 -> 123,
-# int8-dynamic 65 -> 115; compiling 30-120 s more, and ~100 MB more resident for the 8-bit modes (the
-# prepacked copy; benchmarks/README.md). Here int8-weight layers take the kernel form at one row too
+# int8-dynamic 65 -> 115; compiling 30-120 s more, and each frozen graph (one row, the first batch
+# size, the symbolic one) holds its own prepacked weights: 0.2-0.8 GB more resident on bench-200m
+# (benchmarks/README.md). Here int8-weight layers take the kernel form at one row too
 # (`decode_linear(templates=True)`): freezing folds everything computed from weights alone, so the
 # fp32 word loop would read the weight converted to fp32 (79 -> 53 tokens/s). One row and int8-dynamic
 # take this graph only where the CPU has AMX, where it was measured: on the AVX-512 EPYC the one-row
