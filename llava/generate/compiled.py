@@ -160,7 +160,11 @@ class CompiledDecoder:
 
     def __init__(self, decoder: LlamaFamilyDecoder) -> None:
         self.decoder = decoder
-        self.templated = decoder.packer is not None and templated_layers(decoder.lm)
+        self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
+        self._autotuned = None  # the step, frozen, through Inductor's GEMM templates (`AUTOTUNED`)
+        if decoder.packer is not None and templated_layers(decoder.lm):
+            self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
+                                            options={**STEP_OPTIONS, **AUTOTUNED})
         self.layers = plan_layers(decoder.lm, decoder.packer)
         for plan in self.layers:
             plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
@@ -170,11 +174,6 @@ class CompiledDecoder:
             for name in called:
                 setattr(plan, name, self._for_batches(getattr(plan, name)))
         self.head = self._for_batches(_linear_part(decoder.lm.get_output_embeddings(), decoder.packer))
-        self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
-        self._autotuned = None  # the step, frozen, through Inductor's GEMM templates (`AUTOTUNED`)
-        if self.templated:
-            self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
-                                            options={**STEP_OPTIONS, **AUTOTUNED})
 
     def _for_batches(self, part: Linear | None) -> Linear | None:
         """A quantized layer with a packed copy for batches, where the engine packs weights and the
@@ -182,7 +181,7 @@ class CompiledDecoder:
         their own); its parts' own copies would only add memory, so only the layers the step calls
         are packed (after fusing)."""
         packer = self.decoder.packer
-        if packer is None or self.templated or not isinstance(part, torch.nn.Module):  # plain: planned already
+        if packer is None or self._autotuned is not None or not isinstance(part, torch.nn.Module):  # plain: planned
             return part
         return packer.part(part) or part
 
