@@ -207,8 +207,7 @@ def test_compiled_batch_step_matches_the_eager_batch(tiny, mode, pack):
     """Batches take the compiled step too (oneDNN linears, packed ones through the `llava::onednn_linear`
     op; quantized layers beside packing through Inductor's autotuned GEMM templates: weight-only ones
     everywhere, int8-dynamic ones and one row where the CPU has AMX): a left-padded batch step by step,
-    then with a row gone (another batch size: one more compilation, with the batch dimension symbolic),
-    against the eager lean forward's logits."""
+    then with a row gone (another batch size, the same graph), against the eager lean forward's logits."""
     model, tok = tiny
     if mode:
         model = quantize_language_model(copy.deepcopy(model), mode)
@@ -293,6 +292,27 @@ def test_one_graph_serves_every_answer_length(tiny):
         assert state.cache.keys[0].shape[2] == (256 if new == 150 else 128)
         engine.generate([req], SamplingParams(max_new_tokens=new, temperature=0))
         assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
+def test_two_graphs_serve_every_batch_size(tiny):
+    """One graph for one row, one for every batch (its batch dimension symbolic from the first), however
+    rows join and leave: batches of 8, 3 and 5, rows leaving down to one, tokens sampled outside
+    inference mode as the engine's loop samples them. Each further graph would hold its own copy of
+    the weights where they are frozen in (`AUTOTUNED`)."""
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny
+    engine = Engine(model, tok, eos_token_ids=[], compile=True)
+    reqs = _requests(model, 8)
+    counters.clear()
+    for size in (8, 1, 3, 5):
+        state = engine.prefill(reqs[:size], 8)
+        for step in range(6):
+            if len(state.rows) > 1 and step % 2:
+                engine.keep_rows(state, list(range(len(state.rows) - 2 if len(state.rows) > 2 else 1)))
+            engine.decode_step(state, state.logits.argmax(-1))
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.slow

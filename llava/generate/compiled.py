@@ -23,9 +23,8 @@ batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 6
 with packed weights; int8-dynamic 840 -> 1080 with packed weights). A quantized model whose
 engine packs weights compiles a second, frozen graph through Inductor's autotuned GEMM templates
 instead (`AUTOTUNED`: batches of weight-only layers everywhere; one row, and int8-dynamic layers,
-where the CPU has AMX). A batch's first step compiles once for its size; when rows leave, the next
-size compiles once more with the batch dimension symbolic, and that graph serves every size from
-then on.
+where the CPU has AMX). Batches compile once, with the batch dimension symbolic from the first, so
+one graph serves every batch size as rows join and leave (one row has its own: its forms differ).
 
 The graph is compiled once for every answer: the step writes its keys and values at a column
 given as a tensor (`index_copy_` into the whole cache), and attends over the filled columns
@@ -189,11 +188,18 @@ class CompiledDecoder:
              cache: KVCache, column: int) -> torch.Tensor:
         """Token ids [B, 1] at rotary positions [B, 1], written at cache column `column`; `key_mask`
         [B, capacity] marks the real columns (1) up to `column` at least. Returns [B, V] logits."""
+        # Inference tensors whoever made them (sampled tokens are not): a graph guards on the dispatch keys
+        # of its inputs, so a plain tensor in the place of an inference one would compile the step again.
+        with torch.inference_mode():
+            token_ids, position_ids = token_ids.clone(), position_ids.clone()
         where = torch.tensor([column], device=token_ids.device)
         filled = key_mask[:, :column + 1]  # the columns attended: a symbolic length in the graph
         torch._dynamo.maybe_mark_dynamic(filled, 1)
         for tensor in (*cache.keys, *cache.values):  # and any capacity: one graph for every answer's cache
             torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        if token_ids.shape[0] > 1:  # a symbolic batch from the first: one graph for every batch size
+            for tensor in (token_ids, position_ids, filled, *cache.keys, *cache.values):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         args = (token_ids, position_ids, filled, where, cache.keys, cache.values)
         if self._autotuned is None or (token_ids.shape[0] == 1 and not AMX):
             return self._compiled(*args, templates=False)

@@ -306,6 +306,7 @@ class Engine:
         state.logits = logits
         return logits
 
+    @torch.inference_mode()  # the cache stays inference tensors: others fail the compiled step's guards
     def keep_rows(self, state: DecodeState, keep: list[int]) -> bool:
         """Drop finished rows from the batch; False when it keeps its shape (transformers' static cache)."""
         lean = isinstance(state.cache, KVCache)
