@@ -349,9 +349,11 @@ def test_every_quantized_mode_takes_packed_weights(tiny, mode):
 
 
 @pytest.mark.slow
-def test_compiled_step_beside_packed_weights(tiny):
-    """With pack_weights the compiled one-row step keeps its reductions over the plain weights while
-    prefills read the packed copies: logits of the eager packed steps."""
+def test_compiled_bf16_step_beside_packed_weights(tiny):
+    """A bf16 model with pack_weights. Where the CPU has AMX the step compiles through Inductor's bf16
+    GEMM templates, which prepack the frozen weights themselves, so the engine keeps no copies of its
+    own. Elsewhere the one-row step keeps its reductions over the plain weights and batches read the
+    packed copies. Either way: the eager packed steps' logits, one row and a batch whose rows leave."""
     from llava.model.onednn import PackedLinear, packable_dtypes
 
     if torch.bfloat16 not in packable_dtypes():
@@ -360,10 +362,15 @@ def test_compiled_step_beside_packed_weights(tiny):
     model = copy.deepcopy(model).to(torch.bfloat16)
     eager = Engine(model, tok, eos_token_ids=[], pack_weights=True)
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=True)
-    assert isinstance(compiled.compiled_lean.layers[0].gate, PackedLinear)
-    for req in _requests(model, 7):
-        state_e, state_c = eager.prefill([req], 8), compiled.prefill([req], 8)
-        for _ in range(8):
+    decoder = compiled.compiled_lean
+    assert (decoder._autotuned is not None) == AMX
+    assert isinstance(decoder.layers[0].gate, PackedLinear) != AMX
+    assert (compiled.lean.packer.nbytes == 0) == AMX
+    for batch in (_requests(model, 7)[:1], _requests(model, 7) + _requests(model, 8)):
+        state_e, state_c = eager.prefill(batch, 8), compiled.prefill(batch, 8)
+        for step in range(8):
+            if step == 4 and len(batch) > 1:
+                eager.keep_rows(state_e, [0, 2]), compiled.keep_rows(state_c, [0, 2])
             token = state_e.logits.argmax(-1)
             logits_e, logits_c = eager.decode_step(state_e, token), compiled.decode_step(state_c, token)
             torch.testing.assert_close(logits_c.float(), logits_e.float(), rtol=0.02, atol=0.05)

@@ -20,10 +20,10 @@ through the `llava::onednn_linear` op, and int8-dynamic layers' through oneDNN's
 kernel, `llava::packed_int8_product`, when the engine packs weights): at 8 rows the
 reductions re-read each weight row per input row and ran ~3x slower than a GEMM. Compiled, a
 batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 630 tokens/s, 800
-with packed weights; int8-dynamic 840 -> 1080 with packed weights). A quantized model whose
-engine packs weights compiles a second, frozen graph through Inductor's autotuned GEMM templates
-instead (`AUTOTUNED`: batches of weight-only layers everywhere; one row, and int8-dynamic layers,
-where the CPU has AMX). Batches compile once, with the batch dimension symbolic from the first, so
+with packed weights; int8-dynamic 840 -> 1080 with packed weights). A quantized or bf16 model
+whose engine packs weights compiles a second, frozen graph through Inductor's autotuned GEMM
+templates instead (`AUTOTUNED`: batches of weight-only layers everywhere; one row, int8-dynamic
+layers and bf16 ones, where the CPU has AMX). Batches compile once, with the batch dimension symbolic from the first, so
 one graph serves every batch size as rows join and leave (one row has its own: its forms differ).
 
 The graph is compiled once for every answer: the step writes its keys and values at a column
@@ -91,17 +91,20 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 # 83.4, bf16 72.4 -> 69.9 (71.6 -> 78.9 in another run: noise), int4 188 -> 192; batches within noise.
 STEP_OPTIONS = {"realize_reads_threshold": 1}
 
-# Inductor's options for the step of a quantized model where the engine packs weights (memory for
-# speed; `templated_layers` says which): with frozen weights and max-autotune, Inductor times its own
-# C++ GEMM templates (AMX or AVX-512 micro-kernels that read int8 or int4 weights, prepacked at compile
-# time) against ATen's kernel for each shape and keeps the faster. Its x86 int8 pass also turns
+# Inductor's options for the step of a quantized or bf16 model where the engine packs weights (memory
+# for speed; `templated_layers` says which): with frozen weights and max-autotune, Inductor times its
+# own C++ GEMM templates (AMX or AVX-512 micro-kernels that read bf16, int8 or int4 weights, prepacked
+# at compile time) against ATen's kernel for each shape and keeps the faster. Its x86 int8 pass also turns
 # int8-dynamic's `_int_mm` and rescale into a quantized linear for those templates. bench-200m, 2-core
 # Xeon with AMX, interleaved, tokens/s: batch 8, int4 459 -> 613, int8-weight 293 -> 622, int8-dynamic
 # 452 -> 635 (against its packed oneDNN kernel); one row, int4 128 -> 162, int8-weight 78 -> 123,
-# int8-dynamic 65 -> 115; compiling 30-120 s more, and each frozen graph (one row, the first batch
-# size, the symbolic one) holds its own prepacked weights: 0.2-0.8 GB more resident on bench-200m
-# (benchmarks/README.md). Here int8-weight layers take the kernel form at one row too
-# (`decode_linear(templates=True)`): freezing folds everything computed from weights alone, so the
+# int8-dynamic 65 -> 115; bf16 (AMX's bf16 tiles, against oneDNN on packed copies for batches and the
+# reduction for one row) batch 8 387 -> 540, one row 74 -> 87. Compiling takes 30-120 s more, and
+# each frozen graph (one row, batches) holds its own prepacked weights, about one copy of the
+# language model's: resident memory beyond the model's own, bench-200m, unpacked -> here: int4 122
+# -> 178 MB, int8-dynamic 114 -> 398, int8-weight 125 -> 587, bf16 325 (its packed copy) -> 509
+# (benchmarks/README.md); the engine then packs no plain weights of its own (`WeightPacker(plain=False)`).
+# Here int8-weight layers take the kernel form at one row too (`decode_linear(templates=True)`): freezing folds everything computed from weights alone, so the
 # fp32 word loop would read the weight converted to fp32 (79 -> 53 tokens/s). One row and int8-dynamic
 # take this graph only where the CPU has AMX, where it was measured: on the AVX-512 EPYC the one-row
 # forms beat the ATen kernels autotuning would fall back to (int8-weight's word loop 240 tokens/s
@@ -111,10 +114,19 @@ AUTOTUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def templated_layers(lm: torch.nn.Module) -> bool:
-    """Whether `lm` has quantized layers that Inductor's GEMM templates take (`AUTOTUNED`): weight-only
-    int8/int4 (`llava.model.woq`), and int8-dynamic where the CPU has AMX."""
-    kinds = (*WEIGHT_ONLY.values(), Int8DynamicLinear) if AMX else tuple(WEIGHT_ONLY.values())
-    return any(isinstance(m, kinds) for m in lm.modules())
+    """Whether `lm` has layers that Inductor's GEMM templates take (`AUTOTUNED`): weight-only int8/int4
+    (`llava.model.woq`) everywhere; int8-dynamic layers, and plain bf16 CPU linears, where the CPU has AMX."""
+    return any(_templated(module) for module in lm.modules())
+
+
+def _templated(module: torch.nn.Module) -> bool:
+    if isinstance(module, tuple(WEIGHT_ONLY.values())):
+        return True
+    if not AMX:
+        return False
+    plain_bf16 = (type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
+                  and module.weight.device.type == "cpu")
+    return plain_bf16 or isinstance(module, Int8DynamicLinear)
 
 
 def _own_code(method: types.MethodType) -> Callable:
@@ -131,10 +143,14 @@ def _own_code(method: types.MethodType) -> Callable:
 def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> torch.Tensor:
     """A planned linear inside the compiled step. One row: plain CPU weights (packed ones too: the
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
-    packed copy where there is one. Quantized layers run as themselves (they pick their own forms),
-    except that under Inductor's templates (`AUTOTUNED`) int8-weight layers take the kernel they replace."""
+    packed copy where there is one. Quantized layers run as themselves (they pick their own forms).
+    Under Inductor's templates (`AUTOTUNED`) int8-weight layers take the kernel the templates replace,
+    and plain ones `F.linear` on the frozen weight, at any row count."""
     if templates and isinstance(part, WEIGHT_ONLY["int8-weight"]):
         return part.kernel_product(x)
+    if templates and isinstance(part, (tuple, PackedLinear)):  # the frozen weight: a template prepacks it
+        weight, bias = part if isinstance(part, tuple) else (part.weight, part.bias)
+        return F.linear(x, weight, bias)
     one_row = x.numel() == x.shape[-1]
     if isinstance(part, PackedLinear) and one_row:
         part = (part.weight, part.bias)

@@ -174,7 +174,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 class LlamaFamilyDecoder:
     """Forward passes of a Llama/Mistral/Qwen2 causal LM over a `KVCache`, returning last-position logits."""
 
-    def __init__(self, lm: nn.Module, pack_weights: bool = False) -> None:
+    def __init__(self, lm: nn.Module, pack_weights: bool = False, pack_plain: bool = True) -> None:
         reason = unsupported_reason(lm, capacity=1)
         if reason is not None:
             raise ValueError(f"LlamaFamilyDecoder cannot run this model: {reason}")
@@ -184,7 +184,7 @@ class LlamaFamilyDecoder:
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.scale = self.head_dim**-0.5
-        self.packer = WeightPacker() if pack_weights else None
+        self.packer = WeightPacker(plain=pack_plain) if pack_weights else None
         self._plan()
 
     def _plan(self) -> None:

@@ -25,7 +25,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache
 
 from llava.errors import ContextTooLong, InputError  # ContextTooLong re-exported: raised here
-from llava.generate.compiled import CompiledDecoder
+from llava.generate.compiled import CompiledDecoder, templated_layers
 from llava.generate.decoder import KVCache, LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.generate.sampling import SamplingParams, make_generator, sample
@@ -113,11 +113,12 @@ class Engine:
     forward's plain CPU linears oneDNN-packed copies of their weights (`llava.model.onednn`):
     faster prefills and batches (bench-200m's compiled batch of 8: fp32 ~1.5x, bf16 ~1.6x), at the cost
     of a second copy of the language model's weights. With compile=True, a quantized model's step
-    compiles through Inductor's autotuned GEMM templates, each graph prepacking its own copy
-    (`compiled.AUTOTUNED`: batches of weight-only int8/int4 layers everywhere; one row, and
-    int8-dynamic layers, where the CPU has AMX; on an AMX Xeon, bench-200m: one row int8-dynamic
-    ~1.8x, int8-weight ~1.6x, int4 ~1.25x, 8 rows 1.3-2x, for 0.2-0.8 GB more resident); without
-    AMX int8-dynamic layers get a packed copy for batches instead (~1.3x at 8 rows;
+    compiles through Inductor's autotuned GEMM templates, each of its two graphs (one row, batches)
+    prepacking its own copy (`compiled.AUTOTUNED`: batches of weight-only int8/int4 layers
+    everywhere; one row, int8-dynamic layers and bf16 models, where the CPU has AMX; on an AMX
+    Xeon, bench-200m: one row int8-dynamic ~1.8x, int8-weight ~1.6x, int4 ~1.25x, bf16 ~1.17x, 8 rows
+    1.3-2x, for up to about a copy of the language model's weights per graph: `compiled.AUTOTUNED`
+    gives the measured memory); without AMX int8-dynamic layers get a packed copy for batches instead (~1.3x at 8 rows;
     `llava.model.int8_dynamic`). Elsewhere it changes nothing.
     kv_cache_dtype (lean forward only; default the model's dtype) stores keys and values in
     another dtype: torch.bfloat16 halves what each decode step's attention reads, as llama.cpp
@@ -148,7 +149,8 @@ class Engine:
         if forward == "lean" or (forward == "auto" and (cache == "dynamic" or compile)):
             reason = unsupported_reason(self.lm, capacity=1)
             if reason is None:
-                self.lean = LlamaFamilyDecoder(self.lm, pack_weights=pack_weights)
+                templated = compile and pack_weights and templated_layers(self.lm)  # they pack their own
+                self.lean = LlamaFamilyDecoder(self.lm, pack_weights=pack_weights, pack_plain=not templated)
                 self.compiled_lean = CompiledDecoder(self.lean) if compile else None
             elif forward == "lean":
                 raise ValueError(f"the lean forward cannot run this language model: {reason}; use forward='auto'")
