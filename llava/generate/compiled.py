@@ -23,8 +23,9 @@ batch of 8 loses the eager forward's per-op overhead (bench-200m, bf16: 400 -> 6
 with packed weights; int8-dynamic 840 -> 1080 with packed weights). A quantized or bf16 model
 whose engine packs weights compiles a second, frozen graph through Inductor's autotuned GEMM
 templates instead (`AUTOTUNED`: batches of weight-only layers everywhere; one row, int8-dynamic
-layers and bf16 ones, where the CPU has AMX). Batches compile once, with the batch dimension symbolic from the first, so
-one graph serves every batch size as rows join and leave (one row has its own: its forms differ).
+layers and bf16 ones, where the CPU has AMX). Batches compile once, with the batch dimension
+symbolic from the first, so one graph serves every batch size as rows join and leave (one row has
+its own: its forms differ).
 
 The graph is compiled once for every answer: the step writes its keys and values at a column
 given as a tensor (`index_copy_` into the whole cache), and attends over the filled columns
@@ -91,25 +92,27 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 # 83.4, bf16 72.4 -> 69.9 (71.6 -> 78.9 in another run: noise), int4 188 -> 192; batches within noise.
 STEP_OPTIONS = {"realize_reads_threshold": 1}
 
-# Inductor's options for the step of a quantized or bf16 model where the engine packs weights (memory
-# for speed; `templated_layers` says which): with frozen weights and max-autotune, Inductor times its
-# own C++ GEMM templates (AMX or AVX-512 micro-kernels that read bf16, int8 or int4 weights, prepacked
-# at compile time) against ATen's kernel for each shape and keeps the faster. Its x86 int8 pass also turns
-# int8-dynamic's `_int_mm` and rescale into a quantized linear for those templates. bench-200m, 2-core
-# Xeon with AMX, interleaved, tokens/s: batch 8, int4 459 -> 613, int8-weight 293 -> 622, int8-dynamic
-# 452 -> 635 (against its packed oneDNN kernel); one row, int4 128 -> 162, int8-weight 78 -> 123,
-# int8-dynamic 65 -> 115; bf16 (AMX's bf16 tiles, against oneDNN on packed copies for batches and the
-# reduction for one row) batch 8 387 -> 540, one row 74 -> 87. Compiling takes 30-120 s more, and
-# each frozen graph (one row, batches) holds its own prepacked weights, about one copy of the
-# language model's: resident memory beyond the model's own, bench-200m, unpacked -> here: int4 122
-# -> 178 MB, int8-dynamic 114 -> 398, int8-weight 125 -> 587, bf16 325 (its packed copy) -> 509
-# (benchmarks/README.md); the engine then packs no plain weights of its own (`WeightPacker(plain=False)`).
-# Here int8-weight layers take the kernel form at one row too (`decode_linear(templates=True)`): freezing folds everything computed from weights alone, so the
-# fp32 word loop would read the weight converted to fp32 (79 -> 53 tokens/s). One row and int8-dynamic
-# take this graph only where the CPU has AMX, where it was measured: on the AVX-512 EPYC the one-row
-# forms beat the ATen kernels autotuning would fall back to (int8-weight's word loop 240 tokens/s
-# against the kernel's 210; `_int_mm` 44 GB/s at one row against oneDNN's 34). Freezing is set around
-# the call: torch.compile's `options` reach Inductor after the choice to freeze is made.
+# Inductor's options for the step of a quantized or bf16 model where the engine packs weights (memory for
+# speed; `templated_layers` says which). With frozen weights and max-autotune, Inductor times its own C++ GEMM
+# templates (AMX or AVX-512 micro-kernels reading bf16, int8 or int4 weights, prepacked at compile time) against
+# ATen's kernel for each shape and keeps the faster; its x86 int8 pass also turns int8-dynamic's `_int_mm` and
+# rescale into a quantized linear for them. Freezing is set around the call: torch.compile's `options` reach
+# Inductor after the choice to freeze is made.
+#
+# bench-200m, 2-core Xeon with AMX, interleaved, tokens/s, own forms -> templates:
+#   batch 8: int4 459 -> 613, int8-weight 293 -> 622, int8-dynamic 452 -> 635 (its packed oneDNN kernel),
+#            bf16 387 -> 540 (oneDNN on packed copies);
+#   one row: int4 128 -> 162, int8-weight 78 -> 123, int8-dynamic 65 -> 115, bf16 74 -> 87 (the reduction).
+# The cost: compiling takes 30-120 s more, and each frozen graph (one row, batches) holds its own prepacked
+# weights, up to about a copy of the language model's. Resident memory beyond the model's own, unpacked -> here:
+# int4 122 -> 178 MB, int8-dynamic 114 -> 398, int8-weight 125 -> 587, bf16 325 (its packed copy) -> 509
+# (benchmarks/README.md). The engine then packs no plain weights of its own (`WeightPacker(plain=False)`).
+#
+# int8-weight layers take their kernel form at one row too (`decode_linear(templates=True)`): freezing folds
+# everything computed from weights alone, so the fp32 word loop would read the weight converted to fp32 (79 -> 53
+# tokens/s). One row, int8-dynamic and bf16 take this graph only where the CPU has AMX, where it was measured: on
+# the AVX-512 EPYC the one-row forms beat the ATen kernels autotuning would fall back to (int8-weight's word loop
+# 240 tokens/s against the kernel's 210; `_int_mm` 44 GB/s at one row against oneDNN's 34).
 AUTOTUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 

@@ -118,8 +118,8 @@ class Engine:
     everywhere; one row, int8-dynamic layers and bf16 models, where the CPU has AMX; on an AMX
     Xeon, bench-200m: one row int8-dynamic ~1.8x, int8-weight ~1.6x, int4 ~1.25x, bf16 ~1.17x, 8 rows
     1.3-2x, for up to about a copy of the language model's weights per graph: `compiled.AUTOTUNED`
-    gives the measured memory); without AMX int8-dynamic layers get a packed copy for batches instead (~1.3x at 8 rows;
-    `llava.model.int8_dynamic`). Elsewhere it changes nothing.
+    gives the measured memory); without AMX int8-dynamic layers get a packed copy for batches
+    instead (~1.3x at 8 rows; `llava.model.int8_dynamic`). Elsewhere it changes nothing.
     kv_cache_dtype (lean forward only; default the model's dtype) stores keys and values in
     another dtype: torch.bfloat16 halves what each decode step's attention reads, as llama.cpp
     keeps its cache in f16 under f32 weights (attention still computes in the model's dtype).
