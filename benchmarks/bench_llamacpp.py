@@ -12,9 +12,9 @@ slower batch-1 step).
 
 Our rows come compiled and eager, each without and with oneDNN-packed weights (`--pack`,
 `Engine(pack_weights=True)`: a second copy of the weights oneDNN reads faster; a compiled quantized
-model then decodes through Inductor's autotuned GEMM templates, which prepack their own copies:
-`llava.generate.compiled.AUTOTUNED`), and with the KV
-cache in the model's dtype and/or bf16 (`--kv-cache`; llama.cpp's default cache is f16 whatever
+model, or a bf16 one where the CPU has AMX, then decodes through Inductor's autotuned GEMM templates,
+which prepack their own copies: `llava.generate.compiled.AUTOTUNED`), and with the KV cache in the
+model's dtype and/or bf16 (`--kv-cache`; llama.cpp's default cache is f16 whatever
 the weights, so "bf16 KV" rows read what its rows read).
 
 For each, in interleaved rounds (the machine is shared; medians are taken):

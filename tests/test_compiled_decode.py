@@ -296,9 +296,9 @@ def test_one_graph_serves_every_answer_length(tiny):
 
 @pytest.mark.slow
 def test_two_graphs_serve_every_batch_size(tiny):
-    """One graph for one row, one for every batch (its batch dimension symbolic from the first), however
-    rows join and leave: batches of 8, 3 and 5, rows leaving down to one, tokens sampled outside
-    inference mode as the engine's loop samples them. Each further graph would hold its own copy of
+    """One graph for one row, one for every batch (its batch dimension symbolic from the first), whatever
+    batches come and however their rows leave: batches of 8, 3 and 5, rows leaving down to one, tokens
+    sampled outside inference mode as the engine's loop samples them. Each further graph would hold its own copy of
     the weights where they are frozen in (`AUTOTUNED`)."""
     from torch._dynamo.utils import counters
 
