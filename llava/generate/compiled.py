@@ -176,11 +176,15 @@ class CompiledDecoder:
     the engine was made (a model cast, quantized or given adapters later needs a new Engine).
     """
 
-    def __init__(self, decoder: LlamaFamilyDecoder) -> None:
+    def __init__(self, decoder: LlamaFamilyDecoder, templates: bool | None = None) -> None:
+        """`templates`: compile through Inductor's GEMM templates too (`AUTOTUNED`); by default where the
+        decoder packs weights and has layers they take. The engine decides it once, for its packer too."""
         self.decoder = decoder
         self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
         self._autotuned = None  # the step, frozen, through Inductor's GEMM templates (`AUTOTUNED`)
-        if decoder.packer is not None and templated_layers(decoder.lm):
+        if templates is None:
+            templates = decoder.packer is not None and templated_layers(decoder.lm)
+        if templates:
             self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
                                             options={**STEP_OPTIONS, **AUTOTUNED})
         self.layers = plan_layers(decoder.lm, decoder.packer)
@@ -209,8 +213,9 @@ class CompiledDecoder:
         [B, capacity] marks the real columns (1) up to `column` at least. Returns [B, V] logits."""
         # Inference tensors whoever made them (sampled tokens are not): a graph guards on the dispatch keys
         # of its inputs, so a plain tensor in the place of an inference one would compile the step again.
-        with torch.inference_mode():
-            token_ids, position_ids = token_ids.clone(), position_ids.clone()
+        if not (token_ids.is_inference() and position_ids.is_inference()):
+            with torch.inference_mode():
+                token_ids, position_ids = token_ids.clone(), position_ids.clone()
         where = torch.tensor([column], device=token_ids.device)
         filled = key_mask[:, :column + 1]  # the columns attended: a symbolic length in the graph
         torch._dynamo.maybe_mark_dynamic(filled, 1)

@@ -151,7 +151,7 @@ class Engine:
             if reason is None:
                 templated = compile and pack_weights and templated_layers(self.lm)  # they pack their own
                 self.lean = LlamaFamilyDecoder(self.lm, pack_weights=pack_weights, pack_plain=not templated)
-                self.compiled_lean = CompiledDecoder(self.lean) if compile else None
+                self.compiled_lean = CompiledDecoder(self.lean, templates=templated) if compile else None
             elif forward == "lean":
                 raise ValueError(f"the lean forward cannot run this language model: {reason}; use forward='auto'")
         if kv_cache_dtype is not None and self.lean is None:
