@@ -3,6 +3,7 @@ and generation that gives our pipeline's answers token for token."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -256,3 +257,36 @@ def test_a_model_turned_anyres_by_the_trainer_answers_in_transformers_as_ours(tm
     tokens_per_crop = (side // model.config.vision_config.patch_size) ** 2
     assert hf_ids == our_ids and len(our_ids) > 2 * 2 * tokens_per_crop  # every picture as the whole plus tiles
     assert len(hf_new) > 0 and hf_new == our_new
+
+
+def test_a_model_trained_at_another_image_size_answers_in_transformers_as_ours(tmp_path: Path) -> None:
+    """`llava train --model M --image-size N` goes on at N px: the tower's position embeddings resampled to the new
+    patch grid, and the config, image processor and image token count saying so, so that transformers' processor
+    and generate read the written folder as we do. Sizes the tower or the aspect mode cannot take are refused."""
+    from llava.errors import InputError
+    from llava.train.build import build_model
+    from llava.train.checkpointing import write_full
+    from llava.train.config import TrainConfig
+
+    model, tok = tiny_model("tiny", seed=3)
+    save_checkpoint(model, tok, image_processor_for(model.config), tmp_path / "low", layout="hf")
+    side, patch = model.config.vision_config.image_size, model.config.vision_config.patch_size
+    cfg = TrainConfig(stage="finetune", data="unused.json", out=str(tmp_path), model=str(tmp_path / "low"),
+                      image_size=2 * side).resolved()
+    built = build_model(cfg)
+    write_full(built.model, built.model.state_dict(), built.tokenizer, built.image_processor, str(tmp_path),
+               layout=built.save_layout)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    grid = 2 * side // patch
+    assert saved["vision_config"]["image_size"] == 2 * side and saved["image_seq_length"] == grid * grid
+    assert built.image_processor.crop_size == 2 * side
+    pil = [PIL.Image.open(EXAMPLES / "shapes.png").convert("RGB")]
+    messages = _messages(["What shape is in the picture?"])
+    hf_ids, hf_new, hf_pixels = _transformers_answer(tmp_path, LlavaForConditionalGeneration, messages, pil, 8)
+    pipe, our_ids, our_new = _our_answer(tmp_path, ["What shape is in the picture?"], (1,), None, pil, 8)
+    assert hf_pixels.shape[-1] == 2 * side and hf_ids.count(saved["image_token_index"]) == grid * grid
+    assert hf_ids == our_ids and hf_new == our_new and len(hf_new) > 0
+    with pytest.raises(InputError, match="not a multiple of the tower's patch size"):
+        build_model(dataclasses.replace(cfg, image_size=2 * side + 1))
+    with pytest.raises(InputError, match="in units of the tower.s side"):
+        build_model(dataclasses.replace(cfg, image_aspect_ratio="anyres"))

@@ -325,7 +325,7 @@ def test_the_card_s_train_commands_parse_to_the_configs_the_recipe_trains_with()
                    max_steps=None, language_model="lm", vision_tower="vt", image_aspect_ratio="pad"),
               dict(stage="finetune", out="o2", data="i.json", image_folder="img", epochs=3, batch=16, lr=3e-4, seed=1,
                    max_steps=120, model="o1", template="vicuna_v1", unfreeze_vision_tower=True,
-                   vision_tower_lr=1e-4, length_window=16, bf16=True),
+                   vision_tower_lr=1e-4, length_window=16, bf16=True, image_size=128),
               dict(stage="finetune", out="o3", data="m.json", image_folder="img", epochs=4, batch=16, lr=3e-4, seed=0,
                    max_steps=None, model="o2", template="vicuna_v1", image_aspect_ratio="anyres",
                    image_grid_pinpoints=[(96, 96), (96, 192), (192, 96), (192, 192)], bf16=True)]

@@ -60,6 +60,33 @@ def _tower_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     raise ValueError(f"unsupported vision tower type {config.model_type!r}; valid: {', '.join(VISION_MODEL_TYPES)}")
 
 
+def resize_tower_input(tower: PreTrainedModel, image_size: int) -> None:
+    """Make `tower` take `image_size`-px pictures, to fine-tune it at another resolution (a model
+    trained at a low one goes on at a higher one, as the later stages of other VLM recipes do).
+
+    The patch grid's position embeddings are resampled bicubically to the new grid (CLIP's class
+    position is kept as it is); the patch weights are unchanged, so each patch still covers
+    `patch_size` pixels and a picture gives more patches. The tower's config says the new size.
+    """
+    body, config = _body(tower), tower.config
+    patch = config.patch_size
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of the tower's patch size {patch}")
+    old = body.embeddings
+    weight = old.position_embedding.weight.detach()
+    extra = weight.shape[0] - old.num_patches  # CLIP's class position; SigLIP has none
+    grid, new_grid = config.image_size // patch, image_size // patch
+    patches = weight[extra:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    config.image_size = image_size
+    new = type(old)(config).to(device=weight.device, dtype=weight.dtype)
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("position_embedding")}
+    new.load_state_dict({**state, "position_embedding.weight": torch.cat(
+        (weight[:extra], patches.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(weight.dtype)))})
+    new.train(old.training)
+    body.embeddings = new
+
+
 def looks_like_local_tower(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
 

@@ -152,6 +152,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     if spec.get("s2_mix_epochs"):
         tower = (f", the tower learning too at lr {spec['s2_mix_tower_lr']}"
                  if spec.get("s2_mix_tower_lr") is not None else "")
+        if spec.get("s2_mix_image_size"):
+            tower += f" and taking {spec['s2_mix_image_size']}-px pictures (its position embeddings resampled)"
         tail += (f", then {spec['s2_mix_epochs']} more at lr {spec['s2_mix_lr']} on the chats of "
                  f"{spec['s2_mix_scenes']} scenes of the {spec['s2_mix_world']} world beside the first "
                  f"{spec['s2_mix_main_chats']} image chats above{tower}")

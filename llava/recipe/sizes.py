@@ -53,6 +53,7 @@ class RecipeSize:
     # side on the best of `s2_mix_grids`, (columns, rows) of tiles, plus the whole picture).
     s2_mix_aspect: str | None = None
     s2_mix_grids: tuple[tuple[int, int], ...] = ()
+    s2_mix_image_size: int | None = None  # the tower goes on at this side in px here (`llava train --image-size`)
     s2_length_window: int = 1  # stage 2's tail and mixed phase sort rows by length across this many batches
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
@@ -178,3 +179,15 @@ SIZES["full"] = replace(
 # misses are mostly counts (seed 11: 17 of its 24 misses, 19 of the shipped model's 25). Not shipped:
 # the card's in-style targets must hold, and counting, in style and out, is what both miss.
 SIZES["full-vmix"] = replace(SIZES["full"], vision_mix_scenes=8000, vision_steps=5000, s2_mix_aspect="pad")
+
+# Session 37: `full-vmix` with its mixed phase at 128 px (`s2_mix_image_size`, `llava train --image-size`: the
+# 96-px tower's 6 x 6 position embeddings resampled to 8 x 8, so 64 image tokens, and the tower learning at 1e-4 as
+# before). Run from full-vmix's phase 2 (session 34's run), the phase took 4212 s on the 2-core Xeon with AMX (96
+# px: 3315 s). In style 97.1% (lettered choice 100, count 84, every target met; 96 px: 96.0, 88, 90). Out of style
+# (the card's set, 40 a wording) 87.0% against 81.8: colour 92.5 / 87.5, shape 91.2 / 81.2, count 61.2 / 57.5,
+# yes/no 95 (F1 0.95) / 90, left/right 95 / 92.5; held-out wordings 85.0 against 80.5. On a larger out-of-style set
+# (seed 7, 200 a category): colour 95.5 / 92.5, shape 84.5 / 79.0, count 55.5 / 54.0, yes/no F1 0.92 / 0.89,
+# left/right 95.5 / 95.5. What the pixels bought: on the card's set, shape questions whose smallest object is 8-16
+# px after padding to 96 went 19/31 -> 27/31 and colour 17/26 -> 21/26; counts did not move at any object size
+# (8-16 px 21/39 -> 23/39, 16-24 px 17/29 -> 16/29), and misses are mostly one too few. Counting is what is left.
+SIZES["full-vmix-128"] = replace(SIZES["full-vmix"], s2_mix_image_size=128)

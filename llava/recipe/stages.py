@@ -61,14 +61,15 @@ def train_config(stage: str, out: str, data: str, image_folder: str, epochs: int
                   max_steps: int | None, template: str | None = None, unfreeze_vision_tower: bool = False,
                   vision_tower_lr: float | None = None, device: str = "cpu", save_steps: int = 0,
                   image_aspect_ratio: str | None = None, length_window: int = 1, bf16: bool = False,
-                  image_grid_pinpoints: list[tuple[int, int]] | None = None, **model: str) -> TrainConfig:
+                  image_grid_pinpoints: list[tuple[int, int]] | None = None, image_size: int | None = None,
+                  **model: str) -> TrainConfig:
     """One `llava train` run as the trainer's own config."""
     return TrainConfig(stage=stage, data=data, out=out, image_folder=image_folder, learning_rate=lr, epochs=epochs,
                        max_steps=max_steps, micro_batch_size=batch, grad_accum=1, warmup_ratio=0.03,
                        lr_scheduler="cosine", model_max_length=512, gradient_checkpointing=False, seed=seed,
                        device=device, progress=False, logging_steps=5, overwrite=True, template=template,
                        save_steps=save_steps, save_total_limit=1, image_aspect_ratio=image_aspect_ratio,
-                       image_grid_pinpoints=image_grid_pinpoints,
+                       image_grid_pinpoints=image_grid_pinpoints, image_size=image_size,
                        unfreeze_vision_tower=unfreeze_vision_tower, vision_tower_lr=vision_tower_lr,
                        length_window=length_window, bf16=bf16, **model)
 

@@ -267,7 +267,8 @@ class _RecipeRun:
             phases.append({**later, "data": mix_data, "epochs": spec.s2_mix_epochs, "lr": spec.s2_mix_lr,
                            "max_steps": spec.s2_mix_max_steps, "vision_tower_lr": spec.s2_mix_tower_lr,
                            "unfreeze_vision_tower": spec.s2_mix_tower_lr is not None,
-                           "image_aspect_ratio": spec.s2_mix_aspect, "image_grid_pinpoints": grids})
+                           "image_aspect_ratio": spec.s2_mix_aspect, "image_grid_pinpoints": grids,
+                           "image_size": spec.s2_mix_image_size})
         runs, model = [("stage1", s1_args)], s1
         for i, args in enumerate(phases, start=1):
             name = "stage2" if i == len(phases) else f"stage2_phase{i}"

@@ -27,7 +27,7 @@ from llava.checkpoint.tokenizer import IMAGE_TOKEN, add_special_tokens, token_id
 from llava.config import LlavaConfig
 from llava.errors import InputError
 from llava.model.llava import LlavaModel
-from llava.model.vision import load_vision_tower
+from llava.model.vision import load_vision_tower, resize_tower_input
 from llava.processing.image import ImageProcessor
 from llava.train.config import TrainConfig
 
@@ -54,6 +54,9 @@ def build_model(cfg: TrainConfig) -> Built:
     torch.manual_seed(cfg.seed)  # fresh projector / image_newline init: the same on every process
     built = _from_parts(cfg) if cfg.model is None else _from_checkpoint(cfg)
     model = built.model
+    if cfg.image_size and cfg.image_size != model.config.vision_config.image_size:
+        built.image_processor = resize_input(model, built.image_processor, cfg.image_size)
+        built.tower_is_stock = False
     if cfg.pretrain_mm_mlp_adapter:
         load_projector(model, cfg.pretrain_mm_mlp_adapter)
     inherited = model.config.template
@@ -69,6 +72,25 @@ def build_model(cfg: TrainConfig) -> Built:
     # Tokenize <image> the way the output's loader will (llava-hf: whole prompt; original: chunks).
     built.convention = cfg.convention or ("hf" if built.save_layout == "hf" else "original")
     return built
+
+
+def resize_input(model: LlavaModel, processor: ImageProcessor, side: int) -> ImageProcessor:
+    """`--image-size`: the tower resampled to `side`-px pictures (`resize_tower_input`), its config and the image
+    processor saying so. More pixels give more patches, so more image tokens per picture: a model trained at a low
+    resolution can go on at a higher one (the tiny recipe's last phase: small objects became several patches).
+    anyres is refused: its grids are in units of the tower's side."""
+    if side <= 0:
+        raise InputError(f"--image-size {side}: must be a positive number of pixels")
+    if model.config.image_aspect_ratio == "anyres":
+        raise InputError("--image-size: the checkpoint is anyres, whose grids are in units of the tower's side; "
+                         "train it at its own size")
+    try:
+        resize_tower_input(model.vision_tower, side)
+    except ValueError as err:
+        raise InputError(f"--image-size: {err}") from None
+    model.config.vision_config.image_size = side
+    edge = processor.shortest_edge and round(processor.shortest_edge * side / processor.crop_size)
+    return replace(processor, crop_size=side, shortest_edge=edge)
 
 
 def output_layout(cfg: TrainConfig, config: LlavaConfig) -> str:

@@ -110,6 +110,9 @@ class TrainConfig:
     image_aspect_ratio: str | None = _flag(None, group=_MODEL, choices=list(ASPECT_RATIOS),
                                            help="default: a fresh model square for pretrain, pad otherwise; a --model "
                                                 "checkpoint keeps its own (square <-> pad switch it)")
+    image_size: int | None = _flag(None, group=_MODEL,
+                                   help="train the vision tower at this input side in pixels (its position "
+                                        "embeddings resampled to the larger or smaller patch grid); default: its own")
     mm_patch_merge_type: str | None = _flag(None, group=_MODEL, choices=list(MERGE_TYPES),
                                             help="fresh builds: flat, or spatial_unpad with anyres")
     image_grid_pinpoints: list[tuple[int, int]] | None = _flag(
