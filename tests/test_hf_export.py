@@ -288,5 +288,7 @@ def test_a_model_trained_at_another_image_size_answers_in_transformers_as_ours(t
     assert hf_ids == our_ids and hf_new == our_new and len(hf_new) > 0
     with pytest.raises(InputError, match="not a multiple of the tower's patch size"):
         build_model(dataclasses.replace(cfg, image_size=2 * side + 1))
+    with pytest.raises(InputError, match="must be a positive number of pixels"):
+        build_model(dataclasses.replace(cfg, image_size=0))
     with pytest.raises(InputError, match="in units of the tower.s side"):
         build_model(dataclasses.replace(cfg, image_aspect_ratio="anyres"))

@@ -54,7 +54,7 @@ def build_model(cfg: TrainConfig) -> Built:
     torch.manual_seed(cfg.seed)  # fresh projector / image_newline init: the same on every process
     built = _from_parts(cfg) if cfg.model is None else _from_checkpoint(cfg)
     model = built.model
-    if cfg.image_size and cfg.image_size != model.config.vision_config.image_size:
+    if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
         built.image_processor = resize_input(model, built.image_processor, cfg.image_size)
         built.tower_is_stock = False
     if cfg.pretrain_mm_mlp_adapter:
