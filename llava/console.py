@@ -9,10 +9,12 @@ line, with the traceback behind `LLAVA_DEBUG=1`.
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
-from typing import Callable, NoReturn
+import threading
+from typing import Any, Callable, NoReturn
 
 from llava.errors import LlavaError
 
@@ -26,10 +28,52 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+class _InterruptsNotSwallowed:
+    """While active, a Ctrl-C that lands inside a finaliser still stops the command, quietly.
+
+    A SIGINT is raised wherever the main thread happens to be; inside a `__del__` (regex's
+    `Group.__del__` while transformers imports, say) Python cannot propagate it, prints
+    "Exception ignored in ..." with a traceback, and carries on as if Ctrl-C had not been
+    pressed. The hook drops that report and delivers the interrupt again a moment later, once
+    the finaliser has returned, so the command ends as "interrupted".
+    """
+
+    def __init__(self) -> None:
+        self.previous: Callable[[Any], object] | None = None
+
+    def __enter__(self) -> None:
+        if not getattr(sys.unraisablehook, "_llava_interrupts", False):
+            self.previous, sys.unraisablehook = sys.unraisablehook, self._hook
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.previous is not None:
+            sys.unraisablehook, self.previous = self.previous, None
+
+    def _hook(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            assert self.previous is not None
+            self.previous(unraisable)
+            return
+        # Not from inside the hook: the finaliser (and any next one in the same collection) must
+        # finish first, or the interrupt would be swallowed again here.
+        threading.Timer(0.05, _interrupt_main_thread).start()
+
+    _hook._llava_interrupts = True  # type: ignore[attr-defined]  # nested run_command calls share one hook
+
+
+def _interrupt_main_thread() -> None:
+    """A real SIGINT to the main thread, so a blocking call there (a sleep, a read) is cut short too."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+    else:  # Windows: no per-thread signals; the interrupt is seen at the next bytecode
+        _thread.interrupt_main()
+
+
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run `command` and turn whatever it raises into an exit code and at most one line on stderr."""
     try:
-        return command()
+        with _InterruptsNotSwallowed():
+            return command()
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

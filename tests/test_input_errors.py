@@ -177,6 +177,30 @@ def test_ctrl_c_ends_without_a_traceback():
     assert answer.strip() and "Traceback" not in err and "Exception ignored" not in err, err
 
 
+def test_ctrl_c_inside_a_finaliser_still_stops_the_command_quietly(tmp_path):
+    """A SIGINT that lands in a `__del__` (as one did in regex's, while transformers imported) ends the run.
+
+    Python cannot raise from a finaliser: unhandled, it prints "Exception ignored in" with a
+    traceback and goes on as if Ctrl-C had never been pressed; here the 30-s sleep must be cut short.
+    """
+    script = tmp_path / "finaliser.py"
+    script.write_text(
+        "import signal, time\n"
+        "from llava.console import exit_with, run_command\n"
+        "class Finaliser:\n"
+        "    def __del__(self):\n"
+        "        signal.raise_signal(signal.SIGINT)  # handled at the next bytecode, still in here\n"
+        "        sum(range(1000))\n"
+        "def command():\n"
+        "    Finaliser()\n"
+        "    time.sleep(30)\n"
+        "    print('not interrupted')\n"
+        "    return 0\n"
+        "exit_with(run_command('demo', command))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=20)
+    assert (out.returncode, out.stdout, out.stderr.strip()) == (130, "", "demo: interrupted"), out
+
+
 def test_chat_takes_multi_line_messages_and_short_toggle(pipe):
     from llava.serve.cli import SHORT_ANSWER, chat_loop
 
