@@ -26,6 +26,7 @@ from llava.recipe.stages import (MADE_IN_SECONDS, STAGE0_SPEC_FILE, finished_run
 from llava.recipe.text import pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
 from llava.recipe.vision import pretrain_vision, scene_pairs
+from llava.train.checkpointing import write_json
 
 __all__ = ["SIZES", "RecipeSize", "run_recipe"]
 
@@ -55,8 +56,8 @@ def _rows_inside(folder: str, name: str) -> list[dict[str, Any]]:
 
 
 def _write_rows(path: str, rows: list[dict[str, Any]]) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(rows, f)
+    """A training file of `rows` on one line, as `llava data synth` writes them, whole or not at all."""
+    write_json(path, rows, indent=None)
     return path
 
 

@@ -62,11 +62,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json(path: str, data: Any) -> None:
-    """Write via a temp file + rename, so readers never see half a JSON file."""
+def write_json(path: str, data: Any, indent: int | None = 2) -> None:
+    """Write via a temp file + rename, so readers never see half a JSON file (`indent=None`: one line)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
+        json.dump(data, f, indent=indent, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
