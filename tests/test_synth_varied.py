@@ -142,6 +142,20 @@ def test_pixels_match_the_scene():
     assert checked > 50
 
 
+def test_a_varied_cross_runs_from_a_thin_plus_sign_to_a_stout_one():
+    """People draw "+" with thin strokes: the varied world's crosses span bars a ninth of the cross's
+    span wide to nearly half of it (a model trained on stout crosses alone called thin ones stars)."""
+    def bar_share(variant: float) -> float:
+        cross = Obj("cross", "blue", "large", 100, 100, 90, rgb=(0, 0, 255), edge="none", variant=variant)
+        img = np.asarray(render(Scene(200, "white", 0, [cross], tint=(255, 255, 255))), dtype=int)
+        column = img[:, 100 + 60, 2] - img[:, 100 + 60, 0] > 128  # down through the right arm
+        row = img[100, :, 2] - img[100, :, 0] > 128  # across the horizontal bar
+        return column.sum() / row.sum()
+
+    assert bar_share(0.0) == pytest.approx(1 / 9, abs=0.02)
+    assert bar_share(1.0) == pytest.approx(0.42 / 0.9, abs=0.02)
+
+
 def _truth(scene: Scene, key: str) -> str:
     """The answer to the fact `key` ("color:star", "count:circle", ...) read from the scene alone."""
     kind, _, what = key.partition(":")

@@ -285,8 +285,8 @@ def _polygon(shape: str, x: float, y: float, r: float, variant: float | None = N
             rad = r if i % 2 == 0 else r * inner
             a = -math.pi / 2 + i * math.pi / 5
             pts.append((x + rad * math.cos(a), y + rad * math.sin(a) + r * 0.08))
-    elif shape == "cross":
-        a, t = r * 0.9, r * (0.33 if variant is None else 0.22 + 0.2 * variant)
+    elif shape == "cross":  # varied: from a thin plus sign (bars a ninth of its span wide) to a stout one
+        a, t = r * 0.9, r * (0.33 if variant is None else 0.1 + 0.32 * variant)
         pts = [(x - t, y - a), (x + t, y - a), (x + t, y - t), (x + a, y - t), (x + a, y + t), (x + t, y + t),
                (x + t, y + a), (x - t, y + a), (x - t, y + t), (x - a, y + t), (x - a, y - t), (x - t, y - t)]
     else:
