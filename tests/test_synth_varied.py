@@ -143,8 +143,8 @@ def test_pixels_match_the_scene():
 
 
 def test_a_varied_cross_runs_from_a_thin_plus_sign_to_a_stout_one():
-    """People draw "+" with thin strokes: the varied world's crosses span bars a ninth of the cross's
-    span wide to nearly half of it (a model trained on stout crosses alone called thin ones stars)."""
+    """People draw "+" with thin strokes: a varied cross's bars are from a ninth of its span wide to
+    nearly half (a model trained on stout crosses alone called thin ones stars)."""
     def bar_share(variant: float) -> float:
         cross = Obj("cross", "blue", "large", 100, 100, 90, rgb=(0, 0, 255), edge="none", variant=variant)
         img = np.asarray(render(Scene(200, "white", 0, [cross], tint=(255, 255, 255))), dtype=int)
