@@ -206,9 +206,9 @@ SIZES["full-vmix"] = replace(SIZES["full"], vision_mix_scenes=8000, vision_steps
 # 91.2, count 62.5 / 61.2, yes/no F1 0.94 / 0.95, left/right 98.8 / 95; held-out wordings 86.0 / 85.0. Seed 7 (200
 # a category) 86.6 / 84.5: colour 97 / 95.5, shape 89 / 84.5, count 59.5 / 55.5; with a cross in the picture
 # shape 59/68 against 48/68 and count 34/63 against 25/63, without one unchanged (count 85/137 / 86/137). So
-# crosses were a third of the shape misses, but counting stays near 60% with or without them. Nor is it short of
-# count chats: continuing that model for one epoch (lr 1e-4, tower 3e-5) on 8000 fresh varied scenes (seed 77) asked
-# how many of each shape they hold, answers 1-5 equally often, beside 4000 of the phase's own rows, left count at
-# 65.0 / 58 / 67 (card set, seed 7, the varied world's held-out set; before 62.5 / 59.5 / 66); with every shape
+# crosses were two thirds of the shape misses (seed 7: 20 of 31), but counting stays near 60% with or without them.
+# Nor is it short of count chats: continuing that model for one epoch (lr 1e-4, tower 3e-5) on 8000 fresh varied scenes
+# (seed 77) asked how many of each shape they hold, answers 1-5 equally often, beside 4000 of the phase's own rows, left
+# count at 65.0 / 58 / 67 (card set, seed 7, the varied world's held-out set; before 62.5 / 59.5 / 66); with every shape
 # asked, "1" half the answers, it fell to 57.5 / 49 / 61.5 (misses one too few).
 SIZES["full-vmix-128"] = replace(SIZES["full-vmix"], s2_mix_image_size=128)
