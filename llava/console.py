@@ -42,7 +42,7 @@ class _InterruptsNotSwallowed:
         self.previous: Callable[[Any], object] | None = None
 
     def __enter__(self) -> None:
-        if not getattr(sys.unraisablehook, "_llava_interrupts", False):
+        if not isinstance(getattr(sys.unraisablehook, "__self__", None), _InterruptsNotSwallowed):  # nested: one hook
             self.previous, sys.unraisablehook = sys.unraisablehook, self._hook
 
     def __exit__(self, *exc_info: object) -> None:
@@ -57,8 +57,6 @@ class _InterruptsNotSwallowed:
         # Not from inside the hook: the finaliser (and any next one in the same collection) must
         # finish first, or the interrupt would be swallowed again here.
         threading.Timer(0.05, _interrupt_main_thread).start()
-
-    _hook._llava_interrupts = True  # type: ignore[attr-defined]  # nested run_command calls share one hook
 
 
 def _interrupt_main_thread() -> None:

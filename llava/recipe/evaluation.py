@@ -8,9 +8,10 @@ that says how the model does on pictures a user draws.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from llava.train.checkpointing import write_json
 
 OUT_OF_STYLE_SEED = 0  # one fixed set for every run: cards compare
 
@@ -60,6 +61,5 @@ def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
             results["out_of_style"]["after_crop"] = {"accuracy": crop["accuracy"], "overall": crop["overall"],
                                                      "share": crop["share"]}
     path = os.path.join(model_dir, "eval_results.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    write_json(path, results, indent=1)
     return path

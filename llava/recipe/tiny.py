@@ -8,7 +8,6 @@ own trainer (`llava.train.loop.train`) in-process, exactly as `llava train` woul
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -90,8 +89,7 @@ class _RecipeRun:
         """Record beside a stage-0 model the spec it was made with and how long that took (since the
         `perf_counter` time `started`): a run killed before its summary keeps the model and its time."""
         record = {**asdict(self.spec), MADE_IN_SECONDS: round(time.perf_counter() - started, 1)}
-        with open(os.path.join(folder, STAGE0_SPEC_FILE), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
+        write_json(os.path.join(folder, STAGE0_SPEC_FILE), record, indent=1)  # atomic: `--reuse` reads it
         return result
 
     def text_chats(self, n: int) -> int:
@@ -360,8 +358,7 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
     if oos_dir:
         summary["out_of_style_set"] = {"seed": OUT_OF_STYLE_SEED, "per_cell": spec.out_of_style_per_cell,
                                        "eval_sha256": oos_meta["sha256"]}
-    with open(run.summary_file, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, default=str)
+    write_json(run.summary_file, summary, indent=1)
     write_card(s2, summary)
     write_eval_results(s2, summary)
     if not keep_data:
