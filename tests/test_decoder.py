@@ -14,7 +14,7 @@ from llava.generate.decoder import LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.model import onednn as onednn_module
 from llava.model.llava import LlavaModel
-from llava.model.onednn import PackedLinear, cpu_linear_path, onednn_dtypes, packable_dtypes
+from llava.model.onednn import FusedPackedLinear, PackedLinear, cpu_linear_path, onednn_dtypes, packable_dtypes
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
 
@@ -115,8 +115,9 @@ def test_packed_weights_give_the_unpacked_logits(name, dtype):
         plain = _decode_logits(LlamaFamilyDecoder(lm), ids, mask, pos, dtype)
         packed_decoder = LlamaFamilyDecoder(lm, pack_weights=True)
         packed = _decode_logits(packed_decoder, ids, mask, pos, dtype)
-    assert all(isinstance(part, PackedLinear) for layer in packed_decoder.layers
-               for part in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down))
+    assert all(isinstance(layer.o, PackedLinear) and isinstance(layer.down, PackedLinear)
+               and isinstance(layer.qkv, FusedPackedLinear) and isinstance(layer.gate_up, FusedPackedLinear)
+               for layer in packed_decoder.layers)
     assert isinstance(packed_decoder.head, PackedLinear)
     for a, b in zip(packed, plain):
         scale = b.float().abs().max().item()
@@ -131,25 +132,28 @@ def test_packed_copies_follow_the_model():
     ids, mask, pos = _left_padded()
     decoder = LlamaFamilyDecoder(lm, pack_weights=True)
     with torch.no_grad():
-        first = decoder.layers[0].q.packed
+        first = decoder.layers[0].qkv.packed
         _decode_logits(decoder, ids, mask, pos)
-        assert decoder.layers[0].q.packed is first
+        assert decoder.layers[0].qkv.packed is first
         weights = sum(p.numel() * 4 for n, p in lm.named_parameters() if n.endswith("proj.weight")) + \
             lm.lm_head.weight.numel() * 4
         assert decoder.packer.nbytes == weights
         before = _decode_logits(decoder, ids, mask, pos)[-1]
         lm.lm_head.weight.mul_(-1)
         assert torch.allclose(_decode_logits(decoder, ids, mask, pos)[-1], -before, atol=1e-5)
-        assert decoder.layers[0].q.packed is first  # unchanged weights keep their copies
+        assert decoder.layers[0].qkv.packed is first  # unchanged weights keep their copies
         lm.model.layers[1].mlp.up_proj = torch.nn.Linear(64, 96)
         reference = _decode_logits(LlamaFamilyDecoder(lm), ids, mask, pos)
         assert torch.allclose(_decode_logits(decoder, ids, mask, pos)[-1], reference[-1], atol=1e-5)
-        assert decoder.packer.nbytes == weights and len(decoder.packer._copies) == 7 * 2 + 1  # old up_proj's gone
+        # a copy a layer for qkv, o, gate_up and down, and the head's; the old up_proj's fused copy is gone,
+        # and the new one has a bias where gate_proj has none, so layer 1 packs those two apart
+        assert decoder.packer.nbytes == weights and len(decoder.packer._copies) == 4 * 2 + 1 + 1
+        assert decoder.layers[1].gate_up is None and isinstance(decoder.layers[1].up, PackedLinear)
     if torch.bfloat16 in packable_dtypes():
         lm.to(torch.bfloat16)
         with torch.no_grad():
             steps = _decode_logits(decoder, ids, mask, pos, torch.bfloat16)
-        assert decoder.layers[0].q.packed.dtype == torch.bfloat16 and steps[-1].dtype == torch.bfloat16
+        assert decoder.layers[0].qkv.packed.dtype == torch.bfloat16 and steps[-1].dtype == torch.bfloat16
 
 
 def test_packed_linear_keeps_gradients():
@@ -163,6 +167,28 @@ def test_packed_linear_keeps_gradients():
     assert linear.weight.grad is not None and x.grad is not None
     with torch.no_grad():
         assert torch.allclose(part(x), linear(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_packed_linears_give_their_parts_side_by_side(dtype):
+    """q/k/v-like linears (biases, unequal widths) packed as one product: each part's output, side by
+    side, at one row and many; with gradients wanted, computed on the parts' own weights."""
+    _needs_packing(dtype)
+    from llava.model.onednn import WeightPacker
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(32, n).to(dtype) for n in (32, 16, 16)]
+    fused = WeightPacker().fused(parts)
+    assert fused is not None and fused.out_features == 64
+    for rows in (1, 5):
+        x = torch.randn(rows, 32, dtype=dtype)
+        with torch.no_grad():
+            expected = torch.cat([p(x) for p in parts], dim=-1)
+            assert (fused(x).float() - expected.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 0.03)
+    x = torch.randn(3, 32, dtype=dtype, requires_grad=True)
+    fused(x).sum().backward()
+    assert all(p.weight.grad is not None for p in parts) and x.grad is not None
+    assert WeightPacker().fused([torch.nn.Linear(32, 8), torch.nn.Linear(32, 8, bias=False)]) is None
+    assert WeightPacker().fused([torch.nn.Linear(32, 8), torch.nn.Linear(16, 8)]) is None
 
 
 def test_unpadded_batch_needs_no_mask():

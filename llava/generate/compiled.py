@@ -55,7 +55,7 @@ from llava.generate.decoder import (
     rotate,
 )
 from llava.model.int8_dynamic import Int8DynamicLinear
-from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes
+from llava.model.onednn import FusedPackedLinear, PackedLinear, compiled_linear, onednn_dtypes
 from llava.model.woq import WEIGHT_ONLY, fuse_outputs
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
@@ -148,13 +148,16 @@ def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> tor
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
     packed copy where there is one. Quantized layers run as themselves (they pick their own forms).
     Under Inductor's templates (`AUTOTUNED`) int8-weight layers take the kernel the templates replace,
-    and plain ones `F.linear` on the frozen weight, at any row count."""
+    and plain ones `F.linear` on the frozen weight, at any row count. A fused packed product
+    (`FusedPackedLinear`) runs whole for batches only."""
+    one_row = x.numel() == x.shape[-1]
     if templates and isinstance(part, WEIGHT_ONLY["int8-weight"]):
         return part.kernel_product(x)
+    if isinstance(part, FusedPackedLinear) and (templates or one_row):  # its parts, each as a plain linear
+        return torch.cat([decode_linear(weight_bias, x, templates) for weight_bias in part.parts], dim=-1)
     if templates and isinstance(part, (tuple, PackedLinear)):  # the frozen weight: a template prepacks it
         weight, bias = part if isinstance(part, tuple) else (part.weight, part.bias)
         return F.linear(x, weight, bias)
-    one_row = x.numel() == x.shape[-1]
     if isinstance(part, PackedLinear) and one_row:
         part = (part.weight, part.bias)
     if not isinstance(part, tuple):
@@ -182,6 +185,7 @@ class CompiledDecoder:
         self.decoder = decoder
         self._compiled = torch.compile(_own_code(self._step), dynamic=None, options=STEP_OPTIONS)
         self._autotuned = None  # the step, frozen, through Inductor's GEMM templates (`AUTOTUNED`)
+        self.one_row_templates = AMX  # one row takes that graph too (`AUTOTUNED` says where it was measured)
         if templates is None:
             templates = decoder.packer is not None and templated_layers(decoder.lm)
         if templates:
@@ -189,8 +193,10 @@ class CompiledDecoder:
                                             options={**STEP_OPTIONS, **AUTOTUNED})
         self.layers = plan_layers(decoder.lm, decoder.packer)
         for plan in self.layers:
-            plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
-            plan.gate_up = fuse_outputs((plan.gate, plan.up))
+            if plan.qkv is None:  # packed plain ones come fused (`plan_layers`); quantized ones fuse here
+                plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
+            if plan.gate_up is None:
+                plan.gate_up = fuse_outputs((plan.gate, plan.up))
             called = ("o", "down") + (("qkv",) if plan.qkv is not None else ("q", "k", "v")) + (
                 ("gate_up",) if plan.gate_up is not None else ("gate", "up"))
             for name in called:
@@ -225,7 +231,7 @@ class CompiledDecoder:
             for tensor in (token_ids, position_ids, filled, *cache.keys, *cache.values):
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         args = (token_ids, position_ids, filled, where, cache.keys, cache.values)
-        if self._autotuned is None or (token_ids.shape[0] == 1 and not AMX):
+        if self._autotuned is None or (token_ids.shape[0] == 1 and not self.one_row_templates):
             return self._compiled(*args, templates=False)
         with torch._inductor.config.patch(freezing=True):  # read before `options` apply (`AUTOTUNED`)
             return self._autotuned(*args, templates=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava.model.onednn import PackedLinear, WeightPacker, onednn_dtypes
+from llava.model.onednn import FusedPackedLinear, PackedLinear, WeightPacker, onednn_dtypes
 from llava.model.onednn import linear as onednn_or_f_linear
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -75,7 +75,7 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | nn.Module | Callable  # see LayerPlan
+Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | FusedPackedLinear | nn.Module | Callable  # LayerPlan
 
 
 @dataclass(slots=True)
@@ -84,7 +84,9 @@ class LayerPlan:
 
     A plain nn.Linear is kept as its (weight, bias), or as a `PackedLinear` when packing; anything
     else (int8, bitsandbytes, LoRA) as the module, whose own forward then runs (in the compiled
-    step, an int8-dynamic layer may be its packed form: `CompiledDecoder._for_batches`).
+    step, an int8-dynamic layer may be its packed form: `CompiledDecoder._for_batches`). When
+    packing, plain q/k/v and gate/up are packed as one `FusedPackedLinear` each (`qkv`, `gate_up`),
+    and their own parts stay plain (the compiled step's one row reads them).
     """
 
     input_norm: nn.Module
@@ -97,7 +99,7 @@ class LayerPlan:
     up: Linear
     down: Linear
     act: Callable[[torch.Tensor], torch.Tensor]
-    qkv: Linear | None = None  # q, k and v as one quantized layer (the compiled step's; `fuse_outputs`)
+    qkv: Linear | None = None  # q, k and v as one packed product, or quantized layer (the compiled step's)
     gate_up: Linear | None = None  # gate and up, likewise
 
 
@@ -116,10 +118,13 @@ def plan_layers(lm: nn.Module, packer: WeightPacker | None = None) -> list[Layer
     plans = []
     for layer in lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        q, k, v, o, gate, up, down = (_linear_part(m, packer) for m in (
-            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        qkv = packer.fused((attn.q_proj, attn.k_proj, attn.v_proj)) if packer is not None else None
+        gate_up = packer.fused((mlp.gate_proj, mlp.up_proj)) if packer is not None else None
+        q, k, v = (_linear_part(m, None if qkv else packer) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        gate, up = (_linear_part(m, None if gate_up else packer) for m in (mlp.gate_proj, mlp.up_proj))
+        o, down = (_linear_part(m, packer) for m in (attn.o_proj, mlp.down_proj))
         plans.append(LayerPlan(layer.input_layernorm, q, k, v, o, layer.post_attention_layernorm, gate, up, down,
-                               _activation(mlp.act_fn)))
+                               _activation(mlp.act_fn), qkv, gate_up))
     return plans
 
 
@@ -225,7 +230,11 @@ class LlamaFamilyDecoder:
             x = _rms_norm(layer.input_norm, hidden)
             hidden = hidden + self._attention(layer, x, rotary, mask, cache, i, start, end)
             x = _rms_norm(layer.post_norm, hidden)
-            hidden = hidden + _linear(layer.down, layer.act(_linear(layer.gate, x)) * _linear(layer.up, x))
+            if layer.gate_up is not None:
+                gate, up = _linear(layer.gate_up, x).chunk(2, dim=-1)
+            else:
+                gate, up = _linear(layer.gate, x), _linear(layer.up, x)
+            hidden = hidden + _linear(layer.down, layer.act(gate) * up)
         last = _rms_norm(body.norm, hidden[:, -1])
         return _linear(self.head, last)
 
@@ -254,10 +263,13 @@ class LlamaFamilyDecoder:
                    mask: torch.Tensor | None, cache: KVCache, i: int, start: int, end: int) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
-        qk = torch.cat((_linear(layer.q, x), _linear(layer.k, x)), dim=-1).view(batch, length, heads + kv_heads, dim)
-        qk = rotate(qk.transpose(1, 2), *rotary)  # [B, H+KV, T, D]
+        if layer.qkv is not None:
+            qk, v = _linear(layer.qkv, x).split(((heads + kv_heads) * dim, kv_heads * dim), dim=-1)
+        else:
+            qk, v = torch.cat((_linear(layer.q, x), _linear(layer.k, x)), dim=-1), _linear(layer.v, x)
+        qk = rotate(qk.reshape(batch, length, heads + kv_heads, dim).transpose(1, 2), *rotary)  # [B, H+KV, T, D]
         cache.keys[i][:, :, start:end] = qk[:, heads:]
-        cache.values[i][:, :, start:end] = _linear(layer.v, x).view(batch, length, kv_heads, dim).transpose(1, 2)
+        cache.values[i][:, :, start:end] = v.reshape(batch, length, kv_heads, dim).transpose(1, 2)
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         if keys.dtype != x.dtype:  # a cache kept in another dtype (Engine's kv_cache_dtype)
             keys, values = keys.to(x.dtype), values.to(x.dtype)
