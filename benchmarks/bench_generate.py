@@ -105,6 +105,28 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 7) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def multiply_add_rates(size: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """G multiply-adds/s of one size x size product per dtype, median of several: the arithmetic roof
+    that a batch's linears meet once reading the weights is no longer what bounds them (fp32 and
+    bf16 `mm`, int8 `_int_mm`; a dtype this build cannot multiply is left out)."""
+    products = {"fp32": (torch.float32, torch.mm), "bf16": (torch.bfloat16, torch.mm),
+                "int8": (torch.int8, getattr(torch, "_int_mm", None))}
+    rates = {}
+    for name, (dtype, product) in products.items():
+        a, b = (torch.ones(size, size).to(dtype) for _ in range(2))
+        try:
+            product(a, b)
+        except (RuntimeError, TypeError):
+            continue
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            product(a, b)
+            times.append(time.perf_counter() - t)
+        rates[name] = size**3 / statistics.median(times) / 1e9
+    return rates
+
+
 def decode_weight_bytes(model: LlavaModel) -> int:
     """Bytes of language-model weights read per decode step (all but the embedding table, read one row)."""
     lm = model.language_model

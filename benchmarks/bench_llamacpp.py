@@ -24,6 +24,8 @@ For each, in interleaved rounds (the machine is shared; medians are taken):
   512-token prompt that holds one image (image encoding included);
 - CPU pressure per round (Linux PSI: how long runnable tasks waited for a CPU), so a noisy
   round shows.
+Beside the read bandwidth it prints the CPU's multiply-add rates (fp32, bf16, int8 products): the
+roof that batches of 8 meet once the weights no longer bound them.
 Then greedy-token agreement over the first 32 tokens with our fp32 model (the bench weights,
 and the bundled tiny model for ours), and each batch-1 row as a fraction of the bandwidth
 roofline (weight bytes read per token x tokens/s / measured read bandwidth).
@@ -49,7 +51,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from bench_generate import FirstStepClock, cpu_stall_us, decode_weight_bytes, machine, read_bandwidth_gbs
+from bench_generate import (FirstStepClock, cpu_stall_us, decode_weight_bytes, machine, multiply_add_rates,
+                            read_bandwidth_gbs)
 
 from llava.checkpoint.build import image_processor_for
 from llava.checkpoint.gguf_export import export_gguf
@@ -317,6 +320,8 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}  {machine()}")
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth (1 GiB fp32 .sum(), median of 7): {bandwidth:.1f} GB/s", flush=True)
+    rates = ", ".join(f"{name} {rate:.0f}" for name, rate in multiply_add_rates().items())
+    print(f"multiply-adds (1024 x 1024 products, G/s): {rates}", flush=True)
     for packed in (False, True):
         print(f"eager decode-step linears{', packed' if packed else ''}: " + ", ".join(
             f"{name} {cpu_linear_path(dtype, packed)}" for name, dtype in (("fp32", torch.float32),
