@@ -112,7 +112,7 @@ STEP_OPTIONS = {"realize_reads_threshold": 1}
 # everything computed from weights alone, so the fp32 word loop would read the weight converted to fp32 (79 -> 53
 # tokens/s). One row, int8-dynamic and bf16 take this graph only where the CPU has AMX (`one_row_templates`): on
 # the AVX-512 EPYC without AMX, one row, own forms -> this graph (interleaved, tokens/s): int4 365 -> 370,
-# int8-weight 324 -> 243, int8-dynamic 345 -> 44 (no AMX micro-kernel: the reference one, or oneDNN's qlinear),
+# int8-weight 324 -> 243, int8-dynamic 345 -> 44 (autotuning's choices: Inductor's reference micro-kernel, qlinear),
 # bf16 240 -> 99 (session 39, benchmarks/README.md). Batches of weight-only layers take it everywhere: autotuning
 # keeps ATen's kernel where that is faster (there, `_weight_int8pack_mm` for every shape at 8 rows).
 AUTOTUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
