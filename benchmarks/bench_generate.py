@@ -93,16 +93,21 @@ def cpu_stall_us() -> int | None:
         return None
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 7) -> float:
-    """Read-only memory bandwidth: a large fp32 tensor's `.sum()`, median of several passes."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """The median wall time of `repeats` calls of `call`, after one untimed call that warms it up."""
+    call()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        x.sum()
+        call()
         times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 7) -> float:
+    """Read-only memory bandwidth: a large fp32 tensor's `.sum()`, median of several passes."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    return x.numel() * 4 / median_seconds(x.sum, repeats) / 1e9
 
 
 def multiply_add_rates(size: int = 1024, repeats: int = 5) -> dict[str, float]:
@@ -115,15 +120,10 @@ def multiply_add_rates(size: int = 1024, repeats: int = 5) -> dict[str, float]:
     for name, (dtype, product) in products.items():
         a, b = (torch.ones(size, size).to(dtype) for _ in range(2))
         try:
-            product(a, b)
+            seconds = median_seconds(lambda: product(a, b), repeats)
         except (RuntimeError, TypeError):
             continue
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            product(a, b)
-            times.append(time.perf_counter() - t)
-        rates[name] = size**3 / statistics.median(times) / 1e9
+        rates[name] = size**3 / seconds / 1e9
     return rates
 
 

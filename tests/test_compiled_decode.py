@@ -354,7 +354,7 @@ def test_compiled_bf16_step_beside_packed_weights(tiny):
     GEMM templates, which prepack the frozen weights themselves, so the engine keeps no copies of its
     own. Elsewhere the one-row step keeps its reductions over the plain weights and batches read the
     packed copies. Either way: the eager packed steps' logits, one row and a batch whose rows leave."""
-    from llava.model.onednn import FusedPackedLinear, packable_dtypes
+    from llava.model.onednn import PackedLinear, packable_dtypes
 
     if torch.bfloat16 not in packable_dtypes():
         pytest.skip("oneDNN cannot pack bf16 weights on this CPU")
@@ -364,7 +364,7 @@ def test_compiled_bf16_step_beside_packed_weights(tiny):
     compiled = Engine(model, tok, eos_token_ids=[], compile=True, pack_weights=True)
     decoder = compiled.compiled_lean
     assert (decoder._autotuned is not None) == AMX
-    assert isinstance(decoder.layers[0].gate_up, FusedPackedLinear) != AMX
+    assert isinstance(decoder.layers[0].gate_up, PackedLinear) != AMX
     assert (compiled.lean.packer.nbytes == 0) == AMX
     for batch in (_requests(model, 7)[:1], _requests(model, 7) + _requests(model, 8)):
         state_e, state_c = eager.prefill(batch, 8), compiled.prefill(batch, 8)

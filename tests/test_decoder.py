@@ -14,7 +14,7 @@ from llava.generate.decoder import LlamaFamilyDecoder, unsupported_reason
 from llava.generate.detokenize import RowText
 from llava.model import onednn as onednn_module
 from llava.model.llava import LlavaModel
-from llava.model.onednn import FusedPackedLinear, PackedLinear, cpu_linear_path, onednn_dtypes, packable_dtypes
+from llava.model.onednn import PackedLinear, cpu_linear_path, onednn_dtypes, packable_dtypes
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
 
@@ -116,7 +116,7 @@ def test_packed_weights_give_the_unpacked_logits(name, dtype):
         packed_decoder = LlamaFamilyDecoder(lm, pack_weights=True)
         packed = _decode_logits(packed_decoder, ids, mask, pos, dtype)
     assert all(isinstance(layer.o, PackedLinear) and isinstance(layer.down, PackedLinear)
-               and isinstance(layer.qkv, FusedPackedLinear) and isinstance(layer.gate_up, FusedPackedLinear)
+               and len(layer.qkv.parts) == 3 and len(layer.gate_up.parts) == 2
                for layer in packed_decoder.layers)
     assert isinstance(packed_decoder.head, PackedLinear)
     for a, b in zip(packed, plain):
@@ -177,8 +177,16 @@ def test_fused_packed_linears_give_their_parts_side_by_side(dtype):
     from llava.model.onednn import WeightPacker
     torch.manual_seed(0)
     parts = [torch.nn.Linear(32, n).to(dtype) for n in (32, 16, 16)]
-    fused = WeightPacker().fused(parts)
+    packer = WeightPacker()
+    fused = packer.fused(parts)
     assert fused is not None and fused.out_features == 64
+    again = packer.fused(parts)  # the next prefill's plan: the stacked copies are kept, biases too
+    assert again.packed is fused.packed and again.bias is fused.bias
+    with torch.no_grad():
+        parts[1].bias.add_(1)
+    remade = packer.fused(parts)
+    assert remade.bias is not fused.bias and torch.equal(remade.bias[32:48], parts[1].bias.detach())
+    fused = remade
     for rows in (1, 5):
         x = torch.randn(rows, 32, dtype=dtype)
         with torch.no_grad():

@@ -55,7 +55,7 @@ from llava.generate.decoder import (
     rotate,
 )
 from llava.model.int8_dynamic import Int8DynamicLinear
-from llava.model.onednn import FusedPackedLinear, PackedLinear, compiled_linear, onednn_dtypes
+from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes, side_by_side
 from llava.model.woq import WEIGHT_ONLY, fuse_outputs
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
@@ -150,18 +150,15 @@ def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> tor
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
     packed copy where there is one. Quantized layers run as themselves (they pick their own forms).
     Under Inductor's templates (`AUTOTUNED`) int8-weight layers take the kernel the templates replace,
-    and plain ones `F.linear` on the frozen weight, at any row count. A fused packed product
-    (`FusedPackedLinear`) runs whole for batches only."""
+    and plain ones `F.linear` on the frozen weight, at any row count. A packed product (one linear
+    or several stacked) runs whole for batches only."""
     one_row = x.numel() == x.shape[-1]
     if templates and isinstance(part, WEIGHT_ONLY["int8-weight"]):
         return part.kernel_product(x)
-    if isinstance(part, FusedPackedLinear) and (templates or one_row):  # its parts, each as a plain linear
-        return torch.cat([decode_linear(weight_bias, x, templates) for weight_bias in part.parts], dim=-1)
-    if templates and isinstance(part, (tuple, PackedLinear)):  # the frozen weight: a template prepacks it
-        weight, bias = part if isinstance(part, tuple) else (part.weight, part.bias)
-        return F.linear(x, weight, bias)
-    if isinstance(part, PackedLinear) and one_row:
-        part = (part.weight, part.bias)
+    if isinstance(part, PackedLinear) and (templates or one_row):  # its parts, each as a plain linear
+        return side_by_side([decode_linear(weight_bias, x, templates) for weight_bias in part.parts])
+    if templates and isinstance(part, tuple):  # the frozen weight: a template prepacks it
+        return F.linear(x, *part)
     if not isinstance(part, tuple):
         return part(x)
     weight, bias = part

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava.model.onednn import FusedPackedLinear, PackedLinear, WeightPacker, onednn_dtypes
+from llava.model.onednn import PackedLinear, WeightPacker, onednn_dtypes
 from llava.model.onednn import linear as onednn_or_f_linear
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -75,7 +75,7 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | FusedPackedLinear | nn.Module | Callable  # LayerPlan
+Linear = tuple[torch.Tensor, torch.Tensor | None] | PackedLinear | nn.Module | Callable  # LayerPlan
 
 
 @dataclass(slots=True)
@@ -85,7 +85,7 @@ class LayerPlan:
     A plain nn.Linear is kept as its (weight, bias), or as a `PackedLinear` when packing; anything
     else (int8, bitsandbytes, LoRA) as the module, whose own forward then runs (in the compiled
     step, an int8-dynamic layer may be its packed form: `CompiledDecoder._for_batches`). When
-    packing, plain q/k/v and gate/up are packed as one `FusedPackedLinear` each (`qkv`, `gate_up`),
+    packing, plain q/k/v and gate/up are packed as one `PackedLinear` each (`qkv`, `gate_up`),
     and their own parts stay plain (the compiled step's one row reads them).
     """
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -87,33 +89,16 @@ def _compiled_linear_shape(x: torch.Tensor, weight: torch.Tensor, out_features: 
 
 @dataclass(frozen=True, slots=True)
 class PackedLinear:
-    """A plain CPU linear whose weight oneDNN has reordered: `packed` is opaque (no strides, no
-    autograd); `weight` is the module's own, for calls that need gradients."""
-
-    packed: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if wants_grad or x.dtype != self.packed.dtype:
-            return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
-            return compiled_linear(x, self.packed, self.weight.shape[0], self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-@dataclass(frozen=True, slots=True)
-class FusedPackedLinear:
-    """Plain CPU linears that read one input (q/k/v, gate/up) as one oneDNN product on a packed copy
-    of their weights stacked, the output being their outputs side by side. One kernel call instead
-    of two or three, and a wider product that oneDNN blocks better: bench-200m's layers, 8 bf16 rows,
-    5.46 -> 4.93 ms a step; one row 4.71 -> 4.07 (AVX-512 EPYC, benchmarks/README.md). `parts` are the
-    linears' own (weight, bias): for calls that need gradients, and for the compiled step's one row."""
+    """Plain CPU linears that read one input, as one oneDNN product on a packed copy of their weights
+    (`packed`: opaque, no strides, no autograd). One linear, or several stacked (q/k/v, gate/up), the
+    output being theirs side by side: one kernel call instead of two or three, and a wider product
+    that oneDNN blocks better (bench-200m's layers, 8 bf16 rows, 5.46 -> 4.93 ms a step; one row
+    4.71 -> 4.07; AVX-512 EPYC, benchmarks/README.md). `parts` are the linears' own (weight, bias):
+    for calls that need gradients, and for the compiled step's one row."""
 
     packed: torch.Tensor
     parts: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
-    bias: torch.Tensor | None  # the parts' biases, concatenated
+    bias: torch.Tensor | None  # the parts' biases, concatenated where there are several
 
     @property
     def out_features(self) -> int:
@@ -122,10 +107,15 @@ class FusedPackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w, _ in self.parts))
         if wants_grad or x.dtype != self.packed.dtype:
-            return torch.cat([F.linear(x, weight, bias) for weight, bias in self.parts], dim=-1)
+            return side_by_side([F.linear(x, weight, bias) for weight, bias in self.parts])
         if torch.compiler.is_compiling():
             return compiled_linear(x, self.packed, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def side_by_side(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Linears' outputs concatenated on the last axis (one output as itself, not copied)."""
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
 class WeightPacker:
@@ -140,7 +130,7 @@ class WeightPacker:
 
     def __init__(self, plain: bool = True) -> None:
         self.plain = plain
-        self._copies: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], tuple, torch.Tensor]] = {}
+        self._copies: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], tuple, object]] = {}
 
     def part(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """`module` on a packed copy of its weight, or None when it cannot be packed here: an
@@ -154,10 +144,10 @@ class WeightPacker:
         packed = self._copy((module.weight,), make)
         if packed is None:
             return None
-        return PackedLinear(packed, module.weight, module.bias) if own else module.on_packed(packed)
+        return PackedLinear(packed, ((module.weight, module.bias),), module.bias) if own else module.on_packed(packed)
 
-    def fused(self, modules: Sequence[nn.Module]) -> FusedPackedLinear | None:
-        """Plain linears that read the same input as one `FusedPackedLinear` (one packed copy of their
+    def fused(self, modules: Sequence[nn.Module]) -> PackedLinear | None:
+        """Plain linears that read the same input as one `PackedLinear` (one packed copy of their
         weights stacked, in place of a copy each), or None where any cannot be packed here."""
         if not all(type(m) is nn.Linear and self._packable(m) for m in modules):
             return None
@@ -166,28 +156,32 @@ class WeightPacker:
                or (m.bias is None) != (first.bias is None) for m in modules):
             return None
         weights = tuple(m.weight for m in modules)
-        packed = self._copy(weights, lambda: torch.ops.mkldnn._reorder_linear_weight(
-            torch.cat([w.detach() for w in weights]), None))
-        with torch.no_grad():
-            bias = None if first.bias is None else torch.cat([m.bias for m in modules])
-        return FusedPackedLinear(packed, tuple((m.weight, m.bias) for m in modules), bias)
+        biases = () if first.bias is None else tuple(m.bias for m in modules)
+
+        def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), None)
+            return packed, torch.cat([b.detach() for b in biases]) if biases else None
+
+        packed, bias = self._copy(weights + biases, stack)  # the biases' copy is kept with the weights'
+        return PackedLinear(packed, tuple((m.weight, m.bias) for m in modules), bias)
 
     def _packable(self, linear: nn.Linear) -> bool:
         weight = linear.weight
         return (self.plain and weight.device.type == "cpu" and weight.dtype in packable_dtypes()
                 and (linear.bias is None or linear.bias.dtype == weight.dtype))
 
-    def _copy(self, weights: tuple[torch.Tensor, ...], make: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
-        """The packed copy made from `weights` by `make`, kept until one of them changes."""
-        key = tuple(id(w) for w in weights)
-        state = tuple((w._version, w.data_ptr(), w.dtype, w.shape) for w in weights)  # `.to()` keeps the Parameter
+    def _copy(self, sources: tuple[torch.Tensor, ...], make: Callable[[], T | None]) -> T | None:
+        """What `make` copies from `sources` (a packed weight; stacked, with the biases' concatenation),
+        kept until one of them changes."""
+        key = tuple(id(t) for t in sources)
+        state = tuple((t._version, t.data_ptr(), t.dtype, t.shape) for t in sources)  # `.to()` keeps the Parameter
         held = self._copies.get(key)
-        if held is None or any(ref() is not w for ref, w in zip(held[0], weights)) or held[1] != state:
+        if held is None or any(ref() is not t for ref, t in zip(held[0], sources)) or held[1] != state:
             with torch.no_grad():
-                packed = make()
-            if packed is None:
+                copy = make()
+            if copy is None:
                 return None
-            held = (tuple(weakref.ref(w) for w in weights), state, packed)
+            held = (tuple(weakref.ref(t) for t in sources), state, copy)
             self._copies[key] = held
         return held[2]
 
