@@ -199,6 +199,41 @@ def test_fused_packed_linears_give_their_parts_side_by_side(dtype):
     assert WeightPacker().fused([torch.nn.Linear(32, 8), torch.nn.Linear(16, 8)]) is None
 
 
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-weight", "int4-weight"])
+def test_quantized_q_k_v_and_gate_up_run_as_one_layer_each(mode):
+    """The eager plan fuses quantized q/k/v and gate/up (views of their own buffers, no copy): its
+    prefill (many rows: the dequantizing path) and decode steps give the logits of transformers'
+    forward, which runs the same quantized parts one by one; the parts keep working."""
+    from llava.model.int8_dynamic import Int8DynamicLinear
+    from llava.model.woq import WEIGHT_ONLY
+
+    kind = Int8DynamicLinear if mode == "int8-dynamic" else WEIGHT_ONLY[mode]
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**SMALL, "intermediate_size": 128}, num_attention_heads=4, num_key_value_heads=4)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    for layer in lm.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(parent, name, kind.from_linear(getattr(parent, name)))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 97, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(24).expand(2, -1)
+    with torch.no_grad():
+        reference = lm(input_ids=ids).logits
+        decoder = LlamaFamilyDecoder(lm)
+        fused = (decoder.layers[0].qkv, decoder.layers[0].gate_up)
+        assert all(type(f) is kind for f in fused) and [f.out_features for f in fused] == [192, 256]
+        cache = decoder.new_cache(2, 24, ids.device, torch.float32)
+        steps = [decoder.forward(decoder.embed(ids[:, :20]), pos[:, :20], mask, cache, 0)]  # > FEW_ROWS rows
+        for t in range(20, 24):
+            steps.append(decoder.forward(decoder.embed(ids[:, t:t + 1]), pos[:, t:t + 1], mask, cache, t))
+    for t, logits in zip(range(19, 24), steps):
+        error = (logits - reference[:, t]).norm() / reference[:, t].norm()
+        assert error < 0.01, (t, float(error))
+
+
 def test_unpadded_batch_needs_no_mask():
     lm = _lm("llama-gqa")
     ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(3))

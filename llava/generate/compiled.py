@@ -9,8 +9,8 @@ at 26-41 GB/s (benchmarks/README.md). So the one-row step computes plain CPU lin
 attention as two matrix products and a softmax in fp32 (`attend_one_row`: Inductor fuses them;
 `scaled_dot_product_attention`'s CPU kernel took 70 us a layer for one fp32 query row and 175
 in bf16, a quarter of a bf16 step), and everything else (norms, rotary, quantized layers) as
-the eager lean forward does, except that quantized q/k/v and gate/up run as one layer each
-(`llava.model.woq.fuse_outputs`: two kernel calls instead of five a layer). With `pack_weights`
+the eager lean forward does (where quantized q/k/v and gate/up run as one layer each:
+`llava.model.woq.fuse_outputs`, two kernel calls instead of five a layer). With `pack_weights`
 the one-row step still reads the plain weights: oneDNN on packed bf16 weights, called from the
 graph, decoded bench-200m at 107-110 tokens/s against the reduction's 129-144, as the op
 boundary keeps the norm that feeds each linear out of its loop.
@@ -56,7 +56,7 @@ from llava.generate.decoder import (
 )
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes, side_by_side
-from llava.model.woq import WEIGHT_ONLY, fuse_outputs
+from llava.model.woq import WEIGHT_ONLY
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
 AMX = torch.cpu._is_amx_tile_supported()  # where Inductor's int8/bf16 GEMM templates have AMX micro-kernels
@@ -191,11 +191,7 @@ class CompiledDecoder:
             self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
                                             options={**STEP_OPTIONS, **AUTOTUNED})
         self.layers = plan_layers(decoder.lm, decoder.packer)
-        for plan in self.layers:
-            if plan.qkv is None:  # packed plain ones come fused (`plan_layers`); quantized ones fuse here
-                plan.qkv = fuse_outputs((plan.q, plan.k, plan.v))
-            if plan.gate_up is None:
-                plan.gate_up = fuse_outputs((plan.gate, plan.up))
+        for plan in self.layers:  # q/k/v and gate/up come fused where they can be (`plan_layers`)
             called = ("o", "down") + (("qkv",) if plan.qkv is not None else ("q", "k", "v")) + (
                 ("gate_up",) if plan.gate_up is not None else ("gate", "up"))
             for name in called:

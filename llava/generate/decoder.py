@@ -30,6 +30,7 @@ from torch import nn
 
 from llava.model.onednn import PackedLinear, WeightPacker, onednn_dtypes
 from llava.model.onednn import linear as onednn_or_f_linear
+from llava.model.woq import fuse_outputs
 
 FAMILIES = ("llama", "mistral", "qwen2")
 FEW_ROWS = 16  # without oneDNN, up to this many fp32 rows (a decode step) go as W @ x.T ...
@@ -84,9 +85,10 @@ class LayerPlan:
 
     A plain nn.Linear is kept as its (weight, bias), or as a `PackedLinear` when packing; anything
     else (int8, bitsandbytes, LoRA) as the module, whose own forward then runs (in the compiled
-    step, an int8-dynamic layer may be its packed form: `CompiledDecoder._for_batches`). When
-    packing, plain q/k/v and gate/up are packed as one `PackedLinear` each (`qkv`, `gate_up`),
-    and their own parts stay plain (the compiled step's one row reads them).
+    step, an int8-dynamic layer may be its packed form: `CompiledDecoder._for_batches`). q/k/v
+    and gate/up run as one product each (`qkv`, `gate_up`) where they can (`_fused_part`): plain
+    ones when packing, quantized ones of one kind always. The parts stay planned too (the compiled
+    step's one row reads plain weights).
     """
 
     input_norm: nn.Module
@@ -114,12 +116,22 @@ def _activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.silu if type(module).__name__ in ("SiLU", "SiLUActivation") else module
 
 
+def _fused_part(modules: tuple[nn.Module, ...], packer: WeightPacker | None) -> Linear | None:
+    """Linears that read one input as one product: plain ones when packing (one packed copy of their
+    weights stacked), quantized ones always (`fuse_outputs`: views of their own buffers, no copy).
+    One product in place of two or three: fewer kernel calls a step, and a prefill dequantizes and
+    reorders its input once for q/k/v and once for gate/up, not per part."""
+    if packer is not None and (fused := packer.fused(modules)) is not None:
+        return fused
+    return fuse_outputs(modules) if all(type(m) is not nn.Linear for m in modules) else None
+
+
 def plan_layers(lm: nn.Module, packer: WeightPacker | None = None) -> list[LayerPlan]:
     plans = []
     for layer in lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = packer.fused((attn.q_proj, attn.k_proj, attn.v_proj)) if packer is not None else None
-        gate_up = packer.fused((mlp.gate_proj, mlp.up_proj)) if packer is not None else None
+        qkv = _fused_part((attn.q_proj, attn.k_proj, attn.v_proj), packer)
+        gate_up = _fused_part((mlp.gate_proj, mlp.up_proj), packer)
         q, k, v = (_linear_part(m, None if qkv else packer) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
         gate, up = (_linear_part(m, None if gate_up else packer) for m in (mlp.gate_proj, mlp.up_proj))
         o, down = (_linear_part(m, packer) for m in (attn.o_proj, mlp.down_proj))

@@ -106,10 +106,10 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > FEW_ROWS:  # the input's columns gathered into the stored order: cheaper than scattering W's
+        if rows > FEW_ROWS:  # the input's columns put in the stored order: cheaper than scattering W's
             compute = _prefill_dtype(x)
             stored = (self.weight.float() * self.scale[:, None]).to(compute)
-            out = onednn.linear(x[..., self.order].to(compute), stored).to(x.dtype)
+            out = onednn.linear(self._in_stored_order(x, compute), stored).to(x.dtype)
         elif torch.compiler.is_compiling() and rows == 1 and x.dtype == torch.float32:
             # More rows re-read the weight per row; a bf16 input makes Inductor tile the loop 32 wide,
             # where its int32 -> float conversion goes element by element (6 GB/s against 44).
@@ -117,6 +117,12 @@ class Int8WeightOnlyLinear(nn.Module):
         else:
             return self.kernel_product(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _in_stored_order(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x [..., in] with its columns in the stored order, in `dtype`. `_word_order` transposes
+        [4, in / 4], so this is a strided view converted, then copied: for 512 rows of 768 inputs,
+        0.09 ms against 0.28 gathered by index (whose 3-d `index_select` took 1.4)."""
+        return x.unflatten(-1, (4, self.in_features // 4)).transpose(-1, -2).to(dtype).flatten(-2)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T through `aten._weight_int8pack_mm` whatever the rows (bf16 activations): the form
