@@ -3,10 +3,12 @@
 Decoding one token reads every language-model weight once, so on a CPU its speed is weight
 bytes over memory bandwidth. These layers keep the weights small and leave the activations in
 the model's dtype (no activation quantization, unlike `llava.model.int8_dynamic`), computing with
-PyTorch's own packed CPU kernels:
+PyTorch's own packed CPU kernels, and one of ours:
 
 - `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
-  one per 32 weights). Few rows go through `aten._weight_int8pack_mm`; many rows (a prefill)
+  one per 32 weights). Few rows go through llava's AVX512-BF16 kernel where the CPU has those
+  instructions (`llava.model.cpu_kernels`: about twice ATen's rate at 8 rows), else through
+  `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill)
   through a dequantized matrix and a GEMM, several times faster there: in bf16 where the CPU
   has bf16 instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's
   linears in 0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Inside
@@ -43,7 +45,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llava.model import onednn
+from llava.model import cpu_kernels, onednn
 
 INT4_GROUP = 32
 FEW_ROWS = 16  # up to this many rows use the packed matrix-vector kernels; more rows dequantize
@@ -70,6 +72,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("kernel_scale_bits", scale.bfloat16().view(torch.int16), persistent=False)
         self.register_buffer("bias", bias)
         self.register_buffer("order", order, persistent=False)
+        # Decided here, not at the first call: that may come while torch.compile traces the step.
+        self.native = weight.device.type == "cpu" and cpu_kernels.int8_weight_mm_available()
 
     @property
     def scale(self) -> torch.Tensor:
@@ -115,7 +119,7 @@ class Int8WeightOnlyLinear(nn.Module):
             # where its int32 -> float conversion goes element by element (6 GB/s against 44).
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
-            return self.kernel_product(x)
+            return self.few_rows_product(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def _in_stored_order(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,6 +127,16 @@ class Int8WeightOnlyLinear(nn.Module):
         [4, in / 4], so this is a strided view converted, then copied: for 512 rows of 768 inputs,
         0.09 ms against 0.28 gathered by index (whose 3-d `index_select` took 1.4)."""
         return x.unflatten(-1, (4, self.in_features // 4)).transpose(-1, -2).to(dtype).flatten(-2)
+
+    def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for a few rows: llava's AVX512-BF16 kernel where it runs (`llava.model.cpu_kernels`:
+        at 8 rows about twice ATen's rate), else ATen's (`kernel_product`)."""
+        if not self.native:
+            return self.kernel_product(x)
+        permuted = x.reshape(-1, x.shape[-1])[:, self.order].to(torch.bfloat16)
+        out = torch.ops.llava_cpu.int8_weight_mm(permuted, self.weight, self.scale)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T through `aten._weight_int8pack_mm` whatever the rows (bf16 activations): the form

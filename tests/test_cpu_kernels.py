@@ -1,0 +1,96 @@
+"""llava's native CPU kernel (llava.model.cpu_kernels): built at first use where the CPU can run it,
+exact where it runs, and PyTorch's kernel, said so, where it cannot be built or is turned off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from llava.model import cpu_kernels
+from llava.model.woq import Int8WeightOnlyLinear, fuse_outputs
+
+CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def _needs_kernel() -> None:
+    if CAN_BUILD:  # a CPU and compiler that can build it: a failed build is a failure here, not a skip
+        assert cpu_kernels.int8_weight_mm_available(), cpu_kernels.int8_weight_path()
+    elif not cpu_kernels.int8_weight_mm_available():
+        pytest.skip(f"the kernel does not run here: {cpu_kernels.int8_weight_path()}")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("in_features", [4, 36, 768])  # whole 32-column steps and tails
+@pytest.mark.parametrize("out_features", [1, 13, 130])  # whole tiles of weight rows and leftovers
+def test_int8_weight_kernel_is_the_exact_product(rows, in_features, out_features):
+    """bf16 x int8 products are exact in fp32; only the fp32 sums round."""
+    _needs_kernel()
+    g = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    weight = torch.randint(-127, 128, (out_features, in_features), generator=g, dtype=torch.int8)
+    scale = torch.rand(out_features, generator=g) + 0.1
+    out = torch.ops.llava_cpu.int8_weight_mm(x, weight, scale)
+    exact = (x.double() @ weight.double().t()) * scale.double()
+    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+    assert float((out.double() - exact).norm() / exact.norm()) < 1e-6
+
+
+def test_int8_weight_layers_take_the_kernel_eagerly_and_compiled():
+    """Few rows take the kernel, at ATen's kernel's results but for its bf16-rounded scales; fused
+    layers give their parts' outputs exactly; torch.compile keeps the op whole."""
+    _needs_kernel()
+    torch.manual_seed(0)
+    parts = [Int8WeightOnlyLinear.from_linear(nn.Linear(256, n)) for n in (96, 32, 32)]
+    layer = parts[0]
+    assert layer.native
+    x = torch.randn(8, 256)
+    out = layer(x)
+    torch.testing.assert_close(out, layer.kernel_product(x), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(out, nn.functional.linear(x.bfloat16().float(), layer.dequantized(torch.float32),
+                                                         layer.bias), rtol=1e-5, atol=1e-5)
+    fused = fuse_outputs(parts)
+    assert fused.native and torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    compiled = torch.compile(layer.few_rows_product, fullgraph=True)
+    torch.testing.assert_close(compiled(x[:3]), layer(x[:3]), rtol=1e-6, atol=1e-6)
+
+
+FALLBACK = """
+import logging, torch
+logging.basicConfig(level=logging.WARNING)
+from llava.model import cpu_kernels
+from llava.model.woq import Int8WeightOnlyLinear
+torch.manual_seed(0)
+layer = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 32))
+x = torch.randn(4, 64)
+assert not layer.native and torch.equal(layer(x), layer.kernel_product(x))
+assert not cpu_kernels.int8_weight_mm_available()  # asked again: not built again, not warned again
+print("PATH", cpu_kernels.int8_weight_path())
+"""
+
+
+@pytest.mark.parametrize("how", ["no compiler", "turned off"])
+def test_without_the_kernel_int8_layers_keep_atens_and_say_why(tmp_path, how):
+    """A CPU or machine that cannot build the kernel (here: a compiler that always fails), or
+    LLAVA_CPU_KERNELS=0: int8-weight layers run ATen's kernel, and the path says why, once."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}  # a build of its own, not the shared cache's
+    if how == "no compiler":
+        if not torch.cpu._is_avx512_bf16_supported():
+            pytest.skip("no build is tried on a CPU without AVX512-BF16")
+        env["CXX"] = "/bin/false"
+    else:
+        env["LLAVA_CPU_KERNELS"] = "0"
+    done = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = done.stdout.split("PATH ", 1)[1]
+    assert path.startswith("aten._weight_int8pack_mm")
+    if how == "no compiler":
+        assert "could not be built" in path and done.stderr.count("could not be built") == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+    else:
+        assert "LLAVA_CPU_KERNELS=0" in path and "could not be built" not in done.stderr
