@@ -1,5 +1,5 @@
-"""llava's native CPU kernel (llava.model.cpu_kernels): built at first use where the CPU can run it,
-exact where it runs, and PyTorch's kernel, said so, where it cannot be built or is turned off."""
+"""llava's native CPU kernels (llava.model.cpu_kernels): built at first use where the CPU can run them,
+exact where they run, and PyTorch's kernels, said so, where they cannot be built or are turned off."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import torch
 from torch import nn
 
 from llava.model import cpu_kernels
-from llava.model.woq import Int8WeightOnlyLinear, fuse_outputs
+from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 def _needs_kernel() -> None:
     if CAN_BUILD:  # a CPU and compiler that can build it: a failed build is a failure here, not a skip
-        assert cpu_kernels.int8_weight_mm_available(), cpu_kernels.int8_weight_path()
-    elif not cpu_kernels.int8_weight_mm_available():
-        pytest.skip(f"the kernel does not run here: {cpu_kernels.int8_weight_path()}")
+        assert cpu_kernels.available(), cpu_kernels.kernel_path()
+    elif not cpu_kernels.available():
+        pytest.skip(f"the kernels do not run here: {cpu_kernels.kernel_path()}")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
@@ -41,19 +41,37 @@ def test_int8_weight_kernel_is_the_exact_product(rows, in_features, out_features
     assert float((out.double() - exact).norm() / exact.norm()) < 1e-6
 
 
-def test_int8_weight_layers_take_the_kernel_eagerly_and_compiled():
-    """Few rows take the kernel, at ATen's kernel's results but for its bf16-rounded scales; fused
-    layers give their parts' outputs exactly; torch.compile keeps the op whole."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 16])
+@pytest.mark.parametrize("in_features, out_features", [(32, 64), (64, 192), (768, 128)])
+def test_int4_weight_kernel_is_the_product_of_the_weights_it_packs(rows, in_features, out_features):
+    """The int4 kernel reads ATen's packed layout: its product is x times the codes read back and
+    dequantized, to fp32's rounding (ATen's own kernel rounds its output to bf16)."""
+    _needs_kernel()
+    torch.manual_seed(rows * 1000 + in_features + out_features)
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(in_features, out_features, bias=False))
+    assert layer.packed_block == 64 and layer.native
+    x = torch.randn(rows, in_features).bfloat16()
+    out = torch.ops.llava_cpu.int4_weight_mm(x, layer.packed, layer.scales_and_zeros, layer.packed_block)
+    exact = x.double() @ layer.dequantized(torch.float32).double().t()
+    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+    assert float((out.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+def test_weight_only_layers_take_the_kernels_eagerly_and_compiled(kind):
+    """Few rows take the kernels, at ATen's kernels' results but for their bf16 rounding (int8's
+    scales, int4's outputs); fused layers give their parts' outputs exactly; torch.compile keeps
+    the ops whole."""
     _needs_kernel()
     torch.manual_seed(0)
-    parts = [Int8WeightOnlyLinear.from_linear(nn.Linear(256, n)) for n in (96, 32, 32)]
+    parts = [kind.from_linear(nn.Linear(256, n)) for n in (128, 64, 64)]
     layer = parts[0]
     assert layer.native
     x = torch.randn(8, 256)
     out = layer(x)
     torch.testing.assert_close(out, layer.kernel_product(x), rtol=0.02, atol=0.02)
-    torch.testing.assert_close(out, nn.functional.linear(x.bfloat16().float(), layer.dequantized(torch.float32),
-                                                         layer.bias), rtol=1e-5, atol=1e-5)
+    exact = nn.functional.linear(x.bfloat16().float(), layer.dequantized(torch.float32), layer.bias)
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
     fused = fuse_outputs(parts)
     assert fused.native and torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
     compiled = torch.compile(layer.few_rows_product, fullgraph=True)
@@ -64,20 +82,21 @@ FALLBACK = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING)
 from llava.model import cpu_kernels
-from llava.model.woq import Int8WeightOnlyLinear
+from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 torch.manual_seed(0)
-layer = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 32))
 x = torch.randn(4, 64)
-assert not layer.native and torch.equal(layer(x), layer.kernel_product(x))
-assert not cpu_kernels.int8_weight_mm_available()  # asked again: not built again, not warned again
-print("PATH", cpu_kernels.int8_weight_path())
+for kind in (Int8WeightOnlyLinear, Int4WeightOnlyLinear):
+    layer = kind.from_linear(torch.nn.Linear(64, 64))
+    assert not layer.native and torch.equal(layer(x), layer.kernel_product(x))
+assert not cpu_kernels.available()  # asked again: not built again, not warned again
+print("PATH", cpu_kernels.kernel_path())
 """
 
 
 @pytest.mark.parametrize("how", ["no compiler", "turned off"])
 def test_without_the_kernel_int8_layers_keep_atens_and_say_why(tmp_path, how):
-    """A CPU or machine that cannot build the kernel (here: a compiler that always fails), or
-    LLAVA_CPU_KERNELS=0: int8-weight layers run ATen's kernel, and the path says why, once."""
+    """A CPU or machine that cannot build the kernels (here: a compiler that always fails), or
+    LLAVA_CPU_KERNELS=0: weight-only layers run ATen's kernels, and the path says why, once."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}  # a build of its own, not the shared cache's
     if how == "no compiler":
         if not torch.cpu._is_avx512_bf16_supported():
@@ -88,7 +107,7 @@ def test_without_the_kernel_int8_layers_keep_atens_and_say_why(tmp_path, how):
     done = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     path = done.stdout.split("PATH ", 1)[1]
-    assert path.startswith("aten._weight_int8pack_mm")
+    assert path.startswith("ATen")
     if how == "no compiler":
         assert "could not be built" in path and done.stderr.count("could not be built") == 1, done.stderr[-3000:]
         assert "Traceback" not in done.stderr

@@ -149,13 +149,13 @@ def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> tor
     """A planned linear inside the compiled step. One row: plain CPU weights (packed ones too: the
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
     packed copy where there is one. Quantized layers run as themselves (they pick their own forms).
-    Under Inductor's templates (`AUTOTUNED`) int8-weight layers take their few-row kernel: where the
-    CPU has AMX, ATen's, which the templates replace; elsewhere llava's AVX512-BF16 one where it runs
-    (`llava.model.cpu_kernels`: twice the rate of ATen's, which autotuning kept there). Plain ones take
+    Under Inductor's templates (`AUTOTUNED`) weight-only layers take their few-row kernels: where the
+    CPU has AMX, ATen's, which the templates replace; elsewhere llava's AVX512-BF16 ones where they run
+    (`llava.model.cpu_kernels`: about twice the rate of ATen's at 8 rows). Plain ones take
     `F.linear` on the frozen weight, at any row count. A packed product (one linear or several
     stacked) runs whole for batches only."""
     one_row = x.numel() == x.shape[-1]
-    if templates and isinstance(part, WEIGHT_ONLY["int8-weight"]):
+    if templates and isinstance(part, tuple(WEIGHT_ONLY.values())):
         return part.kernel_product(x) if AMX else part.few_rows_product(x)
     if isinstance(part, PackedLinear) and (templates or one_row):  # its parts, each as a plain linear
         return side_by_side([decode_linear(weight_bias, x, templates) for weight_bias in part.parts])

@@ -73,7 +73,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("order", order, persistent=False)
         # Decided here, not at the first call: that may come while torch.compile traces the step.
-        self.native = weight.device.type == "cpu" and cpu_kernels.int8_weight_mm_available()
+        self.native = weight.device.type == "cpu" and cpu_kernels.available()
 
     @property
     def scale(self) -> torch.Tensor:
@@ -174,6 +174,8 @@ class Int4WeightOnlyLinear(nn.Module):
         # Float bits as integers (module docstring).
         self.register_buffer("scales_and_zeros_bits", scales_and_zeros.view(torch.int16))
         self.register_buffer("bias", bias)
+        # llava's kernel reads the layouts `_unpack_int4` reads (decided here: the first call may be traced).
+        self.native = packed_block is not None and packed.device.type == "cpu" and cpu_kernels.available()
 
     @property
     def scales_and_zeros(self) -> torch.Tensor:
@@ -218,12 +220,28 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > FEW_ROWS and self.packed_block is not None:
-            compute = _prefill_dtype(x)
-            out = onednn.linear(flat.to(compute), self.dequantized(compute))
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, INT4_GROUP,
-                                                             self.scales_and_zeros)
+        if flat.shape[0] <= FEW_ROWS or self.packed_block is None:
+            return self.few_rows_product(x)
+        compute = _prefill_dtype(x)
+        return self._finish(onednn.linear(flat.to(compute), self.dequantized(compute)), x)
+
+    def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for a few rows: llava's AVX512-BF16 kernel where it runs (`llava.model.cpu_kernels`),
+        else ATen's (`kernel_product`)."""
+        if not self.native:
+            return self.kernel_product(x)
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        return self._finish(torch.ops.llava_cpu.int4_weight_mm(flat, self.packed, self.scales_and_zeros,
+                                                               self.packed_block), x)
+
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through `aten._weight_int4pack_mm_for_cpu` (bf16 activations): the form Inductor's GEMM
+        templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`)."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        return self._finish(torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP,
+                                                                       self.scales_and_zeros), x)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
