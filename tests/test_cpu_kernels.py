@@ -57,6 +57,21 @@ def test_int4_weight_kernel_is_the_product_of_the_weights_it_packs(rows, in_feat
     assert float((out.double() - exact).norm() / exact.norm()) < 1e-5
 
 
+def test_int4_prefills_dequantize_in_one_pass_to_the_same_weights():
+    """Many rows multiply the weights dequantized by the kernels ([in, out], computed in fp32 and
+    rounded once to bf16), the weights `dequantized` reads back from the packed bytes."""
+    _needs_kernel()
+    torch.manual_seed(3)
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(96, 192))
+    transposed = torch.ops.llava_cpu.int4_dequantize_t(layer.packed, layer.scales_and_zeros, layer.packed_block)
+    assert transposed.dtype == torch.bfloat16 and transposed.shape == (96, 192)
+    exact = layer.dequantized(torch.float32)
+    assert ((transposed.t().float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+    x = torch.randn(2, 20, 96)  # 40 rows: more than FEW_ROWS
+    expected = nn.functional.linear(x.bfloat16().float(), transposed.t().float(), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0.01, atol=0.01)
+
+
 @pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
 def test_weight_only_layers_take_the_kernels_eagerly_and_compiled(kind):
     """Few rows take the kernels, at ATen's kernels' results but for their bf16 rounding (int8's

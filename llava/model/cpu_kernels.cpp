@@ -280,10 +280,60 @@ at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed, const a
   return out;
 }
 
+// The weights themselves, transposed, for a prefill's GEMM (x @ W^T, many rows): bf16 [K, N], the 16 rows
+// of a part being 16 consecutive outputs at each column, so each column of a block is written as 128
+// contiguous bytes. One pass: 0.5 bytes read and 2 written a weight.
+void int4_dequantize_block(const uint8_t* block, int64_t K, const at::BFloat16* scales_zeros, int64_t N,
+                           int64_t row0, at::BFloat16* out) {
+  const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512i low_nibble = _mm512_set1_epi32(0x0F);
+  const __m512 eight = _mm512_set1_ps(8.0f);
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m512 scale[4], base[4];  // per part: the weight is code * scale + (zero - 8 * scale)
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + row0 + p * 16) * 2);
+      scale[p] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      base[p] = _mm512_fnmadd_ps(eight, scale[p], _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
+    }
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) {
+      const uint8_t* column = block + k * (kBlock / 2);
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + (p & 1) * 16)));
+        if (p >= 2) codes = _mm512_srli_epi32(codes, 4);
+        const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(codes, low_nibble));
+        const __m256bh value = _mm512_cvtneps_pbh(_mm512_fmadd_ps(code, scale[p], base[p]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k * N + row0 + p * 16), (__m256i)value);
+      }
+    }
+  }
+}
+
+at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t block) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales_zeros.scalar_type() == at::kBFloat16 &&
+                  scales_zeros.dim() == 3 && scales_zeros.size(2) == 2 && block == kBlock,
+              "int4_dequantize_t: packed uint8 in blocks of 64 rows, scales_zeros bf16 [K / 32, N, 2]");
+  TORCH_CHECK(packed.device().is_cpu() && scales_zeros.device().is_cpu(), "int4_dequantize_t: CPU only");
+  const int64_t K = scales_zeros.size(0) * kGroup, N = scales_zeros.size(1);
+  TORCH_CHECK(N % kBlock == 0 && packed.numel() * 2 == N * K, "int4_dequantize_t: shapes differ");
+  const auto pc = packed.contiguous();
+  const auto sc = scales_zeros.contiguous();
+  auto out = at::empty({K, N}, sc.options());
+  const auto* pp = pc.data_ptr<uint8_t>();
+  const auto* sp = sc.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N / kBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) int4_dequantize_block(pp + b * K * (kBlock / 2), K, sp, N, b * kBlock, op);
+  });
+  return out;
+}
+
 }  // namespace
 
 // The op's schema is defined in llava/model/cpu_kernels.py, beside its shape function for torch.compile.
 TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) {
   m.impl("int8_weight_mm", &int8_weight_mm);
   m.impl("int4_weight_mm", &int4_weight_mm);
+  m.impl("int4_dequantize_t", &int4_dequantize_t);
 }

@@ -32,6 +32,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 _LIBRARY = torch.library.Library("llava_cpu", "DEF")  # the ops' schemas; cpu_kernels.cpp registers their CPU code
 _LIBRARY.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 _LIBRARY.define("int4_weight_mm(Tensor x, Tensor packed, Tensor scales_zeros, int block) -> Tensor")
+_LIBRARY.define("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int block) -> Tensor")
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -50,12 +51,19 @@ def _int4_weight_mm_shape(x: torch.Tensor, packed: torch.Tensor, scales_zeros: t
     return x.new_empty(x.shape[0], scales_zeros.shape[1], dtype=torch.float32)
 
 
+@torch.library.register_fake("llava_cpu::int4_dequantize_t")
+def _int4_dequantize_t_shape(packed: torch.Tensor, scales_zeros: torch.Tensor, block: int) -> torch.Tensor:
+    return scales_zeros.new_empty(scales_zeros.shape[0] * 32, scales_zeros.shape[1])
+
+
 def available() -> bool:
     """Whether the `torch.ops.llava_cpu` kernels run here, building them the first time it is asked.
 
     `torch.ops.llava_cpu.int8_weight_mm(x, weight, scale)`: x bf16 [M, K], weight int8 [N, K], scale
     fp32 [N] -> fp32 [M, N]. `int4_weight_mm(x, packed, scales_zeros, block)`: ATen's CPU int4pack
-    bytes in blocks of `block` output rows, bf16 (scale, zero) [K / 32, N, 2] -> fp32 [M, N]."""
+    bytes in blocks of `block` output rows, bf16 (scale, zero) [K / 32, N, 2] -> fp32 [M, N].
+    `int4_dequantize_t(packed, scales_zeros, block)`: those weights, transposed, bf16 [K, N] (for a
+    prefill's GEMM)."""
     global _unavailable, _built
     if _built or _unavailable is not None:
         return _built
