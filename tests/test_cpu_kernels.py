@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llava.model import cpu_kernels
+from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
 CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -26,10 +27,11 @@ def _needs_kernel() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
-@pytest.mark.parametrize("in_features", [4, 36, 768])  # whole 32-column steps and tails
+@pytest.mark.parametrize("in_features", [4, 36, 100, 768])  # whole 32- and 64-column steps, and tails
 @pytest.mark.parametrize("out_features", [1, 13, 130])  # whole tiles of weight rows and leftovers
-def test_int8_weight_kernel_is_the_exact_product(rows, in_features, out_features):
-    """bf16 x int8 products are exact in fp32; only the fp32 sums round."""
+def test_int8_kernels_are_the_exact_products(rows, in_features, out_features):
+    """bf16 x int8 products are exact in fp32, and only the fp32 sums round; uint8 x int8 ones sum
+    exactly in int32."""
     _needs_kernel()
     g = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)
     x = torch.randn(rows, in_features, generator=g).bfloat16()
@@ -39,6 +41,12 @@ def test_int8_weight_kernel_is_the_exact_product(rows, in_features, out_features
     exact = (x.double() @ weight.double().t()) * scale.double()
     assert out.dtype == torch.float32 and out.shape == (rows, out_features)
     assert float((out.double() - exact).norm() / exact.norm()) < 1e-6
+    # int8-dynamic's: activation codes (the extremes included) + 128 as bytes, an exact integer product
+    codes = torch.randint(-127, 128, (rows, in_features), generator=g)
+    codes[0, :] = torch.where(weight[0] >= 0, 127, -127)
+    sums = weight.sum(1, dtype=torch.int32)
+    product = torch.ops.llava_cpu.int8_codes_mm((codes + 128).to(torch.uint8), weight, sums)
+    assert product.dtype == torch.int32 and torch.equal(product.long(), codes @ weight.long().t())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 16])
@@ -72,11 +80,11 @@ def test_int4_prefills_dequantize_in_one_pass_to_the_same_weights():
     torch.testing.assert_close(layer(x), expected, rtol=0.01, atol=0.01)
 
 
-@pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
-def test_weight_only_layers_take_the_kernels_eagerly_and_compiled(kind):
-    """Few rows take the kernels, at ATen's kernels' results but for their bf16 rounding (int8's
-    scales, int4's outputs); fused layers give their parts' outputs exactly; torch.compile keeps
-    the ops whole."""
+@pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear])
+def test_quantized_layers_take_the_kernels_eagerly_and_compiled(kind):
+    """Few rows take the kernels: int8-dynamic's gives `_int_mm`'s results exactly, the weight-only
+    ones ATen's kernels' but for their bf16 rounding (int8's scales, int4's outputs); fused layers
+    give their parts' outputs exactly; torch.compile keeps the ops whole."""
     _needs_kernel()
     torch.manual_seed(0)
     parts = [kind.from_linear(nn.Linear(256, n)) for n in (128, 64, 64)]
@@ -84,9 +92,12 @@ def test_weight_only_layers_take_the_kernels_eagerly_and_compiled(kind):
     assert layer.native
     x = torch.randn(8, 256)
     out = layer(x)
-    torch.testing.assert_close(out, layer.kernel_product(x), rtol=0.02, atol=0.02)
-    exact = nn.functional.linear(x.bfloat16().float(), layer.dequantized(torch.float32), layer.bias)
-    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    if kind is Int8DynamicLinear:
+        assert torch.equal(out, layer.kernel_product(x))
+    else:
+        torch.testing.assert_close(out, layer.kernel_product(x), rtol=0.02, atol=0.02)
+        exact = nn.functional.linear(x.bfloat16().float(), layer.dequantized(torch.float32), layer.bias)
+        torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
     fused = fuse_outputs(parts)
     assert fused.native and torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
     compiled = torch.compile(layer.few_rows_product, fullgraph=True)
@@ -97,10 +108,12 @@ FALLBACK = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING)
 from llava.model import cpu_kernels
+from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 torch.manual_seed(0)
 x = torch.randn(4, 64)
-for kind in (Int8WeightOnlyLinear, Int4WeightOnlyLinear):
+from llava.model.int8_dynamic import Int8DynamicLinear
+for kind in (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear):
     layer = kind.from_linear(torch.nn.Linear(64, 64))
     assert not layer.native and torch.equal(layer(x), layer.kernel_product(x))
 assert not cpu_kernels.available()  # asked again: not built again, not warned again
@@ -111,7 +124,7 @@ print("PATH", cpu_kernels.kernel_path())
 @pytest.mark.parametrize("how", ["no compiler", "turned off"])
 def test_without_the_kernel_int8_layers_keep_atens_and_say_why(tmp_path, how):
     """A CPU or machine that cannot build the kernels (here: a compiler that always fails), or
-    LLAVA_CPU_KERNELS=0: weight-only layers run ATen's kernels, and the path says why, once."""
+    LLAVA_CPU_KERNELS=0: quantized layers run ATen's kernels, and the path says why, once."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}  # a build of its own, not the shared cache's
     if how == "no compiler":
         if not torch.cpu._is_avx512_bf16_supported():

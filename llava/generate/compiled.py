@@ -155,7 +155,7 @@ def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> tor
     `F.linear` on the frozen weight, at any row count. A packed product (one linear or several
     stacked) runs whole for batches only."""
     one_row = x.numel() == x.shape[-1]
-    if templates and isinstance(part, tuple(WEIGHT_ONLY.values())):
+    if templates and isinstance(part, (*WEIGHT_ONLY.values(), Int8DynamicLinear)):
         return part.kernel_product(x) if AMX else part.few_rows_product(x)
     if isinstance(part, PackedLinear) and (templates or one_row):  # its parts, each as a plain linear
         return side_by_side([decode_linear(weight_bias, x, templates) for weight_bias in part.parts])

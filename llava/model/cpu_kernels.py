@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 _LIBRARY = torch.library.Library("llava_cpu", "DEF")  # the ops' schemas; cpu_kernels.cpp registers their CPU code
 _LIBRARY.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
+_LIBRARY.define("int8_codes_mm(Tensor codes, Tensor weight, Tensor weight_sums) -> Tensor")
 _LIBRARY.define("int4_weight_mm(Tensor x, Tensor packed, Tensor scales_zeros, int block) -> Tensor")
 _LIBRARY.define("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int block) -> Tensor")
 
@@ -43,6 +44,11 @@ _built = False
 @torch.library.register_fake("llava_cpu::int8_weight_mm")
 def _int8_weight_mm_shape(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("llava_cpu::int8_codes_mm")
+def _int8_codes_mm_shape(codes: torch.Tensor, weight: torch.Tensor, weight_sums: torch.Tensor) -> torch.Tensor:
+    return codes.new_empty(codes.shape[0], weight.shape[0], dtype=torch.int32)
 
 
 @torch.library.register_fake("llava_cpu::int4_weight_mm")
@@ -60,7 +66,10 @@ def available() -> bool:
     """Whether the `torch.ops.llava_cpu` kernels run here, building them the first time it is asked.
 
     `torch.ops.llava_cpu.int8_weight_mm(x, weight, scale)`: x bf16 [M, K], weight int8 [N, K], scale
-    fp32 [N] -> fp32 [M, N]. `int4_weight_mm(x, packed, scales_zeros, block)`: ATen's CPU int4pack
+    fp32 [N] -> fp32 [M, N]. `int8_codes_mm(codes, weight, weight_sums)`: int8-dynamic's activation
+    codes + 128 as uint8 [M, K], weight int8 [N, K] and its rows' int32 sums [N] -> the exact
+    (codes - 128) @ weight.T, int32 [M, N].
+    `int4_weight_mm(x, packed, scales_zeros, block)`: ATen's CPU int4pack
     bytes in blocks of `block` output rows, bf16 (scale, zero) [K / 32, N, 2] -> fp32 [M, N].
     `int4_dequantize_t(packed, scales_zeros, block)`: those weights, transposed, bf16 [K, N] (for a
     prefill's GEMM)."""
@@ -85,8 +94,8 @@ def _build() -> str | None:
     """Build and load the kernels; None when they are loaded, else the reason they are not."""
     if os.environ.get("LLAVA_CPU_KERNELS", "1") == "0":
         return "LLAVA_CPU_KERNELS=0"
-    if not torch.cpu._is_avx512_bf16_supported():
-        return "this CPU has no AVX512-BF16"
+    if not (torch.cpu._is_avx512_bf16_supported() and torch.cpu._is_vnni_supported()):
+        return "this CPU has no AVX512-BF16 and VNNI"
     try:
         from torch.utils.cpp_extension import load
 

@@ -19,13 +19,16 @@ One code path serves every row count, eager and inside `torch.compile` (Inductor
 activation quantization and the rescale around the `_int_mm` call). Any shape works.
 
 Batches of a few rows read the weights badly through `_int_mm` (8 rows: ~16 GB/s against ~44
-for one row; bench-200m's linears, 2 AVX-512 VNNI cores). oneDNN's quantized linear on a weight
-it has reordered (`onednn.qlinear_prepack`, the kernel PyTorch's x86 int8 inference path uses)
-reads them at ~30 GB/s from 2 to 8 rows, but not faster for one row (34) nor for hundreds. So
-`packed_weight()` makes that copy for the compiled step's batches (`Engine(pack_weights=True)`,
-as for float weights). It takes unsigned activations: the codes shifted by 128, with the shift's
-product subtracted by oneDNN (exact where the CPU multiplies u8 x s8 into 32 bits, VNNI; on
-AVX2 alone pairs of such products saturate 16 bits, so there it declines: checked once).
+for one row; bench-200m's linears, 2 AVX-512 VNNI cores). So 2-16 rows take llava's VNNI kernel
+where it runs (`llava.model.cpu_kernels`: the plain weight, the codes shifted by 128 as unsigned
+bytes, the shift's product subtracted through each weight row's sum: the same exact integers).
+Elsewhere, oneDNN's quantized linear on a weight it has reordered (`onednn.qlinear_prepack`, the
+kernel PyTorch's x86 int8 inference path uses) reads them at ~30 GB/s from 2 to 8 rows, but not
+faster for one row (34) nor for hundreds, so `packed_weight()` makes that copy for the compiled
+step's batches (`Engine(pack_weights=True)`, as for float weights). It takes the same unsigned
+activations, the shift's product subtracted by oneDNN (exact where the CPU multiplies u8 x s8 into
+32 bits, VNNI; on AVX2 alone pairs of such products saturate 16 bits, so there it declines:
+checked once).
 """
 
 from __future__ import annotations
@@ -37,19 +40,28 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llava.model.woq import check_cpu, quantize_rows, same_input, share_rows
+from llava.model import cpu_kernels
+from llava.model.woq import FEW_ROWS, check_cpu, quantize_rows, same_input, share_rows
 
 
 class Int8DynamicLinear(nn.Module):
     """int8 weights [out, in] with fp32 per-row scales; activations quantized per row at each call."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 weight_sums: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         # Float bits as integers, so a model-wide `.to(dtype)` cannot round them (llava.model.woq).
         self.register_buffer("scale_bits", scale.float().view(torch.int32))
         self.register_buffer("bias", bias)
+        # Few rows take llava's VNNI kernel where it runs (module docstring); decided here, not at the
+        # first call, which may come while torch.compile traces. It takes the codes + 128 as unsigned
+        # bytes and subtracts 128 * each weight row's sum.
+        self.native = weight.device.type == "cpu" and cpu_kernels.available()
+        if weight_sums is None and self.native:
+            weight_sums = weight.sum(1, dtype=torch.int32)
+        self.register_buffer("weight_sums", weight_sums, persistent=False)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -70,12 +82,30 @@ class Int8DynamicLinear(nn.Module):
         """One layer whose output is `parts`' outputs side by side (`llava.model.woq.fuse_outputs`)."""
         if not same_input(parts):
             return None
+        sums = share_rows(parts, "weight_sums") if all(p.weight_sums is not None for p in parts) else None
         return cls(share_rows(parts, "weight"), share_rows(parts, "scale_bits").view(torch.float32),
-                   share_rows(parts, "bias"))
+                   share_rows(parts, "bias"), sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.native and 1 < rows <= FEW_ROWS:
+            return self.few_rows_product(x)
+        return self.kernel_product(x)
+
+    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The `_int_mm` form: one row's fast path, a prefill's GEMM, and what Inductor's x86 int8 pass
+        turns into its GEMM templates (`llava.generate.compiled.AUTOTUNED`)."""
         codes, row_scale = _row_codes(x)
         product = torch._int_mm(codes.to(torch.int8), self.weight.t())  # the transposed view: the fast one-row path
+        return self._finish(product.float() * row_scale * self.scale, x)
+
+    def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
+        """A few rows through llava's VNNI kernel where it runs (`llava.model.cpu_kernels`): the same
+        integer products as `kernel_product`'s, which serves elsewhere."""
+        if not self.native:
+            return self.kernel_product(x)
+        codes, row_scale = _row_codes(x)
+        product = torch.ops.llava_cpu.int8_codes_mm((codes + 128).to(torch.uint8), self.weight, self.weight_sums)
         return self._finish(product.float() * row_scale * self.scale, x)
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +114,10 @@ class Int8DynamicLinear(nn.Module):
 
     def packed_weight(self) -> torch.Tensor | None:
         """The weight reordered by oneDNN for batches (module docstring), or None where this CPU's
-        oneDNN does not multiply unsigned activations exactly. `llava.model.onednn.WeightPacker`
-        keeps it; `on_packed` uses it."""
-        if self.weight.device.type != "cpu" or not exact_unsigned_product():
+        oneDNN does not multiply unsigned activations exactly, or where llava's kernel takes the
+        batches (it reads the plain weight faster: a copy would only add memory).
+        `llava.model.onednn.WeightPacker` keeps it; `on_packed` uses it."""
+        if self.weight.device.type != "cpu" or self.native or not exact_unsigned_product():
             return None
         return torch.ops.onednn.qlinear_prepack(self.weight, None)
 
