@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -194,15 +195,21 @@ at::Tensor int8_codes_mm(const at::Tensor& codes, const at::Tensor& weight, cons
 constexpr int kGroup = 32;
 constexpr int kBlock = 64;  // output rows per packed block: ATen's layout on AVX-512 CPUs
 
-// The 16-row part `part` (0-3) of a 64-row block at columns k, k + 1, as 16 pairs of bf16 (128 + code).
-inline __m512bh int4_pairs(const uint8_t* block, int64_t k, int part) {
-  const uint8_t* column = block + k * (kBlock / 2) + (part & 1) * 16;  // parts 0, 1: low nibbles; 2, 3: high
+// Bytes 0-15 (half 0) or 16-31 (half 1) of a 64-row block at columns k, k + 1: for each of 16 rows a
+// dword holding its byte at k in bits 0-7 and at k + 1 in bits 16-23. The low nibbles are one 16-row
+// part (0 or 1), the high nibbles another (2 or 3).
+inline __m512i int4_bytes(const uint8_t* block, int64_t k, int half) {
+  const uint8_t* column = block + k * (kBlock / 2) + half * 16;
   const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + kBlock / 2)));
-  __m512i both = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));  // a row's bytes at k and k + 1, a word each
-  if (part >= 2) both = _mm512_srli_epi32(both, 4);
-  // (both & 0x000F000F) | 0x43004300: each code set into the mantissa of bf16 128.0
-  return (__m512bh)_mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300),
+  return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+}
+
+// One part's 16 pairs of bf16 (128 + code) from `int4_bytes`: (bytes >> shift & 0x000F000F) | 0x43004300,
+// each code set into the mantissa of bf16 128.0.
+inline __m512bh int4_pairs(__m512i bytes, bool high) {
+  if (high) bytes = _mm512_srli_epi32(bytes, 4);
+  return (__m512bh)_mm512_ternarylogic_epi32(bytes, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300),
                                              0xEA);
 }
 
@@ -233,8 +240,15 @@ inline void int4_tile(const at::BFloat16* x, int64_t K, const uint8_t* block, in
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
         __m512bh w[NP];
-#pragma GCC unroll 4
-        for (int j = 0; j < NP; ++j) w[j] = int4_pairs(block, k + 2 * u, parts[j]);
+        if (NP == 4) {  // both halves' bytes, each read once for its two parts
+          const __m512i low = int4_bytes(block, k + 2 * u, 0), high = int4_bytes(block, k + 2 * u, 1);
+          w[0] = int4_pairs(low, false), w[1] = int4_pairs(high, false);
+          w[NP - 2] = int4_pairs(low, true), w[NP - 1] = int4_pairs(high, true);
+        } else {
+          const __m512i bytes = int4_bytes(block, k + 2 * u, first & 1);
+#pragma GCC unroll 2
+          for (int j = 0; j < NP; ++j) w[j] = int4_pairs(bytes, parts[j] >= 2);
+        }
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
           int32_t xk;
@@ -309,11 +323,17 @@ at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed, const a
   const auto sc = scales_zeros.contiguous();
   auto out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   if (M == 0) return out;
-  const auto x_sums = xc.view({M, K / kGroup, kGroup}).sum(-1, /*keepdim=*/false, at::kFloat).contiguous();
   const auto* xp = xc.data_ptr<at::BFloat16>();
   const auto* pp = pc.data_ptr<uint8_t>();
   const auto* sp = sc.data_ptr<at::BFloat16>();
-  const auto* xs = x_sums.data_ptr<float>();
+  std::vector<float> x_sums(M * (K / kGroup));  // each row's sum over each group (at::sum costs ~6 us a call)
+  for (int64_t i = 0; i < static_cast<int64_t>(x_sums.size()); ++i) {
+    const auto* group = reinterpret_cast<const __m256i*>(xp + i * kGroup);
+    const __m512 first = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(group));
+    const __m512 second = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(group + 1));
+    x_sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+  }
+  const float* xs = x_sums.data();
   auto* op = out.data_ptr<float>();
   at::parallel_for(0, N / kBlock, 2, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) int4_block(M, xp, K, pp + b * K * (kBlock / 2), sp, N, b * kBlock, xs, op);
