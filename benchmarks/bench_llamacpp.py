@@ -60,7 +60,7 @@ from llava.checkpoint.loader import LoadedCheckpoint
 from llava.config import preset
 from llava.generate import Engine, Request, SamplingParams
 from llava.model.llava import LlavaModel
-from llava.model.cpu_kernels import kernel_path as weight_only_kernel_path
+from llava.model.cpu_kernels import kernel_path as quantized_kernel_path
 from llava.model.onednn import cpu_linear_path
 from llava.model.quantize import quantize_language_model
 from llava.tiny import tiny_model
@@ -327,7 +327,7 @@ def main() -> None:
         print(f"eager decode-step linears{', packed' if packed else ''}: " + ", ".join(
             f"{name} {cpu_linear_path(dtype, packed)}" for name, dtype in (("fp32", torch.float32),
                                                                            ("bf16", torch.bfloat16))))
-    print(f"weight-only int8 and int4 layers, few rows: {weight_only_kernel_path()}", flush=True)
+    print(f"quantized layers, few rows: {quantized_kernel_path()}", flush=True)
     variants, reference = run(args)
     print()
     print(table(variants, reference, bandwidth))

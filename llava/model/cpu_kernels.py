@@ -1,21 +1,26 @@
-"""Native CPU kernels, built at first use: int8 and int4 weights times bf16 activations, for a few rows.
+"""Native CPU kernels, built at first use: quantized weights times a few rows of activations.
 
-Why: a batch of 8 decoding rows is bound by arithmetic, not by reading the weights, and PyTorch's
-weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) widen the
-weights to fp32 and multiply 16 at a time: 140-180 G multiply-adds/s at 8 rows on our 2-core AVX-512
-EPYC, where the CPU's bf16 products reach 460-520. Nothing maintained multiplies bf16 activations
-by int8 or int4 weights at bf16's rate on CPUs without AMX (benchmarks/README.md, session 39,
-lists what was checked). These kernels (`cpu_kernels.cpp`) widen the weights to bf16, which holds
-int8 and int4 codes exactly, and multiply them into fp32 with AVX512-BF16's `vdpbf16ps`, each
-widened tile serving up to 8 rows. int8 at 8 rows: 350-420 G/s on weights in cache, 280-315 on
-weights streamed from memory as a decode step reads them (ATen's 115-125), session 40. They read the
-weights in the layouts ATen's kernels read, so no second copy is kept.
+Why: a batch of 8 decoding rows is bound by arithmetic more than by reading the weights, and
+PyTorch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) widen
+the weights to fp32 and multiply 16 at a time: 115-170 G multiply-adds/s at 8 rows on our 2-core
+AVX-512 EPYC, where its bf16 products reach 440-520. Nothing maintained multiplies bf16 activations
+by int8 or int4 weights at bf16's rate on CPUs without AMX (benchmarks/README.md, session 39, lists
+what was checked). These kernels (`cpu_kernels.cpp`) read the weights in the layouts ATen's kernels
+read, so no second copy is kept, and (session 40, bench-200m's shapes, weights streamed from memory as
+a decode step reads them, 8 rows; ATen's kernels in brackets):
+- int8 weights x bf16 activations: widened to bf16, which holds them exactly, and multiplied into
+  fp32 by AVX512-BF16's `vdpbf16ps`, each widened tile serving up to 8 rows: 280-315 G/s (115-125).
+- int4 weights (ATen's int4pack bytes) x bf16 activations, likewise: 240-320 G/s (145-165); one row
+  30-60 GB/s (25-30). Also their one-pass dequantization for a prefill's GEMM (0.04-0.2 ms a
+  bench-200m weight against 0.3-1.8 through PyTorch ops).
+- int8 weights x int8-dynamic's activation codes: `vpdpbusd` (VNNI), exact in int32 like `_int_mm`,
+  on the plain weight where oneDNN's fast batch kernel needs a reordered copy.
 
-Where: CPUs with AVX512-BF16 (AMD Zen 4 on, Intel Cooper Lake and Sapphire Rapids on), when a C++
-compiler and ninja are present: `torch.utils.cpp_extension` builds them into its cache (~10 s, once
-per machine and source). Elsewhere, or with `LLAVA_CPU_KERNELS=0`, the weight-only layers
-(`llava.model.woq`) keep ATen's kernels; `kernel_path()` says which run, and a build that fails says
-why, once.
+Where: CPUs with AVX512-BF16 and VNNI (AMD Zen 4 on, Intel Cooper Lake and Sapphire Rapids on), when a
+C++ compiler and ninja are present: `torch.utils.cpp_extension` builds them into its cache (~10 s,
+once per machine and source). Elsewhere, or with `LLAVA_CPU_KERNELS=0`, the quantized layers
+(`llava.model.woq`, `llava.model.int8_dynamic`) keep PyTorch's kernels; `kernel_path()` says which
+run, and a build that fails says why, once.
 """
 
 from __future__ import annotations
@@ -84,17 +89,18 @@ def available() -> bool:
 
 
 def kernel_path() -> str:
-    """Which kernels the weight-only layers' few rows take here, for benchmarks and logs to print."""
+    """Which kernels the quantized layers' few rows take here, for benchmarks and logs to print."""
     if available():
-        return "llava's AVX512-BF16 kernels (cpu_kernels.cpp)"
-    return f"ATen's weight-only kernels ({_unavailable})"
+        return "llava's AVX512-BF16 and VNNI kernels (cpu_kernels.cpp)"
+    return f"ATen's kernels ({_unavailable})"
 
 
 def _build() -> str | None:
     """Build and load the kernels; None when they are loaded, else the reason they are not."""
     if os.environ.get("LLAVA_CPU_KERNELS", "1") == "0":
         return "LLAVA_CPU_KERNELS=0"
-    if not (torch.cpu._is_avx512_bf16_supported() and torch.cpu._is_vnni_supported()):
+    if not all(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                         "_is_vnni_supported")):
         return "this CPU has no AVX512-BF16 and VNNI"
     try:
         from torch.utils.cpp_extension import load
@@ -102,7 +108,7 @@ def _build() -> str | None:
         load(name="llava_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, an old compiler without AVX512-BF16, ...
-        reason = f"the AVX512-BF16 kernels could not be built: {str(error).strip().splitlines()[-1][:300]}"
-        logger.warning("llava: %s; weight-only layers use PyTorch's kernels", reason)
+        reason = f"llava's CPU kernels could not be built: {str(error).strip().splitlines()[-1][:300]}"
+        logger.warning("llava: %s; quantized layers use PyTorch's kernels", reason)
         return reason
     return None
