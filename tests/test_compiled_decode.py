@@ -17,9 +17,9 @@ import llava
 from llava.errors import InputError
 from llava.generate import Engine, Request, SamplingParams
 from llava.generate.compiled import AMX, gemv
-from llava.model.quantize import quantize_language_model, quantized_layers
 from llava.model import cpu_kernels
 from llava.model.int8_dynamic import Int8DynamicLinear, PackedInt8DynamicLinear, exact_unsigned_product
+from llava.model.quantize import quantize_language_model, quantized_layers
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
 # Relative error of one layer's output against fp32 (nn.Linear's uniform init). Measured 2026-12:

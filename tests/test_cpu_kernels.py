@@ -16,7 +16,8 @@ from llava.model import cpu_kernels
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
-CAN_BUILD = torch.cpu._is_avx512_bf16_supported() and shutil.which(os.environ.get("CXX", "c++")) is not None
+CAN_BUILD = (torch.cpu._is_avx512_bf16_supported() and torch.cpu._is_vnni_supported()
+             and shutil.which(os.environ.get("CXX", "c++")) is not None)
 
 
 def _needs_kernel() -> None:

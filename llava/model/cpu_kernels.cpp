@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -213,96 +212,79 @@ inline __m512bh int4_pairs(__m512i bytes, bool high) {
                                              0xEA);
 }
 
-// MB input rows by NP 16-row parts of one block (NP 4: all; 2: `first` and first + 2, which share their
-// bytes; 1: `first`). U sets of group sums, for alternating column pairs, keep U * MB * NP products in
-// flight (vdpbf16ps's latency would leave a single input row waiting); the running totals, touched once
-// per group, stay in memory so that the registers hold sums.
-template <int MB, int NP, int U>
-inline void int4_tile(const at::BFloat16* x, int64_t K, const uint8_t* block, int first,
-                      const at::BFloat16* scales_zeros, int64_t N, int64_t row0, const float* x_sums, float* out) {
-  int parts[NP];
-#pragma GCC unroll 4
-  for (int j = 0; j < NP; ++j) parts[j] = NP == 4 ? j : first + 2 * j;
+// MB input rows by the 4 16-row parts of one block. U sets of group sums, for alternating column
+// pairs, keep U * MB * 4 products in flight (vdpbf16ps's latency would leave a single input row
+// waiting); the running totals, touched once per group, stay in memory so that the registers hold sums.
+template <int MB, int U>
+inline void int4_tile(const at::BFloat16* x, int64_t K, const uint8_t* block, const at::BFloat16* scales_zeros,
+                      int64_t N, int64_t row0, const float* x_sums, float* out) {
+  constexpr int kParts = kBlock / 16;
   const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 offset = _mm512_set1_ps(136.0f);  // 128 + 8: the widening's and the codes' offsets
   const int64_t groups = K / kGroup;
-  alignas(64) float totals[MB][NP][16] = {};
+  alignas(64) float totals[MB][kParts][16] = {};
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 sums[U][MB][NP];
+    __m512 sums[U][MB][kParts];
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-        for (int j = 0; j < NP; ++j) sums[u][m][j] = _mm512_setzero_ps();
+        for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_setzero_ps();
 #pragma GCC unroll 2
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2 * U) {
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) {
-        __m512bh w[NP];
-        if (NP == 4) {  // both halves' bytes, each read once for its two parts
-          const __m512i low = int4_bytes(block, k + 2 * u, 0), high = int4_bytes(block, k + 2 * u, 1);
-          w[0] = int4_pairs(low, false), w[1] = int4_pairs(high, false);
-          w[NP - 2] = int4_pairs(low, true), w[NP - 1] = int4_pairs(high, true);
-        } else {
-          const __m512i bytes = int4_bytes(block, k + 2 * u, first & 1);
-#pragma GCC unroll 2
-          for (int j = 0; j < NP; ++j) w[j] = int4_pairs(bytes, parts[j] >= 2);
-        }
+        const __m512i low = int4_bytes(block, k + 2 * u, 0), high = int4_bytes(block, k + 2 * u, 1);
+        const __m512bh w[kParts] = {int4_pairs(low, false), int4_pairs(high, false), int4_pairs(low, true),
+                                    int4_pairs(high, true)};  // each half's bytes read once for its two parts
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
           int32_t xk;
           std::memcpy(&xk, x + m * K + k + 2 * u, sizeof(xk));  // x[m, k'] and x[m, k' + 1]
           const __m512bh xb = (__m512bh)_mm512_set1_epi32(xk);
 #pragma GCC unroll 4
-          for (int j = 0; j < NP; ++j) sums[u][m][j] = _mm512_dpbf16_ps(sums[u][m][j], w[j], xb);
+          for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_dpbf16_ps(sums[u][m][p], w[p], xb);
         }
       }
     }
 #pragma GCC unroll 4
-    for (int j = 0; j < NP; ++j) {
-      const int64_t n = row0 + parts[j] * 16;
-      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + n) * 2);  // 16 (scale, zero) bf16 pairs
+    for (int p = 0; p < kParts; ++p) {
+      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + row0 + p * 16) * 2);  // 16 (scale, zero)
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves));
       const __m512 per_sum = _mm512_fnmadd_ps(offset, scale, zero);  // zero - 136 * scale
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) {
-        __m512 sum = sums[0][m][j];
+        __m512 sum = sums[0][m][p];
 #pragma GCC unroll 4
-        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, sums[u][m][j]);
-        __m512 total = _mm512_fmadd_ps(sum, scale, _mm512_load_ps(totals[m][j]));
+        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, sums[u][m][p]);
+        __m512 total = _mm512_fmadd_ps(sum, scale, _mm512_load_ps(totals[m][p]));
         total = _mm512_fmadd_ps(per_sum, _mm512_set1_ps(x_sums[m * groups + g]), total);
-        _mm512_store_ps(totals[m][j], total);
+        _mm512_store_ps(totals[m][p], total);
       }
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int j = 0; j < NP; ++j) _mm512_storeu_ps(out + m * N + row0 + parts[j] * 16, _mm512_load_ps(totals[m][j]));
+    for (int p = 0; p < kParts; ++p) _mm512_storeu_ps(out + m * N + row0 + p * 16, _mm512_load_ps(totals[m][p]));
 }
 
-// Every input row against one 64-row block, in shapes that keep 8-16 products in flight: 4 rows by the
-// whole block (8 rows as twice 4 measured faster than 8 by two 32-row halves: 240-320 G multiply-adds/s
-// against 215-290, the block's bytes coming from the cache the second time), then 2, then 1.
+// Every input row against one 64-row block, in shapes that keep 8-16 products in flight: 4 rows at a
+// time (8 rows as twice 4 measured faster than 8 by two 32-row halves: 240-320 G multiply-adds/s against
+// 215-290, the block's bytes coming from the cache the second time), then 2, then 1.
 void int4_block(int64_t M, const at::BFloat16* x, int64_t K, const uint8_t* block,
                 const at::BFloat16* scales_zeros, int64_t N, int64_t row0, const float* x_sums, float* out) {
   const int64_t groups = K / kGroup;
   int64_t m = 0;
-  auto at = [&](int64_t row) { return std::make_tuple(x + row * K, x_sums + row * groups, out + row * N); };
   for (; m + 4 <= M; m += 4) {
-    const auto [xm, sm, om] = at(m);
-    int4_tile<4, 4, 1>(xm, K, block, 0, scales_zeros, N, row0, sm, om);
+    int4_tile<4, 1>(x + m * K, K, block, scales_zeros, N, row0, x_sums + m * groups, out + m * N);
   }
   for (; m + 2 <= M; m += 2) {
-    const auto [xm, sm, om] = at(m);
-    int4_tile<2, 4, 2>(xm, K, block, 0, scales_zeros, N, row0, sm, om);
+    int4_tile<2, 2>(x + m * K, K, block, scales_zeros, N, row0, x_sums + m * groups, out + m * N);
   }
-  if (m < M) {
-    const auto [xm, sm, om] = at(m);
-    int4_tile<1, 4, 2>(xm, K, block, 0, scales_zeros, N, row0, sm, om);
-  }
+  if (m < M) int4_tile<1, 2>(x + m * K, K, block, scales_zeros, N, row0, x_sums + m * groups, out + m * N);
 }
 
 at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,

@@ -3,7 +3,7 @@
 Decoding one token reads every language-model weight once, so on a CPU its speed is weight
 bytes over memory bandwidth. These layers keep the weights small and leave the activations in
 the model's dtype (no activation quantization, unlike `llava.model.int8_dynamic`), computing with
-PyTorch's own packed CPU kernels, and one of ours:
+PyTorch's own packed CPU kernels, or llava's where they run (`llava.model.cpu_kernels`):
 
 - `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
   one per 32 weights). Few rows go through llava's AVX512-BF16 kernel where the CPU has those
@@ -176,8 +176,8 @@ class Int4WeightOnlyLinear(nn.Module):
         # Float bits as integers (module docstring).
         self.register_buffer("scales_and_zeros_bits", scales_and_zeros.view(torch.int16))
         self.register_buffer("bias", bias)
-        # llava's kernel reads the layouts `_unpack_int4` reads (decided here: the first call may be traced).
-        self.native = packed_block is not None and packed.device.type == "cpu" and cpu_kernels.available()
+        # llava's kernels read the AVX-512 layout, blocks of 64 rows (decided here: the first call may be traced).
+        self.native = packed_block == 64 and packed.device.type == "cpu" and cpu_kernels.available()
 
     @property
     def scales_and_zeros(self) -> torch.Tensor:
