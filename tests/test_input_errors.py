@@ -186,6 +186,9 @@ def test_ctrl_c_inside_a_finaliser_still_stops_the_command_quietly(tmp_path):
     script = tmp_path / "finaliser.py"
     script.write_text(
         "import signal, time\n"
+        # as in a terminal: a launcher that runs the suite in the background (`cmd &` without job control)
+        # leaves SIGINT ignored, and the child would inherit that (seen in session 40)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from llava.console import exit_with, run_command\n"
         "class Finaliser:\n"
         "    def __del__(self):\n"
