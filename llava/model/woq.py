@@ -11,9 +11,9 @@ PyTorch's own packed CPU kernels, or llava's where they run (`llava.model.cpu_ke
   `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill)
   through a dequantized matrix and a GEMM, several times faster there: in bf16 where the CPU
   has bf16 instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's
-  linears in 0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Inside
-  `torch.compile` (the compiled decode step, `llava.generate.compiled`) one fp32 row takes a
-  reduction over the weight read as int32 words, which Inductor turns into one streaming loop
+  linears in 0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Where
+  llava's kernel does not run, inside `torch.compile` (the compiled decode step,
+  `llava.generate.compiled`) one fp32 row takes a reduction over the weight read as int32 words, which Inductor turns into one streaming loop
   at near memory bandwidth; its columns are stored in the order that makes those words line up
   with contiguous slices of the input (`_word_order`). A bf16 row keeps the kernel: Inductor's
   loop over bf16 inputs converts the words element by element (bench-200m, int8-weight on a
@@ -116,9 +116,10 @@ class Int8WeightOnlyLinear(nn.Module):
             compute = _prefill_dtype(x)
             stored = (self.weight.float() * self.scale[:, None]).to(compute)
             out = onednn.linear(self._in_stored_order(x, compute), stored).to(x.dtype)
-        elif torch.compiler.is_compiling() and rows == 1 and x.dtype == torch.float32:
+        elif torch.compiler.is_compiling() and rows == 1 and x.dtype == torch.float32 and not self.native:
             # More rows re-read the weight per row; a bf16 input makes Inductor tile the loop 32 wide,
-            # where its int32 -> float conversion goes element by element (6 GB/s against 44).
+            # where its int32 -> float conversion goes element by element (6 GB/s against 44). Where
+            # llava's kernel runs it is faster still: bench-200m, one row, 288 -> 329 tokens/s (session 40).
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
             return self.few_rows_product(x)
