@@ -13,9 +13,10 @@ PyTorch's own packed CPU kernels, or llava's where they run (`llava.model.cpu_ke
   has bf16 instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's
   linears in 0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Where
   llava's kernel does not run, inside `torch.compile` (the compiled decode step,
-  `llava.generate.compiled`) one fp32 row takes a reduction over the weight read as int32 words, which Inductor turns into one streaming loop
-  at near memory bandwidth; its columns are stored in the order that makes those words line up
-  with contiguous slices of the input (`_word_order`). A bf16 row keeps the kernel: Inductor's
+  `llava.generate.compiled`) one fp32 row takes a reduction over the weight read as int32
+  words, which Inductor turns into one streaming loop at near memory bandwidth; its columns are
+  stored in the order that makes those words line up with contiguous slices of the input
+  (`_word_order`). A bf16 row keeps the kernel: Inductor's
   loop over bf16 inputs converts the words element by element (bench-200m, int8-weight on a
   bf16 model: 64 tokens/s that way, 210 with the kernel; on an fp32 model the loop's 240).
 - `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
