@@ -282,6 +282,28 @@ def test_a_bf16_kv_cache_under_fp32_weights(tiny):
         Engine(model, tok, forward="transformers", kv_cache_dtype=torch.bfloat16)
 
 
+
+@pytest.mark.slow
+def test_the_step_attends_alike_with_and_without_llavas_attention_kernel(tiny):
+    """Where llava's decode-attention kernel runs, the step calls it; elsewhere (another CPU, a cache
+    dtype it does not take) Inductor's loops over `attend_one_row`: the same logits, a batch whose row
+    leaves and one row."""
+    model, tok = tiny
+    engines = [Engine(model, tok, eos_token_ids=[], compile=True, kv_cache_dtype=torch.bfloat16) for _ in range(2)]
+    from llava.model import cpu_kernels
+
+    assert engines[0].compiled_lean.native_attention == cpu_kernels.available()  # head size 16: one it takes
+    engines[1].compiled_lean.native_attention = False
+    batch = _requests(model, 13)
+    states = [engine.prefill(batch, 10) for engine in engines]
+    for step in range(6):
+        if step == 3:
+            for engine, state in zip(engines, states):
+                engine.keep_rows(state, [1])
+        token = states[0].logits.argmax(-1)
+        native, written_out = (engine.decode_step(state, token) for engine, state in zip(engines, states))
+        torch.testing.assert_close(native, written_out, rtol=1e-4, atol=1e-4)
+
 @pytest.mark.slow
 def test_one_graph_serves_every_answer_length(tiny):
     """Each step attends over the filled cache columns only, a length that grows by one a step,

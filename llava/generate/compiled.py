@@ -6,14 +6,14 @@ whatever the thread count, oneDNN's at 15-30 (fp32) and 10-15 (bf16) on unpacked
 while the memory gives 32-48 GB/s. Written as a multiply-and-sum (`gemv`) inside a compiled
 graph, Inductor emits one vectorised loop per matrix that streams its rows across the threads
 at 26-41 GB/s (benchmarks/README.md). So the one-row step computes plain CPU linears that way,
-attention as two matrix products and a softmax in fp32 (`attend_one_row`: Inductor fuses them;
-`scaled_dot_product_attention`'s CPU kernel took 70 us a layer for one fp32 query row and 175
-in bf16, a quarter of a bf16 step), and everything else (norms, rotary, quantized layers) as
-the eager lean forward does (where quantized q/k/v and gate/up run as one layer each:
-`llava.model.woq.fuse_outputs`, two kernel calls instead of five a layer). With `pack_weights`
-the one-row step still reads the plain weights: oneDNN on packed bf16 weights, called from the
-graph, decoded bench-200m at 107-110 tokens/s against the reduction's 129-144, as the op
-boundary keeps the norm that feeds each linear out of its loop.
+attention by llava's kernel where it runs (`native_attention`), else as two matrix products and a
+softmax in fp32 (`attend_one_row`: Inductor fuses them; `scaled_dot_product_attention`'s CPU
+kernel took 70 us a layer for one fp32 query row and 175 in bf16, a quarter of a bf16 step), and
+everything else (norms, rotary, quantized layers) as the eager lean forward does (where quantized
+q/k/v and gate/up run as one layer each: `llava.model.woq.fuse_outputs`, two kernel calls instead
+of five a layer). With `pack_weights` the one-row step still reads the plain weights: oneDNN on
+packed bf16 weights, called from the graph, decoded bench-200m at 107-110 tokens/s against the
+reduction's 129-144, as the op boundary keeps the norm that feeds each linear out of its loop.
 
 Batches take the same step, with their linears on oneDNN (`decode_linear`; packed copies
 through the `llava::onednn_linear` op, and int8-dynamic layers' through oneDNN's packed int8
@@ -54,6 +54,7 @@ from llava.generate.decoder import (
     rotary_tables,
     rotate,
 )
+from llava.model import cpu_kernels
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes, side_by_side
 from llava.model.woq import WEIGHT_ONLY
@@ -80,6 +81,17 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     kernel accumulates), for Inductor to fuse into loops over the cache (module docstring)."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + mask
     return torch.matmul(torch.softmax(scores, -1), values.float()).to(q.dtype)
+
+
+def native_attention(device: torch.device, head_dim: int) -> bool:
+    """Whether llava's decode-attention kernel (`llava.model.cpu_kernels`) takes a cache here (one in
+    fp32 or bf16, `NATIVE_ATTENTION_DTYPES`): on CPUs where the kernels run, for the head sizes it was
+    built for. Bench-200m, bf16 cache, ~100 columns, in the step: Inductor's loops over `attend_one_row`
+    take 115 us a layer at 8 rows and 20 at one row; the kernel 25 and 5."""
+    return device.type == "cpu" and head_dim in (16, 32, 64, 80, 96, 128) and cpu_kernels.available()
+
+
+NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # Inductor's options for the step. By default Inductor does not store a cheap pointwise result read at
@@ -193,6 +205,9 @@ class CompiledDecoder:
             self._autotuned = torch.compile(_own_code(self._step), dynamic=None,
                                             options={**STEP_OPTIONS, **AUTOTUNED})
         self.layers = plan_layers(decoder.lm, decoder.packer)
+        # llava's attention kernel where it runs (decided here: the first call is traced; the cache's dtype is
+        # checked there); the cache is made where the model's weights are.
+        self.native_attention = native_attention(next(decoder.lm.parameters()).device, decoder.head_dim)
         for plan in self.layers:  # q/k/v and gate/up come fused where they can be (`plan_layers`)
             called = ("o", "down") + (("qkv",) if plan.qkv is not None else ("q", "k", "v")) + (
                 ("gate_up",) if plan.gate_up is not None else ("gate", "up"))
@@ -241,8 +256,10 @@ class CompiledDecoder:
         hidden = dec.lm.get_input_embeddings()(token_ids)
         batch, span = filled.shape  # the row mask of columns 0..column
         rotary = rotary_tables(*body.rotary_emb(hidden, position_ids))
-        mask = torch.zeros(filled.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(filled == 0, float("-inf"))[:, None, None, :]
+        native = self.native_attention and keys[0].dtype in NATIVE_ATTENTION_DTYPES
+        mask = torch.zeros(filled.shape, dtype=torch.float32 if native else hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(filled == 0, float("-inf"))
+        mask = mask if native else mask[:, None, None, :]
         heads, kv_heads, dim = dec.n_heads, dec.n_kv_heads, dec.head_dim
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.input_norm, hidden)
@@ -255,7 +272,10 @@ class CompiledDecoder:
             keys[i].index_copy_(2, column, qk[:, heads:].to(keys[i].dtype))
             values[i].index_copy_(2, column, v.reshape(batch, 1, kv_heads, dim).transpose(1, 2).to(values[i].dtype))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
-            out = attend_one_row(q, keys[i][:, :, :span], values[i][:, :, :span], mask, dec.scale)
+            if native:  # the whole cache, read up to the mask's length
+                out = torch.ops.llava_cpu.decode_attention(q.float(), keys[i], values[i], mask, dec.scale).to(q.dtype)
+            else:
+                out = attend_one_row(q, keys[i][:, :, :span], values[i][:, :, :span], mask, dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim), templates)
             x = _rms_norm(layer.post_norm, hidden)
             if layer.gate_up is not None:

@@ -1,5 +1,6 @@
-// Weight-only and dynamic int8, and weight-only int4, products for a few rows on AVX-512 CPUs (built at
-// first use by llava/model/cpu_kernels.py, which says why and where, with the figures).
+// Weight-only and dynamic int8, and weight-only int4, products for a few rows on AVX-512 CPUs, and the
+// decode step's attention (built at first use by llava/model/cpu_kernels.py, which says why and where,
+// with the figures).
 //
 // int8 weights [N, K] (row-major: the layout of aten::_weight_int8pack_mm and of our int8-dynamic
 // layers), per-row fp32 scales. Each output is a dot product along K, over MB input rows by NB weight
@@ -21,6 +22,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -185,106 +187,168 @@ at::Tensor int8_codes_mm(const at::Tensor& codes, const at::Tensor& weight, cons
 // int4: ATen's CPU int4pack layout (`_convert_weight_to_int4pack_for_cpu`): per block of `block` output
 // rows (64 on AVX-512) and per input column k, block / 2 bytes whose low nibbles are the block's first
 // half of rows and high nibbles the rest; bf16 (scale, zero) pairs [K / 32, N, 2], the weight being
-// (code - 8) * scale + zero. Here the lanes run over 16 output rows and vdpbf16ps multiplies a pair of
-// columns (k, k + 1) by x[m, k], x[m, k + 1] broadcast. A code c widens to the bf16 of 128 + c by setting
-// it into the mantissa of 128.0 (bits 0x4300: in [128, 256) bf16 steps by 1), a mask-and-or; so per group
-// of 32 columns p = sum_k x (128 + c), and the group adds scale * p + (zero - 136 * scale) * sum_k x.
-// The affine map costs two multiply-adds per group and 16 rows, not one per weight; p's 128 * sum x
-// costs ~4 of fp32's 24 bits, far below the activations' bf16.
+// (code - 8) * scale + zero = code * scale + (zero - 8 * scale).
+//
+// The activations are taken as int8 codes per group of 32 columns (llama.cpp's q8_0 beside its q4_0):
+// x ~= x_scale * q, x_scale = max |x| / 127 over the group, q = round(x / x_scale). Then vpdpbusd (VNNI)
+// multiplies 4 codes of a weight row by 4 activation codes at once, 64 products an instruction against
+// vdpbf16ps's 32 beside bf16 activations, and the unsigned weight codes need no widening: per group,
+// sum_k w x = scale * x_scale * sum_k code q + (zero - 8 * scale) * sum_k x, the last sum taken over the
+// exact activations. The lanes run over 16 consecutive output rows, each lane's dword holding the codes of
+// 4 consecutive columns, gathered from ATen's column-major bytes by two permutations (`int4_quads`).
+// bench-200m's shapes, weights streamed from memory as a decode step reads them: see cpu_kernels.py.
 constexpr int kGroup = 32;
 constexpr int kBlock = 64;  // output rows per packed block: ATen's layout on AVX-512 CPUs
+constexpr int kInt4Ahead = 8;
 
-// Bytes 0-15 (half 0) or 16-31 (half 1) of a 64-row block at columns k, k + 1: for each of 16 rows a
-// dword holding its byte at k in bits 0-7 and at k + 1 in bits 16-23. The low nibbles are one 16-row
-// part (0 or 1), the high nibbles another (2 or 3).
-inline __m512i int4_bytes(const uint8_t* block, int64_t k, int half) {
-  const uint8_t* column = block + k * (kBlock / 2) + half * 16;
-  const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column)));
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + kBlock / 2)));
-  return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+// Each row's activations as codes per group (q8_0): codes [M, K] int8, per group x_scale and sum_k x.
+struct ActivationCodes {
+  std::vector<int8_t> codes;
+  std::vector<float> scales, sums;  // [M, K / kGroup]
+};
+
+ActivationCodes activation_codes(const at::BFloat16* x, int64_t M, int64_t K) {
+  const int64_t groups = M * (K / kGroup);
+  ActivationCodes a{std::vector<int8_t>(M * K), std::vector<float>(groups), std::vector<float>(groups)};
+  for (int64_t i = 0; i < groups; ++i) {
+    const auto* group = reinterpret_cast<const __m256i*>(x + i * kGroup);
+    const __m512 first = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(group));
+    const __m512 second = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(group + 1));
+    a.sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+    const float scale = top / 127.0f;
+    a.scales[i] = scale;
+    const __m512 divisor = _mm512_set1_ps(scale > 0 ? scale : 1.0f);  // an all-zero group: codes 0
+    // x / scale rounded to nearest, ties to even (the default rounding mode), as torch.round.
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_div_ps(first, divisor));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_div_ps(second, divisor));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.codes.data() + i * kGroup), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.codes.data() + i * kGroup + 16), _mm512_cvtsepi32_epi8(q1));
+  }
+  return a;
 }
 
-// One part's 16 pairs of bf16 (128 + code) from `int4_bytes`: (bytes >> shift & 0x000F000F) | 0x43004300,
-// each code set into the mantissa of bf16 128.0.
-inline __m512bh int4_pairs(__m512i bytes, bool high) {
-  if (high) bytes = _mm512_srli_epi32(bytes, 4);
-  return (__m512bh)_mm512_ternarylogic_epi32(bytes, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300),
-                                             0xEA);
+// Half h of a 64-row block is bytes 16h..16h+15 of each column: rows 16h + r in the low nibbles, rows
+// 32 + 16h + r in the high ones. Two loads hold columns k..k+3 (k, k + 1 in the first); `int4_quads` puts
+// columns k..k+3 of row r in dword r, in two AVX512-F/BW permutations: the dwords across lanes (lane d
+// taking bytes 4d..4d+3 of each column), then the bytes within each lane (a 4 x 4 transpose).
+struct QuadIndex {
+  __m512i dwords, bytes;
+  explicit QuadIndex(int h) {
+    alignas(64) int32_t d[16];
+    alignas(64) int8_t b[64];
+    for (int lane = 0; lane < 4; ++lane)
+      for (int j = 0; j < 4; ++j) d[4 * lane + j] = 8 * j + 4 * h + lane;  // column j: dwords 8j.. of the pair
+    for (int lane = 0; lane < 4; ++lane)
+      for (int t = 0; t < 4; ++t)
+        for (int j = 0; j < 4; ++j) b[16 * lane + 4 * t + j] = static_cast<int8_t>(4 * j + t);
+    dwords = _mm512_load_si512(d);
+    bytes = _mm512_load_si512(b);
+  }
+};
+
+inline __m512i int4_quads(const uint8_t* columns, const QuadIndex& index) {
+  const __m512i gathered = _mm512_permutex2var_epi32(_mm512_loadu_si512(columns), index.dwords,
+                                                     _mm512_loadu_si512(columns + 64));
+  return _mm512_shuffle_epi8(gathered, index.bytes);
 }
 
-// MB input rows by the 4 16-row parts of one block. U sets of group sums, for alternating column
-// pairs, keep U * MB * 4 products in flight (vdpbf16ps's latency would leave a single input row
-// waiting); the running totals, touched once per group, stay in memory so that the registers hold sums.
+// MB activation rows against one 64-row block, its 4 parts of 16 rows: part 2h + s is half h's low
+// (s = 0) or high (s = 1) nibbles, rows 16h + 32s + r. U sets of int32 sums for alternating column quads
+// keep enough products in flight for one or two rows; the fp32 totals, touched once a group, may spill.
 template <int MB, int U>
-inline void int4_tile(const at::BFloat16* x, int64_t K, const uint8_t* block, const at::BFloat16* scales_zeros,
-                      int64_t N, int64_t row0, const float* x_sums, float* out) {
-  constexpr int kParts = kBlock / 16;
+void int4_rows(const ActivationCodes& a, int64_t m0, int64_t K, const uint8_t* block,
+               const at::BFloat16* scales_zeros, int64_t N, int64_t row0, float* out) {
+  static const QuadIndex halves[2] = {QuadIndex(0), QuadIndex(1)};
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m512 offset = _mm512_set1_ps(136.0f);  // 128 + 8: the widening's and the codes' offsets
+  const __m512 eight = _mm512_set1_ps(8.0f);
   const int64_t groups = K / kGroup;
-  alignas(64) float totals[MB][kParts][16] = {};
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 sums[U][MB][kParts];
+  constexpr int kParts = 4;
+  __m512 totals[MB][kParts];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
+    for (int p = 0; p < kParts; ++p) totals[m][p] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sums[U][MB][kParts];
+#pragma GCC unroll 2
     for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-        for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2 * U) {
+        for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_setzero_si512();
+    // The group's bytes kAhead groups on (1 KB a group: 16 cache lines), for the memory to keep up.
+#pragma GCC unroll 16
+    for (int line = 0; line < kGroup * (kBlock / 2) / 64; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(block + (g + kInt4Ahead) * kGroup * (kBlock / 2)) + 64 * line,
+                   _MM_HINT_T0);
+    }
 #pragma GCC unroll 4
+    for (int line = 0; line < kBlock * 4 / 64; ++line) {  // and its scales and zeros, in other lines
+      _mm_prefetch(reinterpret_cast<const char*>(scales_zeros + ((g + kInt4Ahead) * N + row0) * 2) + 64 * line,
+                   _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 4 * U) {
+#pragma GCC unroll 2
       for (int u = 0; u < U; ++u) {
-        const __m512i low = int4_bytes(block, k + 2 * u, 0), high = int4_bytes(block, k + 2 * u, 1);
-        const __m512bh w[kParts] = {int4_pairs(low, false), int4_pairs(high, false), int4_pairs(low, true),
-                                    int4_pairs(high, true)};  // each half's bytes read once for its two parts
+        const uint8_t* columns = block + (k + 4 * u) * (kBlock / 2);
+        const __m512i first = _mm512_loadu_si512(columns), second = _mm512_loadu_si512(columns + 64);
+        __m512i codes[kParts];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m512i quads = _mm512_shuffle_epi8(
+              _mm512_permutex2var_epi32(first, halves[h].dwords, second), halves[h].bytes);
+          codes[2 * h] = _mm512_and_si512(quads, low_nibbles);
+          codes[2 * h + 1] = _mm512_andnot_si512(low_nibbles, quads);  // 16 * code: 1/16 goes into the scale
+        }
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
-          int32_t xk;
-          std::memcpy(&xk, x + m * K + k + 2 * u, sizeof(xk));  // x[m, k'] and x[m, k' + 1]
-          const __m512bh xb = (__m512bh)_mm512_set1_epi32(xk);
+          int32_t q;
+          std::memcpy(&q, a.codes.data() + (m0 + m) * K + k + 4 * u, sizeof(q));
+          const __m512i qv = _mm512_set1_epi32(q);
 #pragma GCC unroll 4
-          for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_dpbf16_ps(sums[u][m][p], w[p], xb);
+          for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_dpbusd_epi32(sums[u][m][p], codes[p], qv);
         }
       }
     }
 #pragma GCC unroll 4
     for (int p = 0; p < kParts; ++p) {
-      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + row0 + p * 16) * 2);  // 16 (scale, zero)
+      const int64_t row = row0 + 16 * (p / 2) + 32 * (p % 2);
+      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + row) * 2);  // 16 (scale, zero)
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves));
-      const __m512 per_sum = _mm512_fnmadd_ps(offset, scale, zero);  // zero - 136 * scale
+      const __m512 base = _mm512_fnmadd_ps(eight, scale, _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
+      const __m512 code_scale = p % 2 ? _mm512_mul_ps(scale, _mm512_set1_ps(1.0f / 16)) : scale;  // exact
 #pragma GCC unroll 8
       for (int m = 0; m < MB; ++m) {
-        __m512 sum = sums[0][m][p];
-#pragma GCC unroll 4
-        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, sums[u][m][p]);
-        __m512 total = _mm512_fmadd_ps(sum, scale, _mm512_load_ps(totals[m][p]));
-        total = _mm512_fmadd_ps(per_sum, _mm512_set1_ps(x_sums[m * groups + g]), total);
-        _mm512_store_ps(totals[m][p], total);
+        __m512i sum = sums[0][m][p];
+#pragma GCC unroll 2
+        for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, sums[u][m][p]);
+        const int64_t i = (m0 + m) * groups + g;
+        const __m512 product = _mm512_mul_ps(code_scale, _mm512_set1_ps(a.scales[i]));
+        totals[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), product, totals[m][p]);
+        totals[m][p] = _mm512_fmadd_ps(base, _mm512_set1_ps(a.sums[i]), totals[m][p]);
       }
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int p = 0; p < kParts; ++p) _mm512_storeu_ps(out + m * N + row0 + p * 16, _mm512_load_ps(totals[m][p]));
+    for (int p = 0; p < kParts; ++p) {
+      _mm512_storeu_ps(out + (m0 + m) * N + row0 + 16 * (p / 2) + 32 * (p % 2), totals[m][p]);
+    }
 }
 
-// Every input row against one 64-row block, in shapes that keep 8-16 products in flight: 4 rows at a
-// time (8 rows as twice 4 measured faster than 8 by two 32-row halves: 240-320 G multiply-adds/s against
-// 215-290, the block's bytes coming from the cache the second time), then 2, then 1.
-void int4_block(int64_t M, const at::BFloat16* x, int64_t K, const uint8_t* block,
-                const at::BFloat16* scales_zeros, int64_t N, int64_t row0, const float* x_sums, float* out) {
-  const int64_t groups = K / kGroup;
+// Every activation row against one 64-row block: 4 rows at a time (4 x 4 parts of int32 sums fill half
+// the registers; a second pass over the block reads its bytes from the cache), then 2, then 1.
+void int4_block(const ActivationCodes& a, int64_t M, int64_t K, const uint8_t* block,
+                const at::BFloat16* scales_zeros, int64_t N, int64_t row0, float* out) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    int4_tile<4, 1>(x + m * K, K, block, scales_zeros, N, row0, x_sums + m * groups, out + m * N);
-  }
-  for (; m + 2 <= M; m += 2) {
-    int4_tile<2, 2>(x + m * K, K, block, scales_zeros, N, row0, x_sums + m * groups, out + m * N);
-  }
-  if (m < M) int4_tile<1, 2>(x + m * K, K, block, scales_zeros, N, row0, x_sums + m * groups, out + m * N);
+  for (; m + 4 <= M; m += 4) int4_rows<4, 1>(a, m, K, block, scales_zeros, N, row0, out);
+  if (M - m == 3) int4_rows<3, 1>(a, m, K, block, scales_zeros, N, row0, out);
+  if (M - m == 2) int4_rows<2, 2>(a, m, K, block, scales_zeros, N, row0, out);
+  if (M - m == 1) int4_rows<1, 2>(a, m, K, block, scales_zeros, N, row0, out);
 }
 
 at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
@@ -305,20 +369,12 @@ at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed, const a
   const auto sc = scales_zeros.contiguous();
   auto out = at::empty({M, N}, xc.options().dtype(at::kFloat));
   if (M == 0) return out;
-  const auto* xp = xc.data_ptr<at::BFloat16>();
+  const ActivationCodes a = activation_codes(xc.data_ptr<at::BFloat16>(), M, K);
   const auto* pp = pc.data_ptr<uint8_t>();
   const auto* sp = sc.data_ptr<at::BFloat16>();
-  std::vector<float> x_sums(M * (K / kGroup));  // each row's sum over each group (at::sum costs ~6 us a call)
-  for (int64_t i = 0; i < static_cast<int64_t>(x_sums.size()); ++i) {
-    const auto* group = reinterpret_cast<const __m256i*>(xp + i * kGroup);
-    const __m512 first = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(group));
-    const __m512 second = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(group + 1));
-    x_sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
-  }
-  const float* xs = x_sums.data();
   auto* op = out.data_ptr<float>();
   at::parallel_for(0, N / kBlock, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) int4_block(M, xp, K, pp + b * K * (kBlock / 2), sp, N, b * kBlock, xs, op);
+    for (int64_t b = begin; b < end; ++b) int4_block(a, M, K, pp + b * K * (kBlock / 2), sp, N, b * kBlock, op);
   });
   return out;
 }
@@ -372,6 +428,151 @@ at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_
   return out;
 }
 
+
+// Decode attention: each head's new query rows (the G query heads sharing a KV head) against the cache's
+// filled columns, in fp32 as `attend_one_row` computes it, for one (batch row, KV head) a task. The cache
+// is read once per query head (G is 1 for most LLaVA language models; its rows stay in L1/L2 for the
+// next), bf16 widened to fp32 by a shift. Scores are one dot product a column (C vectors of 16 and a
+// reduction), the softmax's exponentials 16 at a time (`exp_nonpositive`), and the output a sum of value
+// rows weighted by them.
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by
+// its Taylor series to r^6 (relative error ~1e-7, fp32's own); x below -104 (e^x under fp32's least
+// denormal) and -inf give 0.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: r exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, n);
+}
+
+// 16 cache values from `row` as fp32.
+template <class T>
+inline __m512 load16(const T* row);
+template <>
+inline __m512 load16<float>(const float* row) { return _mm512_loadu_ps(row); }
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* row) {
+  const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+}
+
+// One query row q [C * 16] against `span` cache columns: out [C * 16] = softmax(q K^T * scale + mask) V.
+// `scores` holds span floats.
+template <class T, int C>
+void attend_row(const float* q, const T* keys, const T* values, int64_t column_stride, const float* mask,
+                int64_t span, float scale, float* scores, float* out) {
+  __m512 qv[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+  float top = -INFINITY;
+  constexpr int64_t kLines = 16 * C * sizeof(T) / 64;  // cache lines a column
+  for (int64_t j = 0; j < span; ++j) {
+    const T* key = keys + j * column_stride;
+    // The cache comes from memory (a step reads ~100 MB of weights between two reads of a layer's cache):
+    // prefetch the keys 8 columns on, and this column's values for the second pass.
+#pragma GCC unroll 8
+    for (int64_t line = 0; line < kLines; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(key + 48 * column_stride) + 64 * line, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(values + j * column_stride) + 64 * line, _MM_HINT_T1);
+    }
+    __m512 acc = _mm512_mul_ps(qv[0], load16(key));
+#pragma GCC unroll 8
+    for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(key + 16 * c), acc);
+    scores[j] = _mm512_reduce_add_ps(acc) + mask[j];
+    top = std::max(top, scores[j]);
+  }
+  __m512 total = _mm512_setzero_ps();
+  const __m512 top_v = _mm512_set1_ps(top);
+  int64_t j = 0;
+  for (; j + 16 <= span; j += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j), top_v));
+    _mm512_storeu_ps(scores + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  if (j < span) {
+    const auto valid = static_cast<__mmask16>((1u << (span - j)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j), top_v));
+    _mm512_mask_storeu_ps(scores + j, valid, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(valid, e));
+  }
+  __m512 acc[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (j = 0; j < span; ++j) {
+    const T* value = values + j * column_stride;
+    const __m512 weight = _mm512_set1_ps(scores[j]);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(weight, load16(value + 16 * c), acc[c]);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inverse));
+}
+
+template <class T, int C>
+void attend_all(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
+                float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), span = mask.size(1);
+  const auto* qp = q.data_ptr<float>();
+  const auto* kp = keys.data_ptr<T>();
+  const auto* vp = values.data_ptr<T>();
+  const auto* mp = mask.data_ptr<float>();
+  auto* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(span);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const T* k = kp + b * keys.stride(0) + h * keys.stride(1);
+      const T* v = vp + b * values.stride(0) + h * values.stride(1);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t row = (task * G + g) * D;
+        attend_row<T, C>(qp + row, k, v, keys.stride(2), mp + b * span, span, scale, scores.data(), op + row);
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && mask.dim() == 2 && mask.scalar_type() == at::kFloat,
+              "decode_attention: q fp32 [B, kv_heads, group, dim], mask fp32 [B, span]");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() && keys.strides() == values.strides() &&
+                  keys.scalar_type() == values.scalar_type() &&
+                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
+              "decode_attention: keys and values alike, fp32 or bf16 [B, kv_heads, capacity, dim]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), span = mask.size(1);
+  TORCH_CHECK(keys.size(0) == B && keys.size(1) == H && keys.size(3) == D && mask.size(0) == B &&
+                  span >= 1 && span <= keys.size(2) && keys.stride(3) == 1,
+              "decode_attention: shapes differ");
+  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && mask.device().is_cpu(), "decode_attention: CPU only");
+  const auto qc = q.contiguous();
+  const auto mc = mask.contiguous();
+  auto out = at::empty(q.sizes(), qc.options());
+  const bool bf16 = keys.scalar_type() == at::kBFloat16;
+  const auto f = static_cast<float>(scale);
+  switch (D) {
+#define LLAVA_ATTEND(C)                                                      \
+  case 16 * C:                                                               \
+    if (bf16) attend_all<at::BFloat16, C>(qc, keys, values, mc, f, out);     \
+    else attend_all<float, C>(qc, keys, values, mc, f, out);                 \
+    break;
+    LLAVA_ATTEND(1) LLAVA_ATTEND(2) LLAVA_ATTEND(4) LLAVA_ATTEND(5) LLAVA_ATTEND(6) LLAVA_ATTEND(8)
+#undef LLAVA_ATTEND
+    default: TORCH_CHECK(false, "decode_attention: head dim ", D, " is not 16, 32, 64, 80, 96 or 128");
+  }
+  return out;
+}
+
 }  // namespace
 
 // The op's schema is defined in llava/model/cpu_kernels.py, beside its shape function for torch.compile.
@@ -380,4 +581,5 @@ TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) {
   m.impl("int8_codes_mm", &int8_codes_mm);
   m.impl("int4_weight_mm", &int4_weight_mm);
   m.impl("int4_dequantize_t", &int4_dequantize_t);
+  m.impl("decode_attention", &decode_attention);
 }

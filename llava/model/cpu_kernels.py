@@ -1,4 +1,5 @@
-"""Native CPU kernels, built at first use: quantized weights times a few rows of activations.
+"""Native CPU kernels, built at first use: quantized weights times a few rows of activations, and
+the decode step's attention.
 
 Why: a batch of 8 decoding rows is bound by arithmetic more than by reading the weights, and
 PyTorch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) widen
@@ -6,15 +7,22 @@ the weights to fp32 and multiply 16 at a time: 115-170 G multiply-adds/s at 8 ro
 AVX-512 EPYC, where its bf16 products reach 440-520. Nothing maintained multiplies bf16 activations
 by int8 or int4 weights at bf16's rate on CPUs without AMX (benchmarks/README.md, session 39, lists
 what was checked). These kernels (`cpu_kernels.cpp`) read the weights in the layouts ATen's kernels
-read, so no second copy is kept, and (session 40, bench-200m's shapes, weights streamed from memory as
-a decode step reads them, 8 rows; ATen's kernels in brackets):
+read, so no second copy is kept, and (bench-200m's shapes, weights streamed from memory as a decode
+step reads them, 8 rows; ATen's kernels in brackets):
 - int8 weights x bf16 activations: widened to bf16, which holds them exactly, and multiplied into
   fp32 by AVX512-BF16's `vdpbf16ps`, each widened tile serving up to 8 rows: 280-315 G/s (115-125).
-- int4 weights (ATen's int4pack bytes) x bf16 activations, likewise: 240-320 G/s (145-165); one row
-  30-60 GB/s (25-30). Also their one-pass dequantization for a prefill's GEMM (0.04-0.2 ms a
-  bench-200m weight against 0.3-1.8 through PyTorch ops).
+- int4 weights (ATen's int4pack bytes) x activations taken as int8 codes per group of 32 columns, as
+  llama.cpp's q4_0 takes q8_0 ones: `vpdpbusd` (VNNI) multiplies 4 codes by 4 at once, twice the
+  products an instruction of bf16's `vdpbf16ps`, and the 4-bit codes need no widening: 350-410 G/s
+  at 8 rows (145-160; widened to bf16, as session 40 had it, 240-300); one row 40-65 GB/s (25-30).
+  The codes cost ~1% of each output against bf16 activations, where the 4-bit weights cost ~8%.
+  Also their one-pass dequantization for a prefill's GEMM (0.04-0.2 ms a bench-200m weight against
+  0.3-1.8 through PyTorch ops), which keeps bf16 activations.
 - int8 weights x int8-dynamic's activation codes: `vpdpbusd` (VNNI), exact in int32 like `_int_mm`,
   on the plain weight where oneDNN's fast batch kernel needs a reordered copy.
+- attention of one new query row per head over the KV cache, fp32 or bf16, in fp32 (the compiled
+  decode step's `attend_one_row`, which Inductor turns into loops at 20-40 GB/s): at 8 rows, ~100
+  cache columns, 50-75 us a bench-200m layer in the step against 115.
 
 Where: CPUs with AVX512-BF16 and VNNI (AMD Zen 4 on, Intel Cooper Lake and Sapphire Rapids on), when a
 C++ compiler and ninja are present: `torch.utils.cpp_extension` builds them into its cache (~10 s,
@@ -39,6 +47,7 @@ _LIBRARY.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor
 _LIBRARY.define("int8_codes_mm(Tensor codes, Tensor weight, Tensor weight_sums) -> Tensor")
 _LIBRARY.define("int4_weight_mm(Tensor x, Tensor packed, Tensor scales_zeros, int block) -> Tensor")
 _LIBRARY.define("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int block) -> Tensor")
+_LIBRARY.define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor")
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -67,6 +76,12 @@ def _int4_dequantize_t_shape(packed: torch.Tensor, scales_zeros: torch.Tensor, b
     return scales_zeros.new_empty(scales_zeros.shape[0] * 32, scales_zeros.shape[1])
 
 
+@torch.library.register_fake("llava_cpu::decode_attention")
+def _decode_attention_shape(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
 def available() -> bool:
     """Whether the `torch.ops.llava_cpu` kernels run here, building them the first time it is asked.
 
@@ -74,10 +89,12 @@ def available() -> bool:
     fp32 [N] -> fp32 [M, N]. `int8_codes_mm(codes, weight, weight_sums)`: int8-dynamic's activation
     codes + 128 as uint8 [M, K], weight int8 [N, K] and its rows' int32 sums [N] -> the exact
     (codes - 128) @ weight.T, int32 [M, N].
-    `int4_weight_mm(x, packed, scales_zeros, block)`: ATen's CPU int4pack
-    bytes in blocks of `block` output rows, bf16 (scale, zero) [K / 32, N, 2] -> fp32 [M, N].
-    `int4_dequantize_t(packed, scales_zeros, block)`: those weights, transposed, bf16 [K, N] (for a
-    prefill's GEMM)."""
+    `int4_weight_mm(x, packed, scales_zeros, block)`: x bf16 [M, K] (taken as int8 codes per group of
+    32), ATen's CPU int4pack bytes in blocks of `block` output rows, bf16 (scale, zero) [K / 32, N, 2]
+    -> fp32 [M, N]. `int4_dequantize_t(packed, scales_zeros, block)`: those weights, transposed, bf16
+    [K, N] (for a prefill's GEMM). `decode_attention(q, keys, values, mask, scale)`: q fp32 [B,
+    kv_heads, group, dim] against a cache fp32 or bf16 [B, kv_heads, capacity, dim], read up to the
+    additive fp32 mask's length [B, span] -> fp32 like q."""
     global _unavailable, _built
     if _built or _unavailable is not None:
         return _built

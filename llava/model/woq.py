@@ -21,8 +21,10 @@ PyTorch's own packed CPU kernels, or llava's where they run (`llava.model.cpu_ke
   bf16 model: 64 tokens/s that way, 210 with the kernel; on an fp32 model the loop's 240).
 - `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
   group, as q4_1), packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
-  llava's AVX512-BF16 kernel where it runs (`llava.model.cpu_kernels`), else by
-  `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x slower with fp32 ones). Many
+  llava's VNNI kernel where it runs (`llava.model.cpu_kernels`; it takes the activations as int8
+  codes per group of 32, as llama.cpp's q4_0 takes q8_0 ones, ~1% of each output where the 4-bit
+  weights cost ~8%), else by `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x
+  slower with fp32 ones). Many
   rows (a prefill) read the codes back out of the packed bytes, dequantize and take a GEMM: for
   bench-200m's layer at 512 rows 4.5 + 9 ms against the kernel's 23 (llava's kernels dequantize in
   one pass: 0.04-0.2 ms a weight against 0.3-1.8). The packed layout is the
@@ -233,8 +235,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return self._finish(onednn.linear(flat.to(compute), self.dequantized(compute)), x)
 
     def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T for a few rows: llava's AVX512-BF16 kernel where it runs (`llava.model.cpu_kernels`),
-        else ATen's (`kernel_product`)."""
+        """x @ W.T for a few rows: llava's VNNI kernel where it runs (`llava.model.cpu_kernels`: the
+        activations as int8 codes per group of 32), else ATen's (`kernel_product`)."""
         if not self.native:
             return self.kernel_product(x)
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
