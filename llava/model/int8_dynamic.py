@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from llava.model import cpu_kernels
-from llava.model.woq import FEW_ROWS, check_cpu, quantize_rows, same_input, share_rows
+from llava.model.woq import FEW_ROWS, check_cpu, finish, quantize_rows, same_input, share_rows
 
 
 class Int8DynamicLinear(nn.Module):
@@ -97,7 +97,7 @@ class Int8DynamicLinear(nn.Module):
         turns into its GEMM templates (`llava.generate.compiled.AUTOTUNED`)."""
         codes, row_scale = _row_codes(x)
         product = torch._int_mm(codes.to(torch.int8), self.weight.t())  # the transposed view: the fast one-row path
-        return self._finish(product.float() * row_scale * self.scale, x)
+        return finish(product.float() * row_scale * self.scale, x, self.bias)
 
     def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
         """A few rows through llava's VNNI kernel where it runs (`llava.model.cpu_kernels`): the same
@@ -106,11 +106,7 @@ class Int8DynamicLinear(nn.Module):
             return self.kernel_product(x)
         codes, row_scale = _row_codes(x)
         product = torch.ops.llava_cpu.int8_codes_mm((codes + 128).to(torch.uint8), self.weight, self.weight_sums)
-        return self._finish(product.float() * row_scale * self.scale, x)
-
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return finish(product.float() * row_scale * self.scale, x, self.bias)
 
     def packed_weight(self) -> torch.Tensor | None:
         """The weight reordered by oneDNN for batches (module docstring), or None where this CPU's
@@ -149,7 +145,7 @@ class PackedInt8DynamicLinear:
             return self.module(x)
         codes, row_scale = _row_codes(x)
         product = packed_int8_product((codes + 128).to(torch.uint8), self.packed, self.module.scale, self.zero_points)
-        return self.module._finish(product * row_scale, x)
+        return finish(product * row_scale, x, self.module.bias)
 
 
 @torch.library.custom_op("llava::packed_int8_product", mutates_args=())

@@ -126,7 +126,7 @@ class Int8WeightOnlyLinear(nn.Module):
             out = self._word_reduction(x.reshape(rows, -1)).reshape(*x.shape[:-1], -1)
         else:
             return self.few_rows_product(x)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return finish(out, x, self.bias)
 
     def _in_stored_order(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x [..., in] with its columns in the stored order, in `dtype`. `_word_order` transposes
@@ -139,18 +139,15 @@ class Int8WeightOnlyLinear(nn.Module):
         at 8 rows about twice ATen's rate), else ATen's (`kernel_product`)."""
         if not self.native:
             return self.kernel_product(x)
-        permuted = x.reshape(-1, x.shape[-1])[:, self.order].to(torch.bfloat16)
-        out = torch.ops.llava_cpu.int8_weight_mm(permuted, self.weight, self.scale)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        stored = self._in_stored_order(x.reshape(-1, x.shape[-1]), torch.bfloat16)
+        return finish(torch.ops.llava_cpu.int8_weight_mm(stored, self.weight, self.scale), x, self.bias)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T through `aten._weight_int8pack_mm` whatever the rows (bf16 activations): the form
         Inductor's GEMM templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`)."""
-        permuted = x.reshape(-1, x.shape[-1])[:, self.order].to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(permuted, self.weight, self.kernel_scale_bits.view(torch.bfloat16))
-        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        stored = self._in_stored_order(x.reshape(-1, x.shape[-1]), torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(stored, self.weight, self.kernel_scale_bits.view(torch.bfloat16))
+        return finish(out, x, self.bias)
 
     def _word_reduction(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, in] -> [rows, out] as one reduction over int32 words (written for Inductor, which
@@ -231,8 +228,8 @@ class Int4WeightOnlyLinear(nn.Module):
         compute = _prefill_dtype(x)
         if self.native and compute == torch.bfloat16:  # one pass over the bytes, ~8x `dequantized`'s speed
             transposed = torch.ops.llava_cpu.int4_dequantize_t(self.packed, self.scales_and_zeros, self.packed_block)
-            return self._finish(flat.to(compute) @ transposed, x)
-        return self._finish(onednn.linear(flat.to(compute), self.dequantized(compute)), x)
+            return finish(flat.to(compute) @ transposed, x, self.bias)
+        return finish(onednn.linear(flat.to(compute), self.dequantized(compute)), x, self.bias)
 
     def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T for a few rows: llava's VNNI kernel where it runs (`llava.model.cpu_kernels`: the
@@ -240,19 +237,15 @@ class Int4WeightOnlyLinear(nn.Module):
         if not self.native:
             return self.kernel_product(x)
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        return self._finish(torch.ops.llava_cpu.int4_weight_mm(flat, self.packed, self.scales_and_zeros,
-                                                               self.packed_block), x)
+        out = torch.ops.llava_cpu.int4_weight_mm(flat, self.packed, self.scales_and_zeros, self.packed_block)
+        return finish(out, x, self.bias)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T through `aten._weight_int4pack_mm_for_cpu` (bf16 activations): the form Inductor's GEMM
         templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`)."""
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        return self._finish(torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP,
-                                                                       self.scales_and_zeros), x)
-
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+        return finish(out, x, self.bias)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight, [out, in], in `dtype` (needs `packed_block`)."""
@@ -275,6 +268,13 @@ def _unpack_int4(packed: torch.Tensor, out_features: int, block: int) -> torch.T
     in_features = packed.numel() * 2 // out_features
     pairs = packed.view(out_features // block, in_features, block // 2)
     return torch.cat((pairs & 15, pairs >> 4), -1).transpose(1, 2).reshape(out_features, in_features)
+
+
+def finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's [rows, out] result as a layer's output for x [..., in]: x's dtype and leading
+    dimensions, plus the bias."""
+    out = out.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def _prefill_dtype(x: torch.Tensor) -> torch.dtype:
