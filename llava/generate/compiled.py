@@ -87,7 +87,7 @@ def native_attention(device: torch.device, head_dim: int) -> bool:
     """Whether llava's decode-attention kernel (`llava.model.cpu_kernels`) takes a cache here (one in
     fp32 or bf16, `NATIVE_ATTENTION_DTYPES`): on CPUs where the kernels run, for the head sizes it was
     built for. Bench-200m, bf16 cache, ~100 columns, in the step: Inductor's loops over `attend_one_row`
-    take 115 us a layer at 8 rows and 20 at one row; the kernel 25 and 5."""
+    take 115 us a layer at 8 rows and 20 at one row; the kernel 50-75 and ~10."""
     return device.type == "cpu" and head_dim in (16, 32, 64, 80, 96, 128) and cpu_kernels.available()
 
 
