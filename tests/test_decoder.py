@@ -47,6 +47,32 @@ def _left_padded(batch: int = 3, length: int = 9, seed: int = 1):
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_eager_decode_steps_attend_alike_through_llavas_kernel(name, cache_dtype, monkeypatch):
+    """Once llava's CPU kernels are loaded in the process (a quantized layer or a compiled step asked for
+    them), an eager one-row step attends through the kernel, reading the cache in its own dtype: the
+    logits SDPA gives, left-padded rows and grouped heads included."""
+    from llava.model import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"the kernels do not run here: {cpu_kernels.kernel_path()}")
+    lm = _lm(name)
+    ids, mask, pos = _left_padded()
+    key_mask = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], dim=1)
+    logits = {}
+    for loaded in (True, False):
+        monkeypatch.setattr(cpu_kernels, "loaded", lambda: loaded)
+        decoder = LlamaFamilyDecoder(lm)
+        cache = decoder.new_cache(3, 12, ids.device, cache_dtype)
+        with torch.no_grad():
+            decoder.forward(decoder.embed(ids[:, :6]), pos[:, :6], key_mask, cache, 0)
+            logits[loaded] = [decoder.forward(decoder.embed(ids[:, t:t + 1]), pos[:, t:t + 1], key_mask, cache, t)
+                              for t in range(6, 9)]
+    for native, sdpa in zip(logits[True], logits[False]):
+        torch.testing.assert_close(native, sdpa, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(LMS))
 def test_prefill_and_decode_logits_match_transformers(name):
     lm = _lm(name)

@@ -45,16 +45,17 @@ import torch
 import torch.nn.functional as F
 
 from llava.generate.decoder import (
+    NATIVE_ATTENTION_DTYPES,
     KVCache,
     Linear,
     LlamaFamilyDecoder,
     _linear_part,
     _rms_norm,
+    native_attention,
     plan_layers,
     rotary_tables,
     rotate,
 )
-from llava.model import cpu_kernels
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes, side_by_side
 from llava.model.woq import WEIGHT_ONLY
@@ -81,17 +82,6 @@ def attend_one_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     kernel accumulates), for Inductor to fuse into loops over the cache (module docstring)."""
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + mask
     return torch.matmul(torch.softmax(scores, -1), values.float()).to(q.dtype)
-
-
-def native_attention(device: torch.device, head_dim: int) -> bool:
-    """Whether llava's decode-attention kernel (`llava.model.cpu_kernels`) takes a cache here (one in
-    fp32 or bf16, `NATIVE_ATTENTION_DTYPES`): on CPUs where the kernels run, for the head sizes it was
-    built for. Bench-200m, bf16 cache, ~100 columns, in the step: Inductor's loops over `attend_one_row`
-    take 115 us a layer at 8 rows and 20 at one row; the kernel 50-75 and ~10."""
-    return device.type == "cpu" and head_dim in (16, 32, 64, 80, 96, 128) and cpu_kernels.available()
-
-
-NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # Inductor's options for the step. By default Inductor does not store a cheap pointwise result read at

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava.model import cpu_kernels
 from llava.model.onednn import PackedLinear, WeightPacker, onednn_dtypes
 from llava.model.onednn import linear as onednn_or_f_linear
 from llava.model.woq import fuse_outputs
@@ -52,6 +53,22 @@ class KVCache:
         """Keep only these batch rows (finished rows leave the batch)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+
+
+NATIVE_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # caches llava's decode-attention kernel reads
+
+
+def native_attention(device: torch.device, head_dim: int, build: bool = True) -> bool:
+    """Whether llava's decode-attention kernel (`llava.model.cpu_kernels`) attends one new row over a cache
+    here (one in `NATIVE_ATTENTION_DTYPES`): on CPUs where the kernels run, for the head sizes it was built
+    for; with `build=False` only if something in this process has built them already. Bench-200m, bf16
+    cache, ~100 columns: in the compiled step Inductor's loops over `attend_one_row` take 115 us a layer at
+    8 rows and 20 at one row, the kernel 50-75 and ~10. Eager, where SDPA first converts a bf16 cache to the
+    model's dtype, decoding is 3-8% faster with it (bench-200m and the bundled model, batches of 1 and 8):
+    too little for the eager default path to build the kernels (~10 s, once per machine) for it alone."""
+    if device.type != "cpu" or head_dim not in (16, 32, 64, 80, 96, 128):
+        return False
+    return cpu_kernels.available() if build else cpu_kernels.loaded()
 
 
 def unsupported_reason(lm: nn.Module, capacity: int | None = None) -> str | None:
@@ -282,11 +299,19 @@ class LlamaFamilyDecoder:
         qk = rotate(qk.reshape(batch, length, heads + kv_heads, dim).transpose(1, 2), *rotary)  # [B, H+KV, T, D]
         cache.keys[i][:, :, start:end] = qk[:, heads:]
         cache.values[i][:, :, start:end] = v.reshape(batch, length, kv_heads, dim).transpose(1, 2)
+        q = qk[:, :heads]
+        group = heads // kv_heads
+        if (length == 1 and cache.keys[i].dtype in NATIVE_ATTENTION_DTYPES
+                and native_attention(x.device, dim, build=False)):
+            # llava's kernel reads the whole cache up to `end`, in its own dtype.
+            additive = (mask.reshape(batch, end).float() if mask is not None
+                        else torch.zeros(batch, end, device=x.device))
+            out = torch.ops.llava_cpu.decode_attention(q.reshape(batch, kv_heads, group, dim).float(), cache.keys[i],
+                                                       cache.values[i], additive, self.scale).to(x.dtype)
+            return _linear(layer.o, out.reshape(batch, 1, heads * dim))
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         if keys.dtype != x.dtype:  # a cache kept in another dtype (Engine's kv_cache_dtype)
             keys, values = keys.to(x.dtype), values.to(x.dtype)
-        q = qk[:, :heads]
-        group = heads // kv_heads
         if length == 1 and group > 1:
             # One query per row: fold the heads that share a KV head into the query axis (no repeat).
             out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), keys, values,

@@ -105,6 +105,11 @@ def available() -> bool:
     return _built
 
 
+def loaded() -> bool:
+    """Whether the kernels are built and loaded in this process already (this never builds them)."""
+    return _built
+
+
 def kernel_path() -> str:
     """Which kernels the quantized layers' few rows take here, for benchmarks and logs to print."""
     if available():
