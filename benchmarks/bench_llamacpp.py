@@ -1,6 +1,7 @@
 """CPU decoding: our Engine against llama.cpp (llama-cpp-python) on the same weights, per precision.
 
-The model is `bench-200m`'s language model (a 134M Llama, 12 x 768, vocabulary 32064) with
+The model is `bench-200m`'s language model (a 134M Llama, 12 x 768, vocabulary 32064; `--model
+bench-1b`: a 1.1B one shaped as TinyLlama, 22 x 2048 with 4 KV heads) with
 random weights and the tiny BPE tokenizer (llama.cpp needs real merges), exported with our own
 `llava convert --to gguf` code, so both sides hold the same weights. Precisions, side by side:
 
@@ -176,9 +177,9 @@ def have_llamacpp() -> bool:
 
 
 # The run ---------------------------------------------------------------------------------------
-def build_bench_model() -> tuple[LlavaModel, object, list[int]]:
-    vocab = preset("bench-200m").text_config.vocab_size
-    model, tok = tiny_model("bench-200m", vocab_size=vocab)
+def build_bench_model(name: str = "bench-200m") -> tuple[LlavaModel, object, list[int]]:
+    vocab = preset(name).text_config.vocab_size
+    model, tok = tiny_model(name, vocab_size=vocab)
     g = torch.Generator().manual_seed(0)
     prompt = [tok.bos_token_id] + torch.randint(4, len(tok) - 1, (PROMPT_TOKENS - 1,), generator=g).tolist()
     return model, tok, prompt
@@ -234,13 +235,13 @@ def tiny_agreement(precisions: list[str], kv_caches: list[str], quantized_base: 
 
 def run(args: argparse.Namespace) -> tuple[list[Variant], list[int]]:
     """The timed variants, and our fp32 greedy tokens (the agreement reference)."""
-    model, tok, prompt = build_bench_model()
+    model, tok, prompt = build_bench_model(args.model)
     reference = Engine(model, tok, eos_token_ids=[]).generate(
         [Request(prompt)], SamplingParams(max_new_tokens=AGREEMENT_TOKENS, temperature=0))[0].token_ids
     variants: list[Variant] = []
     folder = tempfile.mkdtemp(prefix="bench-llamacpp-")
     ckpt = LoadedCheckpoint(model, tok, image_processor_for(model.config), layout="original", convention="original",
-                            name="bench-200m")
+                            name=args.model)
     use_llamacpp = have_llamacpp() and not args.no_llamacpp
     if not use_llamacpp:
         print("llama-cpp-python is not installed: llama.cpp rows left out", flush=True)
@@ -314,6 +315,8 @@ def main() -> None:
     ap.add_argument("--quantized-base", choices=list(QUANTIZED_BASES), default="fp32",
                     help="the model our 8- and 4-bit rows quantize: fp32 and/or bf16 (its other layers' dtype)")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave the llama.cpp rows out")
+    ap.add_argument("--model", choices=("bench-200m", "bench-1b"), default="bench-200m",
+                    help="the language model: 134M (12 x 768), or 1.1B shaped as TinyLlama (22 x 2048, 4 KV heads)")
     args = ap.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)

@@ -180,6 +180,12 @@ def _bench_200m() -> LlavaConfig:
     )
 
 
+def _bench_1b() -> LlavaConfig:
+    """~1.2B parameters: bench-200m's tower and a TinyLlama-shaped Llama, 22 x 2048 with 4 KV heads of 32
+    (benchmarks: a step where the weights, not per-call costs, set the pace)."""
+    return _bench_200m().replace(text_config=_llama(2048, 5632, 22, 32, 4, vocab=32064, max_pos=2048))
+
+
 def _v15(hidden: int, inter: int, layers: int, heads: int) -> Callable[[], LlavaConfig]:
     return lambda: LlavaConfig(
         text_config=_llama(hidden, inter, layers, heads), vision_config=CLIP_L_336,
@@ -205,6 +211,7 @@ PRESETS: dict[str, Callable[[], LlavaConfig]] = {
     "tiny": _tiny,
     "tiny-anyres": _tiny_anyres,
     "bench-200m": _bench_200m,
+    "bench-1b": _bench_1b,
     "llava-v1.5-7b": _v15(4096, 11008, 32, 32),
     "llava-v1.5-13b": _v15(5120, 13824, 40, 40),
     "llava-v1.6-vicuna-7b": _v16_vicuna_7b,
