@@ -282,7 +282,6 @@ def test_a_bf16_kv_cache_under_fp32_weights(tiny):
         Engine(model, tok, forward="transformers", kv_cache_dtype=torch.bfloat16)
 
 
-
 @pytest.mark.slow
 def test_the_step_attends_alike_with_and_without_llavas_attention_kernel(tiny):
     """Where llava's decode-attention kernel runs, the step calls it; elsewhere (another CPU, a cache
@@ -303,6 +302,7 @@ def test_the_step_attends_alike_with_and_without_llavas_attention_kernel(tiny):
         token = states[0].logits.argmax(-1)
         native, written_out = (engine.decode_step(state, token) for engine, state in zip(engines, states))
         torch.testing.assert_close(native, written_out, rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.slow
 def test_one_graph_serves_every_answer_length(tiny):

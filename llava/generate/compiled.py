@@ -51,6 +51,7 @@ from llava.generate.decoder import (
     LlamaFamilyDecoder,
     _linear_part,
     _rms_norm,
+    attend_natively,
     native_attention,
     plan_layers,
     rotary_tables,
@@ -263,7 +264,7 @@ class CompiledDecoder:
             values[i].index_copy_(2, column, v.reshape(batch, 1, kv_heads, dim).transpose(1, 2).to(values[i].dtype))
             q = qk[:, :heads].reshape(batch, kv_heads, heads // kv_heads, dim)  # heads sharing a KV head: one axis
             if native:  # the whole cache, read up to the mask's length
-                out = torch.ops.llava_cpu.decode_attention(q.float(), keys[i], values[i], mask, dec.scale).to(q.dtype)
+                out = attend_natively(q, keys[i], values[i], mask, dec.scale)
             else:
                 out = attend_one_row(q, keys[i][:, :, :span], values[i][:, :, :span], mask, dec.scale)
             hidden = hidden + decode_linear(layer.o, out.reshape(batch, 1, heads * dim), templates)

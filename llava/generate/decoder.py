@@ -71,6 +71,13 @@ def native_attention(device: torch.device, head_dim: int, build: bool = True) ->
     return cpu_kernels.available() if build else cpu_kernels.loaded()
 
 
+def attend_natively(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, additive: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """One new query row per head, q [B, kv_heads, group, dim], over the whole cache read up to the
+    additive fp32 mask's length [B, span], through llava's kernel (`native_attention`); q's dtype."""
+    return torch.ops.llava_cpu.decode_attention(q.float(), keys, values, additive, scale).to(q.dtype)
+
+
 def unsupported_reason(lm: nn.Module, capacity: int | None = None) -> str | None:
     """None when `LlamaFamilyDecoder` computes exactly what `lm`'s own forward does, else why not."""
     config = lm.config
@@ -254,10 +261,15 @@ class LlamaFamilyDecoder:
         end = start + length
         rotary = rotary_tables(*body.rotary_emb(embeds, position_ids))
         mask = self._attention_mask(key_mask, start, length, embeds)
+        native = (length == 1 and cache.keys[0].dtype in NATIVE_ATTENTION_DTYPES
+                  and native_attention(embeds.device, self.head_dim, build=False))
+        if native:  # one row through llava's kernel, which takes the mask as [B, end] fp32
+            mask = (mask.reshape(-1, end).float() if mask is not None
+                    else torch.zeros(embeds.shape[0], end, device=embeds.device))
         hidden = embeds
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.input_norm, hidden)
-            hidden = hidden + self._attention(layer, x, rotary, mask, cache, i, start, end)
+            hidden = hidden + self._attention(layer, x, rotary, mask, cache, i, start, end, native)
             x = _rms_norm(layer.post_norm, hidden)
             if layer.gate_up is not None:
                 gate, up = _linear(layer.gate_up, x).chunk(2, dim=-1)
@@ -289,7 +301,8 @@ class LlamaFamilyDecoder:
         return torch.zeros(keys.shape, dtype=like.dtype, device=device).masked_fill_(~keys, float("-inf"))
 
     def _attention(self, layer: LayerPlan, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                   mask: torch.Tensor | None, cache: KVCache, i: int, start: int, end: int) -> torch.Tensor:
+                   mask: torch.Tensor | None, cache: KVCache, i: int, start: int, end: int,
+                   native: bool) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         if layer.qkv is not None:
@@ -301,13 +314,9 @@ class LlamaFamilyDecoder:
         cache.values[i][:, :, start:end] = v.reshape(batch, length, kv_heads, dim).transpose(1, 2)
         q = qk[:, :heads]
         group = heads // kv_heads
-        if (length == 1 and cache.keys[i].dtype in NATIVE_ATTENTION_DTYPES
-                and native_attention(x.device, dim, build=False)):
-            # llava's kernel reads the whole cache up to `end`, in its own dtype.
-            additive = (mask.reshape(batch, end).float() if mask is not None
-                        else torch.zeros(batch, end, device=x.device))
-            out = torch.ops.llava_cpu.decode_attention(q.reshape(batch, kv_heads, group, dim).float(), cache.keys[i],
-                                                       cache.values[i], additive, self.scale).to(x.dtype)
+        if native:  # llava's kernel (`forward` decides, and shapes its mask): the cache read in its own dtype
+            out = attend_natively(q.reshape(batch, kv_heads, group, dim), cache.keys[i], cache.values[i], mask,
+                                  self.scale)
             return _linear(layer.o, out.reshape(batch, 1, heads * dim))
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         if keys.dtype != x.dtype:  # a cache kept in another dtype (Engine's kv_cache_dtype)

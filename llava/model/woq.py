@@ -2,35 +2,35 @@
 
 Decoding one token reads every language-model weight once, so on a CPU its speed is weight
 bytes over memory bandwidth. These layers keep the weights small and leave the activations in
-the model's dtype (no activation quantization, unlike `llava.model.int8_dynamic`), computing with
-PyTorch's own packed CPU kernels, or llava's where they run (`llava.model.cpu_kernels`):
+the model's dtype (unlike `llava.model.int8_dynamic`, but for inside llava's int4 kernel, which
+takes them as int8 codes per group of 32), computing with PyTorch's own packed CPU kernels, or
+llava's where they run (`llava.model.cpu_kernels`):
 
 - `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
   one per 32 weights). Few rows go through llava's AVX512-BF16 kernel where the CPU has those
   instructions (`llava.model.cpu_kernels`: about twice ATen's rate at 8 rows), else through
-  `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill)
-  through a dequantized matrix and a GEMM, several times faster there: in bf16 where the CPU
-  has bf16 instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's
-  linears in 0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Where
-  llava's kernel does not run, inside `torch.compile` (the compiled decode step,
-  `llava.generate.compiled`) one fp32 row takes a reduction over the weight read as int32
-  words, which Inductor turns into one streaming loop at near memory bandwidth; its columns are
-  stored in the order that makes those words line up with contiguous slices of the input
-  (`_word_order`). A bf16 row keeps the kernel: Inductor's
-  loop over bf16 inputs converts the words element by element (bench-200m, int8-weight on a
-  bf16 model: 64 tokens/s that way, 210 with the kernel; on an fp32 model the loop's 240).
+  `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill) through
+  a dequantized matrix and a GEMM, several times faster there: in bf16 where the CPU has bf16
+  instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's linears in
+  0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Where llava's kernel
+  does not run, inside `torch.compile` (the compiled decode step, `llava.generate.compiled`) one
+  fp32 row takes a reduction over the weight read as int32 words, which Inductor turns into one
+  streaming loop at near memory bandwidth; its columns are stored in the order that makes those
+  words line up with contiguous slices of the input (`_word_order`). A bf16 row keeps the
+  kernel: Inductor's loop over bf16 inputs converts the words element by element (bench-200m,
+  int8-weight on a bf16 model: 64 tokens/s that way, 210 with the kernel; on an fp32 model the
+  loop's 240).
 - `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
   group, as q4_1), packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
   llava's VNNI kernel where it runs (`llava.model.cpu_kernels`; it takes the activations as int8
   codes per group of 32, as llama.cpp's q4_0 takes q8_0 ones, ~1% of each output where the 4-bit
   weights cost ~8%), else by `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x
-  slower with fp32 ones). Many
-  rows (a prefill) read the codes back out of the packed bytes, dequantize and take a GEMM: for
-  bench-200m's layer at 512 rows 4.5 + 9 ms against the kernel's 23 (llava's kernels dequantize in
-  one pass: 0.04-0.2 ms a weight against 0.3-1.8). The packed layout is the
-  kernel's and depends on the CPU (blocks of 64 output rows on AVX-512, 32 on AVX2), so each
-  layer checks at quantization that reading its codes back gives them exactly, and keeps the
-  kernel for every row count where it does not.
+  slower with fp32 ones). Many rows (a prefill) read the codes back out of the packed bytes,
+  dequantize and take a GEMM: for bench-200m's layer at 512 rows 4.5 + 9 ms against the kernel's
+  23 (llava's kernels dequantize in one pass: 0.04-0.2 ms a weight against 0.3-1.8). The packed
+  layout is the kernel's and depends on the CPU (blocks of 64 output rows on AVX-512, 32 on
+  AVX2), so each layer checks at quantization that reading its codes back gives them exactly,
+  and keeps the kernel for every row count where it does not.
 
 Both are CPU-only: the packed formats are the CPU kernels'. Outputs come back in the input's
 dtype, so an fp32 or bf16 model keeps its dtype everywhere else. A linear whose shape a
