@@ -285,7 +285,9 @@ def load(path: str | os.PathLike | None = None, model_base: str | None = None, d
     """Load a checkpoint (any supported layout, local folder or hub name) into a ready pipeline.
 
     quantize: None, "int8" (dynamic int8 on CPU), "int8-weight" / "int4" (weight-only on CPU),
-    "8bit" or "4bit" (bitsandbytes). compile: compile the engine's decode step
+    "8bit" or "4bit" (bitsandbytes); llava's CPU modes run an fp32 vision tower in bf16 where the CPU
+    has bf16 instructions, as quantized setups keep a 16-bit tower (`llava.model.quantize`). compile:
+    compile the engine's decode step
     (`Engine(compile=True)`). pack_weights: give the CPU linears oneDNN-packed copies of their
     weights, faster prefills and batches for a second copy of the language model's weights
     (`Engine(pack_weights=True)`). kv_cache_dtype: "bf16", "fp16", "fp32" or a torch dtype, the KV

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from llava.generate.compiled import attend_one_row
-from llava.model import cpu_kernels
+from llava.model import cpu_kernels, onednn
 from llava.model.int8_dynamic import Int8DynamicLinear
-from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
+from llava.model.woq import FEW_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
 
 CAN_BUILD = (torch.cpu._is_avx512_bf16_supported() and torch.cpu._is_vnni_supported()
              and shutil.which(os.environ.get("CXX", "c++")) is not None)
@@ -98,7 +98,23 @@ def test_int4_prefills_dequantize_in_one_pass_to_the_same_weights():
     assert ((transposed.t().float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
     x = torch.randn(2, 20, 96)  # 40 rows: more than FEW_ROWS
     expected = nn.functional.linear(x.bfloat16().float(), transposed.t().float(), layer.bias)
+    layer.kernel_rows = FEW_ROWS  # as on a CPU with AMX
     torch.testing.assert_close(layer(x), expected, rtol=0.01, atol=0.01)
+
+
+def test_int4_prefills_take_the_kernel_row_by_row_without_amx():
+    """Without AMX a prefill's rows go through the VNNI kernel as a decode step's do, each row the
+    same as alone (its activation codes are per row), so a prompt's keys do not depend on its length."""
+    _needs_kernel()
+    torch.manual_seed(4)
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(128, 64))
+    assert layer.kernel_rows == (FEW_ROWS if onednn.amx() else None)
+    layer.kernel_rows = None
+    x = torch.randn(3, 30, 128)
+    out = layer(x)
+    assert torch.equal(out, torch.cat([layer(row) for row in x.reshape(-1, 1, 128)]).reshape(3, 30, 64))
+    exact = nn.functional.linear(x, layer.dequantized(torch.float32), layer.bias)
+    assert float((out - exact).norm() / exact.norm()) < 0.03
 
 
 @pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear])
@@ -153,7 +169,7 @@ def test_decode_attention_is_the_steps_attention(dim, group, dtype, span):
 FALLBACK = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING)
-from llava.model import cpu_kernels
+from llava.model import cpu_kernels, onednn
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Language-model quantization: each mode generates, stays close to fp32, and leaves vision parts alone."""
+"""Language-model quantization: each mode generates, stays close to fp32, and leaves vision parts
+unquantized (llava's CPU modes run an fp32 tower in bf16 where the CPU has bf16 instructions)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava.generate import Engine, Request, SamplingParams
-from llava.model.quantize import quantize_language_model
+from llava.model import quantize
+from llava.model.onednn import native_bf16
+from llava.model.quantize import CPU_KERNELS, quantize_language_model, vision_tower_dtype
 
 # Worst-position cosine similarity of last-layer logits to fp32 on the tiny model. Measured
 # 2026-11: bnb-8bit 0.99995, bnb-4bit 0.9906 (NF4 is coarser by design); 2026-12: int8-dynamic
@@ -159,3 +162,56 @@ def test_missing_bitsandbytes_is_a_clear_import_error(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         quantize_language_model(copy.deepcopy(model), "bnb-4bit")
+
+
+@pytest.mark.parametrize("mode", list(CPU_KERNELS))
+def test_cpu_modes_run_an_fp32_tower_in_bf16_where_the_cpu_has_bf16(tiny, mode):
+    """As the field's quantized setups keep a 16-bit tower (the original's fp16 under --load-4bit, llama.cpp's
+    f16 mmproj): bf16 where native, else as loaded. The projector stays fp32; the features move ~1%."""
+    model, tok, req = tiny
+    quant = quantize_language_model(copy.deepcopy(model), mode)
+    assert quant.vision_tower.dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+    assert {p.dtype for p in quant.projector.parameters()} == {torch.float32}
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        feats = quant.encode_images([pixels], [(28, 28)])[0]
+    reference = req.image_features[0]
+    assert feats.dtype == torch.float32 and float((feats - reference).norm() / reference.norm()) < 0.03
+    image_request = Request(req.input_ids, pixel_values=[pixels], image_sizes=[(28, 28)])
+    done = Engine(quant, tok, eos_token_ids=[]).generate([image_request], SamplingParams(max_new_tokens=4))
+    assert len(done[0].token_ids) == 4
+
+
+def test_only_an_fp32_cpu_tower_under_llavas_modes_changes_dtype(monkeypatch):
+    monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    for mode in ("int8", "int8-dynamic", "int8-weight", "int4", "int4-weight"):
+        assert vision_tower_dtype(mode, torch.float32, torch.device("cpu")) == torch.bfloat16
+    assert vision_tower_dtype("int4", torch.float16, torch.device("cpu")) == torch.float16
+    assert vision_tower_dtype("int4", torch.float32, torch.device("meta")) == torch.float32
+    for mode in ("4bit", "bnb-8bit"):
+        assert vision_tower_dtype(mode, torch.float32, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(quantize, "native_bf16", lambda: False)  # bf16 emulated: slower than fp32
+    assert vision_tower_dtype("int4", torch.float32, torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_a_quantizing_load_makes_the_model_a_load_then_quantize_makes(tiny, tmp_path, mode):
+    """Each linear quantized as it arrives and the tower read straight into its dtype: the same layers,
+    tower and logits as quantizing the loaded fp32 model."""
+    from llava.checkpoint import load_checkpoint, save_checkpoint
+    from llava.checkpoint.build import image_processor_for
+
+    model, tok, req = tiny
+    save_checkpoint(copy.deepcopy(model), copy.deepcopy(tok), image_processor_for(model.config), tmp_path, layout="hf")
+    streamed = load_checkpoint(tmp_path, dtype="fp32", quantize=mode).model
+    after = quantize_language_model(load_checkpoint(tmp_path, dtype="fp32").model, quantize.ALIASES[mode])
+    assert streamed.vision_tower.dtype == after.vision_tower.dtype
+    assert streamed.state_dict().keys() == after.state_dict().keys()
+    for key, value in after.state_dict().items():
+        assert torch.equal(streamed.state_dict()[key], value), key
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        feats = [m.encode_images([pixels], [(28, 28)]) for m in (streamed, after)]
+    ids = req.input_ids
+    torch.testing.assert_close(_logits(streamed, Request(ids, feats[0])), _logits(after, Request(ids, feats[1])),
+                               rtol=0, atol=0)

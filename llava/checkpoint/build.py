@@ -90,13 +90,17 @@ def empty_model(config: LlavaConfig, dtype: torch.dtype) -> LlavaModel:
 
 def build_model(config: LlavaConfig, state: keys.StateDict, dtype: torch.dtype = torch.float32,
                 tower_source: str | None = None, device: torch.device | str = "cpu",
-                quantize_linear: QuantizeLinear | None = None) -> LlavaModel:
+                quantize_linear: QuantizeLinear | None = None, tower_dtype: torch.dtype | None = None) -> LlavaModel:
     """A LlavaModel holding exactly `state` (our names; tensors or `StoredTensor`s), in `dtype`, on `device`.
 
     When `state` has no tower weights (released v1.5), the tower is loaded from
     `tower_source` (a local folder or hub name). `quantize_linear` may swap each linear as soon
-    as its weights are in (see `llava.model.quantize.linear_quantizer`).
+    as its weights are in (see `llava.model.quantize.linear_quantizer`). `tower_dtype`: the vision
+    tower's, where it is not `dtype` (`llava.model.quantize.vision_tower_dtype`).
     """
+    def dtype_of(name: str) -> torch.dtype:
+        return tower_dtype if tower_dtype is not None and name.startswith("vision_tower.") else dtype
+
     model = empty_model(config, dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tower_keys = [k[len("vision_tower."):] for k in expected if k.startswith("vision_tower.")]
@@ -105,24 +109,24 @@ def build_model(config: LlavaConfig, state: keys.StateDict, dtype: torch.dtype =
     check_state(expected, state, allow_missing=() if has_tower else ("vision_tower.",), tied=tied_targets(model))
     if not has_tower:
         tower = _load_tower(tower_source, dtype, {k: v for k, v in expected.items() if k.startswith("vision_tower.")})
-        model.vision_tower = tower.to(device=device, dtype=dtype)
+        model.vision_tower = tower.to(device=device, dtype=dtype_of("vision_tower."))
     shared, present = _shared_parameters(model), set(state)
-    _fill(model, state, dtype, torch.device(device), quantize_linear)
+    _fill(model, state, dtype_of, torch.device(device), quantize_linear)
     _retie(model, shared, present)
-    _finish_buffers(model, dtype, torch.device(device))
+    _finish_buffers(model, dtype_of, torch.device(device))
     model.config.text_config = model.language_model.config  # one config object, so later vocab resizes stay in sync
     return model
 
 
-def _fill(model: LlavaModel, state: keys.StateDict, dtype: torch.dtype, device: torch.device,
+def _fill(model: LlavaModel, state: keys.StateDict, dtype_of: Callable[[str], torch.dtype], device: torch.device,
           quantize_linear: QuantizeLinear | None) -> None:
-    """Read each weight into its parameter, in `dtype` on `device`, one at a time (`state` is emptied
+    """Read each weight into its parameter, in `dtype_of(name)` on `device`, one at a time (`state` is emptied
     as it goes, so nothing holds a read tensor but the model); a linear whose weights are all in
     may be swapped at once by `quantize_linear` (a tied one is not: it waits on meta for `_retie`)."""
     for key in list(state):
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name)
-        owner.load_state_dict({leaf: as_tensor(state.pop(key), dtype, device)}, strict=False, assign=True)
+        owner.load_state_dict({leaf: as_tensor(state.pop(key), dtype_of(key), device)}, strict=False, assign=True)
         filled = type(owner) is nn.Linear and not any(p.is_meta for p in owner.parameters())
         del owner  # a replaced linear's full-precision weight is freed at once, not an iteration later
         if filled and quantize_linear is not None:
@@ -175,13 +179,13 @@ def _retie(model: nn.Module, groups: list[list[str]], present: set[str]) -> None
             setattr(model.get_submodule(owner), leaf, param)
 
 
-def _finish_buffers(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+def _finish_buffers(model: nn.Module, dtype_of: Callable[[str], torch.dtype], device: torch.device) -> None:
     """Buffers (the built ones no checkpoint holds: rotary frequencies, position ids) to `device`,
-    floating ones in `dtype` as a `model.to(dtype)` would; then nothing may be left on meta."""
+    floating ones in `dtype_of(name)` as a `model.to(dtype)` would; then nothing may be left on meta."""
     done: dict[int, torch.Tensor] = {}
     for name, buffer in list(model.named_buffers(remove_duplicate=False)):
         if id(buffer) not in done:
-            done[id(buffer)] = buffer.to(device=device, dtype=dtype if buffer.is_floating_point() else None)
+            done[id(buffer)] = buffer.to(device=device, dtype=dtype_of(name) if buffer.is_floating_point() else None)
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, done[id(buffer)])
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]

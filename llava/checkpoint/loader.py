@@ -118,7 +118,8 @@ def load_checkpoint(path: str | os.PathLike, model_base: str | None = None, visi
     `quantize` ("int8-dynamic" or "int8", "bnb-8bit" or "8bit", "bnb-4bit" or "4bit"; see
     `llava.model.quantize`) quantizes the language model as it loads, each linear as soon as
     its weights are in, so its full-precision form never exists at once (LoRA checkpoints are
-    merged first, then quantized).
+    merged first, then quantized); the tower is read straight into its dtype under the mode
+    (`llava.model.quantize.vision_tower_dtype`).
     """
     folder, name = resolve_path(path)
     return _load(folder, name, model_base, vision_tower, device, dtype, quantize)
@@ -145,7 +146,8 @@ def _read_layout(folder: str, layout: str, model_base: str | None,
 def _load(folder: str, name: str, model_base: str | None, vision_tower: str | None,
           device: str | torch.device | None, dtype: torch.dtype | str | None,
           quantize: str | None = None) -> LoadedCheckpoint:
-    from llava.model.quantize import check_mode, linear_quantizer, quantize_language_model, quantized_layers
+    from llava.model.quantize import (check_mode, linear_quantizer, quantize_language_model, quantized_layers,
+                                      vision_tower_dtype)
 
     layout = detect_layout(folder)
     config, state, tok_folder = _read_layout(folder, layout, model_base, vision_tower)
@@ -162,7 +164,8 @@ def _load(folder: str, name: str, model_base: str | None, vision_tower: str | No
     streaming = linear_quantizer(mode, target, chosen, keep_output=grows) \
         if mode and layout != "original-lora" else None
     model = build_model(config, state, chosen, tower_source=vision_tower or config.vision_tower_name,
-                        device=target, quantize_linear=streaming)
+                        device=target, quantize_linear=streaming,
+                        tower_dtype=vision_tower_dtype(mode, chosen, target) if mode else None)
     del state
     if layout == "original-lora":
         model.language_model = merge_lora(model.language_model, folder)

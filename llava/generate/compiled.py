@@ -58,11 +58,11 @@ from llava.generate.decoder import (
     rotate,
 )
 from llava.model.int8_dynamic import Int8DynamicLinear
-from llava.model.onednn import PackedLinear, compiled_linear, onednn_dtypes, side_by_side
+from llava.model.onednn import PackedLinear, amx, compiled_linear, onednn_dtypes, side_by_side
 from llava.model.woq import WEIGHT_ONLY
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
-AMX = torch.cpu._is_amx_tile_supported()  # where Inductor's int8/bf16 GEMM templates have AMX micro-kernels
+AMX = amx()  # where Inductor's int8/bf16 GEMM templates have AMX micro-kernels
 
 
 def gemv(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""Weight quantization of the language model only (the projector and vision tower stay as they are).
+"""Weight quantization of the language model only (the projector and vision tower are not quantized).
 
 Decoding reads every language-model weight once per token, so on a CPU its speed is set by
 weight bytes; int8 weights are the cheapest win. The vision tower runs once per image and
 the projector is tiny and precision-sensitive, which is why the original LLaVA also skips
-`mm_projector` when quantizing.
+`mm_projector` when quantizing. The tower is a 16-bit one in the quantized setups of the field
+(the original's `--load-4bit` loads it in fp16; llama.cpp's mmproj files, ours included, are f16),
+so llava's CPU modes put an fp32 tower in bf16 where the CPU computes bf16 natively
+(`vision_tower_dtype`): bench-200m's time to first token (image + 512-token prefill) with int4
+on the Zen 5 EPYC 0.266 -> 0.231 s; its features move ~0.9%, against the 4-bit weights' ~8%.
 
 Modes:
 - "int8-dynamic": int8 weights (per output row) times activations quantized to int8 on the fly
@@ -34,6 +38,7 @@ from torch import nn
 from llava.errors import InputError, MissingDependency
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.llava import LlavaModel
+from llava.model.onednn import native_bf16
 from llava.model.woq import WEIGHT_ONLY
 
 # Modes whose layers are ours, on PyTorch's CPU kernels.
@@ -56,9 +61,19 @@ def quantize_language_model(model: LlavaModel, mode: str, compute_dtype: torch.d
         raise InputError(f"unknown quantization mode {mode!r}; valid: {', '.join(MODES)}")
     if mode in CPU_KERNELS:
         _cpu_kernels(model, mode)
+        model.vision_tower.to(vision_tower_dtype(mode, model.vision_tower.dtype, model.device))
     else:
         _bitsandbytes(model, bits=8 if mode == "bnb-8bit" else 4, compute_dtype=compute_dtype or model.dtype)
     return model
+
+
+def vision_tower_dtype(mode: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The vision tower's dtype in a model of `dtype` that `mode` quantizes: bf16 for an fp32 one in
+    llava's CPU modes where the CPU computes bf16 natively (module docstring), else `dtype`."""
+    if (ALIASES.get(mode, mode) in CPU_KERNELS and dtype == torch.float32 and torch.device(device).type == "cpu"
+            and native_bf16()):
+        return torch.bfloat16
+    return dtype
 
 
 def check_mode(mode: str, device: torch.device) -> str:

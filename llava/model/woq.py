@@ -9,8 +9,9 @@ llava's where they run (`llava.model.cpu_kernels`):
 - `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
   one per 32 weights). Few rows go through llava's AVX512-BF16 kernel where the CPU has those
   instructions (`llava.model.cpu_kernels`: about twice ATen's rate at 8 rows), else through
-  `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill) through
-  a dequantized matrix and a GEMM, several times faster there: in bf16 where the CPU has bf16
+  `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill; past 128
+  where llava's kernel runs, 16 elsewhere) through a dequantized matrix and a GEMM, several times
+  faster than ATen's kernel there and faster than llava's past ~128 rows: in bf16 where the CPU has bf16
   instructions (the few-row kernel takes bf16 activations too; a 512-row prefill's linears in
   0.6 of fp32's time), else in the model's dtype through `onednn.linear`. Where llava's kernel
   does not run, inside `torch.compile` (the compiled decode step, `llava.generate.compiled`) one
@@ -25,9 +26,12 @@ llava's where they run (`llava.model.cpu_kernels`):
   llava's VNNI kernel where it runs (`llava.model.cpu_kernels`; it takes the activations as int8
   codes per group of 32, as llama.cpp's q4_0 takes q8_0 ones, ~1% of each output where the 4-bit
   weights cost ~8%), else by `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x
-  slower with fp32 ones). Many rows (a prefill) read the codes back out of the packed bytes,
-  dequantize and take a GEMM: for bench-200m's layer at 512 rows 4.5 + 9 ms against the kernel's
-  23 (llava's kernels dequantize in one pass: 0.04-0.2 ms a weight against 0.3-1.8). The packed
+  slower with fp32 ones). llava's kernel takes a prefill's rows too, as llama.cpp multiplies
+  q4_0 by q8_0 there (bench-200m's layers at 512 rows, Zen 5 EPYC: 500-550 G multiply-adds/s,
+  against 420-455 for a dequantized bf16 GEMM; at 64 rows 530-570 against 260-340). Elsewhere,
+  and on CPUs with AMX, whose bf16 GEMM is several times AVX-512's, many rows read the codes back
+  out of the packed bytes, dequantize and take a GEMM (llava's kernels dequantize in one pass:
+  0.04-0.2 ms a weight against 0.3-1.8). The packed
   layout is the kernel's and depends on the CPU (blocks of 64 output rows on AVX-512, 32 on
   AVX2), so each layer checks at quantization that reading its codes back gives them exactly,
   and keeps the kernel for every row count where it does not.
@@ -53,7 +57,11 @@ from torch import nn
 from llava.model import cpu_kernels, onednn
 
 INT4_GROUP = 32
-FEW_ROWS = 16  # up to this many rows use the packed matrix-vector kernels; more rows dequantize
+FEW_ROWS = 16  # up to this many rows use ATen's packed matrix-vector kernels; more rows dequantize
+# Up to this many rows int8-weight takes llava's kernel where it runs. Zen 5 EPYC, bench-200m's layers,
+# kernel against the dequantized bf16 GEMM: 64 rows 0.35-0.82 ms against 0.49-1.17; 128 rows 0.68-1.40
+# against 0.70-1.64; 256 rows 1.42-2.77 against 1.14-9.4.
+NATIVE_INT8_ROWS = 128
 
 
 def _word_order(in_features: int) -> torch.Tensor:
@@ -115,7 +123,8 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > FEW_ROWS:  # the input's columns put in the stored order: cheaper than scattering W's
+        if rows > (NATIVE_INT8_ROWS if self.native else FEW_ROWS):
+            # The input's columns put in the stored order: cheaper than scattering W's.
             compute = _prefill_dtype(x)
             stored = (self.weight.float() * self.scale[:, None]).to(compute)
             out = onednn.linear(self._in_stored_order(x, compute), stored).to(x.dtype)
@@ -179,6 +188,10 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", bias)
         # llava's kernels read the AVX-512 layout, blocks of 64 rows (decided here: the first call may be traced).
         self.native = packed_block == 64 and packed.device.type == "cpu" and cpu_kernels.available()
+        # Rows up to which `few_rows_product` runs (None: all). llava's kernel takes every count but on AMX
+        # (module docstring); ATen's, FEW_ROWS; a layout whose codes cannot be read back, every count.
+        dequantizes = packed_block is not None and (not self.native or onednn.amx())
+        self.kernel_rows = FEW_ROWS if dequantizes else None
 
     @property
     def scales_and_zeros(self) -> torch.Tensor:
@@ -223,7 +236,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= FEW_ROWS or self.packed_block is None:
+        if self.kernel_rows is None or flat.shape[0] <= self.kernel_rows:
             return self.few_rows_product(x)
         compute = _prefill_dtype(x)
         if self.native and compute == torch.bfloat16:  # one pass over the bytes, ~8x `dequantized`'s speed
