@@ -264,6 +264,52 @@ def test_quantized_q_k_v_and_gate_up_run_as_one_layer_each(mode):
         assert error < 0.01, (t, float(error))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_prompt_attention_in_query_chunks_is_one_sdpa(dtype, gqa):
+    """Chunks of queries, each attending to the keys up to its last query (a ragged last chunk, a prompt
+    after cached columns, padding masks): SDPA's result over the whole prompt."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from llava.generate.decoder import QUERY_CHUNK, prompt_attention
+
+    g = torch.Generator().manual_seed(5)
+    length, cached, heads, kv_heads = 2 * QUERY_CHUNK + 37, 11, 4, 2 if gqa else 4
+    q = torch.randn(2, heads, length, 32, generator=g).to(dtype)
+    keys, values = (torch.randn(2, kv_heads, cached + length, 32, generator=g).to(dtype) for _ in range(2))
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    whole = sdpa(q, keys[:, :, :length], values[:, :, :length], is_causal=True, enable_gqa=gqa)
+    chunked = prompt_attention(q, keys[:, :, :length], values[:, :, :length], None, 32 ** -0.5, gqa)
+    torch.testing.assert_close(chunked, whole, **tolerance)
+    visible = torch.ones(2, cached + length, dtype=torch.bool)
+    visible[0, :5] = False  # a left-padded row
+    query_at = torch.arange(cached, cached + length)[:, None]
+    allowed = visible[:, None, None, :] & (torch.arange(cached + length)[None, :] <= query_at)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    whole = sdpa(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+    torch.testing.assert_close(prompt_attention(q, keys, values, mask, 32 ** -0.5, gqa), whole, **tolerance)
+
+
+def test_long_left_padded_prompts_match_transformers():
+    """A prompt longer than a query chunk, prefilled in two parts (the second after cached columns), padded
+    and unpadded: transformers' logits at each part's last position."""
+    lm = _lm("llama-gqa")
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, 97, (2, 300), generator=g)
+    for mask in (torch.ones(2, 300, dtype=torch.long), torch.cat([torch.zeros(2, 30), torch.ones(2, 270)], 1).long()):
+        mask[1] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            reference = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            decoder = LlamaFamilyDecoder(lm)
+            cache = decoder.new_cache(2, 300, ids.device, torch.float32)
+            key_mask = None if bool(mask.all()) else mask
+            first = decoder.forward(decoder.embed(ids[:, :160]), pos[:, :160], key_mask, cache, 0)
+            second = decoder.forward(decoder.embed(ids[:, 160:]), pos[:, 160:], mask, cache, 160)
+        torch.testing.assert_close(first, reference[:, 159], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(second, reference[:, 299], rtol=1e-4, atol=1e-4)
+
+
 def test_unpadded_batch_needs_no_mask():
     lm = _lm("llama-gqa")
     ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(3))
