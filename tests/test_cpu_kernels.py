@@ -117,6 +117,19 @@ def test_int4_prefills_take_the_kernel_row_by_row_without_amx():
     assert float((out - exact).norm() / exact.norm()) < 0.03
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_prefills_scale_the_product_of_the_codes(dtype):
+    """Past the kernel's rows a prefill multiplies the codes (exact in bf16) and scales the product: the
+    exact product of the stored weights but for bf16's rounding of the activations and result."""
+    torch.manual_seed(6)
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(96, 80)).to(dtype)
+    x = torch.randn(3, 100, 96, dtype=dtype)  # 300 rows: past NATIVE_INT8_ROWS
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (3, 100, 80)
+    exact = nn.functional.linear(x.float(), layer.dequantized(torch.float32), layer.bias.float())
+    assert float((out.float() - exact).norm() / exact.norm()) < 0.01
+
+
 @pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear])
 def test_quantized_layers_take_the_kernels_eagerly_and_compiled(kind):
     """Few rows take the kernels: int8-dynamic's gives `_int_mm`'s results exactly, int8-weight's ATen's
