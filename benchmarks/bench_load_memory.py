@@ -147,23 +147,27 @@ def table(rows: list[dict]) -> None:
 
 def preset_sizes(name: str) -> dict[str, int]:
     """Bytes of a preset's loaded model per mode, from a meta build (no memory): fp32, bf16, int8
-    (language-model linears at 1 byte, the rest fp32), 8bit (LLM.int8: the LM's linears but lm_head
-    at 1 byte + a scale per row, the rest bf16) and 4bit (NF4, ~4.13 bits with double quantization,
-    for the same linears; the rest bf16)."""
+    (language-model linears at 1 byte, the tower in bf16 where the CPU has bf16 instructions
+    (`llava.model.quantize.vision_tower_dtype`), the rest fp32), 8bit (LLM.int8: the LM's linears but
+    lm_head at 1 byte + a scale per row, the rest bf16) and 4bit (NF4, ~4.13 bits with double
+    quantization, for the same linears; the rest bf16)."""
     import torch
     from torch import nn
 
     from llava.config import preset
     from llava.model.llava import LlavaModel
+    from llava.model.quantize import vision_tower_dtype
 
     with torch.device("meta"):
         model = LlavaModel(preset(name))
     total = sum(p.numel() for p in model.parameters())
+    tower = sum(p.numel() for p in model.vision_tower.parameters())
     linears = {n: m for n, m in model.language_model.named_modules() if isinstance(m, nn.Linear)}
     lm_head = linears.pop("lm_head").weight.numel()
     body = sum(m.weight.numel() for m in linears.values())
     rows = sum(m.out_features for m in linears.values())
-    int8 = 4 * (total - body - lm_head) + body + lm_head
+    tower_bytes = vision_tower_dtype("int8", torch.float32, torch.device("cpu")).itemsize
+    int8 = 4 * (total - body - lm_head - tower) + tower_bytes * tower + body + lm_head
     bnb8 = 2 * (total - body) + body + 4 * rows
     nf4 = 2 * (total - body) + body * 4.13 / 8
     return {"fp32": 4 * total, "bf16": 2 * total, "int8": int(int8), "8bit": int(bnb8), "4bit": int(nf4)}
