@@ -55,6 +55,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from llava.device import return_freed_memory
 from llava.model import cpu_kernels, onednn
 
 INT4_GROUP = 32
@@ -335,6 +336,8 @@ def share_rows(parts: Sequence[nn.Module], name: str) -> torch.Tensor | None:
     for part, buffer in zip(parts, buffers):
         setattr(part, name, whole[start:start + buffer.shape[0]])
         start += buffer.shape[0]
+    del buffer, buffers
+    return_freed_memory()  # the parts' old copies, just freed
     return whole
 
 
