@@ -1,7 +1,8 @@
 """Which device and dtype to run on: the best available by default, an explicit choice checked.
 
 Checked up front (before any weights load) so `--device cuda` on a machine without CUDA is one
-clear error, not an assertion deep inside torch after a long load.
+clear error, not an assertion deep inside torch after a long load. And the host's memory: freed
+heap pages given back after steps that free large tensors (`return_freed_memory`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Loading materialises each weight once: a fresh process's peak memory while it loads a checkpoint
 of a few hundred MB stays near the size of the model it gets (not checkpoint + model, nor an fp32
-copy before quantizing). Outputs are unchanged: test_checkpoints, test_quantize and test_hf_export
-compare loaded models against the models saved and against transformers.
+copy before quantizing), and an engine's first prefill, which fuses an int8 model's q/k/v and
+gate/up into new buffers, leaves the resident size where it was. Outputs are unchanged:
+test_checkpoints, test_quantize and test_hf_export compare loaded models against the models saved
+and against transformers.
 
 Peak memory is Linux's VmHWM, reset after the imports (so torch and transformers are not counted);
 a memory bound, not a time bound.
