@@ -350,12 +350,10 @@ class LlamaFamilyDecoder:
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         if keys.dtype != x.dtype:  # a cache kept in another dtype (Engine's kv_cache_dtype)
             keys, values = keys.to(x.dtype), values.to(x.dtype)
-        if length == 1 and group > 1:
+        if length == 1:
             # One query per row: fold the heads that share a KV head into the query axis (no repeat).
             out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), keys, values,
                                                  attn_mask=mask, scale=self.scale)
-        elif length == 1:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         else:
             out = prompt_attention(q, keys, values, mask, self.scale, gqa=group > 1)
         return _linear(layer.o, out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, -1))
