@@ -128,10 +128,9 @@ def _fill(model: LlavaModel, state: keys.StateDict, dtype_of: Callable[[str], to
         owner.load_state_dict({leaf: as_tensor(state.pop(key), dtype_of(key), device)}, strict=False, assign=True)
         filled = type(owner) is nn.Linear and not any(p.is_meta for p in owner.parameters())
         del owner  # a replaced linear's full-precision weight is freed at once, not an iteration later
-        if quantize_linear is not None:
-            if filled:
-                _quantize_filled(model, owner_name, quantize_linear)
-            # A replaced linear's weight, the quantizer's temporaries, a converted read's (int8 1B: 1.71 -> 1.63 GiB)
+        if filled and quantize_linear is not None:
+            _quantize_filled(model, owner_name, quantize_linear)
+        elif quantize_linear is not None:  # a converted read's temporaries too (int8 1B: peak 1.71 -> 1.63 GiB)
             return_freed_memory()
 
 
@@ -140,6 +139,7 @@ def _quantize_filled(model: LlavaModel, name: str, quantize_linear: QuantizeLine
     if replacement is not None:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
+        return_freed_memory()
 
 
 def _shared_parameters(model: nn.Module) -> list[list[str]]:
