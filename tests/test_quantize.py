@@ -15,6 +15,7 @@ from llava.generate import Engine, Request, SamplingParams
 from llava.model import quantize
 from llava.model.onednn import native_bf16
 from llava.model.quantize import CPU_KERNELS, quantize_language_model, vision_tower_dtype
+from llava.model.woq import WEIGHT_ONLY
 
 # Worst-position cosine similarity of last-layer logits to fp32 on the tiny model. Measured
 # 2026-11: bnb-8bit 0.99995, bnb-4bit 0.9906 (NF4 is coarser by design); 2026-12: int8-dynamic
@@ -194,20 +195,28 @@ def test_only_an_fp32_cpu_tower_under_llavas_modes_changes_dtype(monkeypatch):
     assert vision_tower_dtype("int4", torch.float32, torch.device("cpu")) == torch.float32
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_a_quantizing_load_makes_the_model_a_load_then_quantize_makes(tiny, tmp_path, mode):
-    """Each linear quantized as it arrives and the tower read straight into its dtype: the same layers,
-    tower and logits as quantizing the loaded fp32 model."""
+@pytest.mark.parametrize("mode, stored", [("int4", torch.float32), ("int8", torch.float32), ("int8", torch.float16),
+                                          ("int4", torch.bfloat16), ("int8-weight", torch.float16)])
+def test_a_quantizing_load_makes_the_model_a_load_then_quantize_makes(tiny, tmp_path, monkeypatch, mode, stored):
+    """Each linear quantized as it arrives (from a 16-bit file, read in its own precision) and the tower
+    read straight into its dtype: the same layers, dtypes, tower and logits as quantizing the loaded
+    fp32 model, linears the mode keeps included (int4 here keeps the MLP's down projections)."""
     from llava.checkpoint import load_checkpoint, save_checkpoint
     from llava.checkpoint.build import image_processor_for
 
     model, tok, req = tiny
-    save_checkpoint(copy.deepcopy(model), copy.deepcopy(tok), image_processor_for(model.config), tmp_path, layout="hf")
+    wide = model.config.text_config.intermediate_size
+    int4 = WEIGHT_ONLY["int4-weight"]
+    monkeypatch.setattr(int4, "fits", staticmethod(lambda linear, fits=int4.fits: fits(linear)
+                                                   and linear.in_features != wide))
+    save_checkpoint(copy.deepcopy(model).to(stored), copy.deepcopy(tok), image_processor_for(model.config), tmp_path,
+                    layout="hf")
     streamed = load_checkpoint(tmp_path, dtype="fp32", quantize=mode).model
     after = quantize_language_model(load_checkpoint(tmp_path, dtype="fp32").model, quantize.ALIASES[mode])
     assert streamed.vision_tower.dtype == after.vision_tower.dtype
     assert streamed.state_dict().keys() == after.state_dict().keys()
     for key, value in after.state_dict().items():
+        assert streamed.state_dict()[key].dtype == value.dtype, key
         assert torch.equal(streamed.state_dict()[key], value), key
     pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

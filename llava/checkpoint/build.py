@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -47,8 +47,15 @@ def _quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-# A linear of the model, by its name, just filled -> its replacement (a quantized layer), or None to keep it.
-QuantizeLinear = Callable[[LlavaModel, str, nn.Linear], "nn.Module | None"]
+class QuantizeLinear(Protocol):
+    """A linear of the model, by its name, just filled -> its replacement (a quantized layer), or None
+    to keep it (`llava.model.quantize.LinearQuantizer`)."""
+
+    def __call__(self, model: LlavaModel, name: str, linear: nn.Linear) -> nn.Module | None: ...
+
+    def reads_stored(self, name: str) -> bool:
+        """Whether the replacement is the same from linear `name`'s weight in any float precision."""
+        ...
 
 
 def expected_shapes(config: LlavaConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -121,25 +128,36 @@ def _fill(model: LlavaModel, state: keys.StateDict, dtype_of: Callable[[str], to
           quantize_linear: QuantizeLinear | None) -> None:
     """Read each weight into its parameter, in `dtype_of(name)` on `device`, one at a time (`state` is emptied
     as it goes, so nothing holds a read tensor but the model); a linear whose weights are all in
-    may be swapped at once by `quantize_linear` (a tied one is not: it waits on meta for `_retie`)."""
+    may be swapped at once by `quantize_linear` (a tied one is not: it waits on meta for `_retie`).
+    A weight it takes in any precision is read in the file's where that is narrower, and widened
+    only if its linear is kept."""
     for key in list(state):
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name)
-        owner.load_state_dict({leaf: as_tensor(state.pop(key), dtype_of(key), device)}, strict=False, assign=True)
+        stored, dtype = state.pop(key), dtype_of(key)
+        if (quantize_linear is not None and type(owner) is nn.Linear and quantize_linear.reads_stored(owner_name)
+                and stored.is_floating_point() and stored.dtype.itemsize < dtype.itemsize):
+            dtype = stored.dtype
+        owner.load_state_dict({leaf: as_tensor(stored, dtype, device)}, strict=False, assign=True)
+        del stored
         filled = type(owner) is nn.Linear and not any(p.is_meta for p in owner.parameters())
         del owner  # a replaced linear's full-precision weight is freed at once, not an iteration later
         if filled and quantize_linear is not None:
-            _quantize_filled(model, owner_name, quantize_linear)
+            _quantize_filled(model, owner_name, quantize_linear, dtype_of(key))
         elif quantize_linear is not None:  # a converted read's temporaries too (int8 1B: peak 1.71 -> 1.63 GiB)
             return_freed_memory()
 
 
-def _quantize_filled(model: LlavaModel, name: str, quantize_linear: QuantizeLinear) -> None:
-    replacement = quantize_linear(model, name, model.get_submodule(name))
-    if replacement is not None:
+def _quantize_filled(model: LlavaModel, name: str, quantize_linear: QuantizeLinear, dtype: torch.dtype) -> None:
+    linear = model.get_submodule(name)
+    replacement = quantize_linear(model, name, linear)
+    if replacement is None:
+        linear.to(dtype)  # kept: a weight read in the file's narrower precision takes the model's
+    else:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
-        return_freed_memory()
+    del linear, replacement
+    return_freed_memory()
 
 
 def _shared_parameters(model: nn.Module) -> list[list[str]]:

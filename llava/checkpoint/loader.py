@@ -146,7 +146,7 @@ def _read_layout(folder: str, layout: str, model_base: str | None,
 def _load(folder: str, name: str, model_base: str | None, vision_tower: str | None,
           device: str | torch.device | None, dtype: torch.dtype | str | None,
           quantize: str | None = None) -> LoadedCheckpoint:
-    from llava.model.quantize import (check_mode, linear_quantizer, quantize_language_model, quantized_layers,
+    from llava.model.quantize import (LinearQuantizer, check_mode, quantize_language_model, quantized_layers,
                                       vision_tower_dtype)
 
     layout = detect_layout(folder)
@@ -161,7 +161,7 @@ def _load(folder: str, name: str, model_base: str | None, vision_tower: str | No
         add_special_tokens(tokenizer, _original_tokens(config))
     grows = len(tokenizer) > config.text_config.vocab_size
     # A LoRA's deltas merge into full-precision weights: its model is quantized whole, once merged.
-    streaming = linear_quantizer(mode, target, chosen, keep_output=grows) \
+    streaming = LinearQuantizer(mode, target, chosen, keep_output=grows) \
         if mode and layout != "original-lora" else None
     model = build_model(config, state, chosen, tower_source=vision_tower or config.vision_tower_name,
                         device=target, quantize_linear=streaming,

@@ -22,7 +22,7 @@ Modes:
 - "bnb-4bit": bitsandbytes NF4 with double quantization (`Linear4bit`), QLoRA's format.
   Both bnb modes keep lm_head unquantized, as transformers' bitsandbytes integration does.
 
-The checkpoint loader quantizes while it reads (`linear_quantizer`: each linear as soon as its
+The checkpoint loader quantizes while it reads (`LinearQuantizer`: each linear as soon as its
 weights are in), then calls `quantize_language_model` for what is left (lm_head, after any
 vocabulary resize); the layers are the ones a load-then-quantize makes, identical outputs.
 """
@@ -30,7 +30,6 @@ vocabulary resize); the layers are the ones a load-then-quantize makes, identica
 from __future__ import annotations
 
 import sys
-from typing import Callable
 
 import torch
 from torch import nn
@@ -89,8 +88,7 @@ def check_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
-def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_output: bool = False
-                     ) -> Callable[[LlavaModel, str, nn.Linear], nn.Module | None]:
+class LinearQuantizer:
     """For a loader: `(model, name, linear) ->` the quantized layer that replaces one just-filled
     language-model linear (None: keep it), so the full-precision model never exists at once.
 
@@ -98,21 +96,30 @@ def linear_quantizer(mode: str, device: torch.device, dtype: torch.dtype, keep_o
     the model is complete, for a loader that resizes the vocabulary first. `dtype` is the model's
     dtype (bnb-4bit's compute dtype, as `quantize_language_model` takes it).
     """
-    mode = check_mode(mode, device)
-    bnb = _import_bnb() if mode.startswith("bnb") else None
 
-    def quantize(model: LlavaModel, name: str, linear: nn.Linear) -> nn.Module | None:
+    def __init__(self, mode: str, device: torch.device, dtype: torch.dtype, keep_output: bool = False) -> None:
+        self.mode = check_mode(mode, device)
+        self.device, self.dtype, self.keep_output = device, dtype, keep_output
+        self._bnb = _import_bnb() if self.mode.startswith("bnb") else None
+
+    def __call__(self, model: LlavaModel, name: str, linear: nn.Linear) -> nn.Module | None:
         if not name.startswith("language_model."):
             return None
-        if keep_output and linear is model.language_model.get_output_embeddings():
+        if self.keep_output and linear is model.language_model.get_output_embeddings():
             return None
-        if mode in CPU_KERNELS:
-            return CPU_KERNELS[mode].from_linear(linear) if CPU_KERNELS[mode].fits(linear) else None
+        if self.mode in CPU_KERNELS:
+            kind = CPU_KERNELS[self.mode]
+            return kind.from_linear(linear) if kind.fits(linear) else None
         if name.split(".")[-1] in SKIP_BNB:
             return None
-        return _bnb_linear(bnb, linear, 8 if mode == "bnb-8bit" else 4, dtype).to(device)  # .to() quantizes
+        return _bnb_linear(self._bnb, linear, 8 if self.mode == "bnb-8bit" else 4, self.dtype).to(self.device)
 
-    return quantize
+    def reads_stored(self, name: str) -> bool:
+        """Whether linear `name`'s weight may be read in its file's precision where that is narrower
+        than the model's. Our CPU modes widen each row to fp32 before quantizing, so their layer is
+        the same either way, and an fp16 lm_head read for an fp32 int8 model is then a load's largest
+        temporary at half the size; bitsandbytes quantizes what it is given, so it reads the model's."""
+        return self.mode in CPU_KERNELS and name.startswith("language_model.")
 
 
 def quantized_layers(module: nn.Module) -> list[nn.Module]:
