@@ -20,7 +20,8 @@ from llava.generate.compiled import AMX, gemv
 from llava.model import cpu_kernels
 from llava.model.int8_dynamic import Int8DynamicLinear, PackedInt8DynamicLinear, exact_unsigned_product
 from llava.model.quantize import quantize_language_model, quantized_layers
-from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
+from llava.model.int4_weight import Int4WeightOnlyLinear
+from llava.model.woq import Int8WeightOnlyLinear, fuse_outputs
 
 # Relative error of one layer's output against fp32 (nn.Linear's uniform init). Measured 2026-12:
 # int8 0.004-0.006 (eager kernel, bf16 activations; compiled form fp32), int4 (groups of 32) 0.06.
@@ -54,11 +55,12 @@ def test_weight_only_linears_stay_close_to_the_linear_they_replace(kind, dtype):
 
 
 def test_int4_prefill_reads_the_kernels_own_weights_back():
-    """Many rows dequantize the codes read out of the kernel's packed bytes: the same weights the
-    kernel multiplies by (its product with the identity), on every CPU whose layout is known."""
+    """In ATen's int4pack layout many rows dequantize the codes read out of the kernel's packed bytes:
+    the same weights the kernel multiplies by (its product with the identity), on every CPU whose
+    layout is known."""
     torch.manual_seed(4)
     linear = nn.Linear(256, 128)
-    layer = Int4WeightOnlyLinear.from_linear(linear)
+    layer = Int4WeightOnlyLinear.from_linear(linear, row_blocks=False)
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert layer.packed_block in (32, 64)
     if layer.packed_block is None:
@@ -118,17 +120,47 @@ def test_weight_only_modes_need_the_cpu(tiny):
         quantize_language_model(copy.deepcopy(model).to("meta"), "int8-weight")
 
 
-@pytest.mark.parametrize("kind", [Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+def test_int4_layouts_hold_the_same_weights():
+    """llava's row-block layout and ATen's int4pack hold the same codes and (scale, zero) pairs, so
+    either dequantizes to the same weights; the row blocks' pairs are read in place."""
+    torch.manual_seed(7)
+    linear = nn.Linear(96, 80)
+    rows, aten = (Int4WeightOnlyLinear.from_linear(linear, row_blocks=layout) for layout in (True, False))
+    assert rows.row_blocks and rows.packed.shape == (5, 3, 320) and rows.kernel_rows is None
+    assert torch.equal(rows.scales_and_zeros, aten.scales_and_zeros)
+    grouped = linear.weight.detach().view(80, 3, 32)
+    low, high = grouped.amin(-1), grouped.amax(-1)  # codes 0 and 15 are each group's extremes
+    codes = rows.codes().view(80, 3, 32)
+    assert torch.equal(codes.amin(-1), torch.zeros_like(low, dtype=torch.uint8)) and (codes.amax(-1) == 15).all()
+    torch.testing.assert_close(rows.dequantized(torch.float32), linear.weight.detach(), rtol=0, atol=float(
+        ((high - low) / 15).max()) * 0.51 + 0.01)
+    if aten.packed_block is not None:
+        assert torch.equal(rows.codes(), aten.codes())
+        assert torch.equal(rows.dequantized(torch.float32), aten.dequantized(torch.float32))
+
+
+def _int4_in(row_blocks: bool):
+    return lambda linear: Int4WeightOnlyLinear.from_linear(linear, row_blocks=row_blocks)
+
+
+@pytest.mark.parametrize("kind", [Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear, "int4pack"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_quantized_layers_compute_their_parts_side_by_side(kind, bias):
     """q/k/v (or gate/up) as one layer: its output is the parts' outputs concatenated, and the
-    parts, now views of its buffers, compute what they computed before, to the bit."""
+    parts, now views of its buffers, compute what they computed before, to the bit (int4 in either
+    layout, though row blocks are ATen-free only where llava's kernel runs)."""
     torch.manual_seed(5)
-    parts = [kind.from_linear(nn.Linear(128, out, bias=bias)) for out in (128, 64, 64)]
+    make = kind.from_linear if kind != "int4pack" else _int4_in(row_blocks=False)
+    if kind is Int4WeightOnlyLinear:
+        if not Int4WeightOnlyLinear.row_blocks_here():
+            pytest.skip("llava's int4 kernel does not run here (or the CPU has AMX)")
+        make = _int4_in(row_blocks=True)
+    kind = Int4WeightOnlyLinear if kind == "int4pack" else kind
+    parts = [make(nn.Linear(128, out, bias=bias)) for out in (128, 64, 64)]
     inputs = [torch.randn(rows, 128) for rows in (1, 3, 40)]
     before = [[p(x) for p in parts] for x in inputs]
     fused = fuse_outputs(parts)
-    if kind is Int4WeightOnlyLinear and parts[0].packed_block is None:
+    if kind is Int4WeightOnlyLinear and not parts[0].row_blocks and parts[0].packed_block is None:
         assert fused is None  # a packing this CPU's layout reader does not know: left unfused
         return
     assert fused.out_features == 256

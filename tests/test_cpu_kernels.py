@@ -15,7 +15,8 @@ from torch import nn
 from llava.generate.compiled import attend_one_row
 from llava.model import cpu_kernels, onednn
 from llava.model.int8_dynamic import Int8DynamicLinear
-from llava.model.woq import FEW_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear, fuse_outputs
+from llava.model.int4_weight import Int4WeightOnlyLinear
+from llava.model.woq import FEW_ROWS, Int8WeightOnlyLinear, fuse_outputs
 
 CAN_BUILD = (torch.cpu._is_avx512_bf16_supported() and torch.cpu._is_vnni_supported()
              and shutil.which(os.environ.get("CXX", "c++")) is not None)
@@ -61,18 +62,19 @@ def _activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16])
-@pytest.mark.parametrize("in_features, out_features", [(32, 64), (64, 192), (768, 128)])
+@pytest.mark.parametrize("in_features, out_features", [(32, 64), (64, 192), (768, 128), (64, 80), (96, 48)])
 def test_int4_weight_kernel_is_the_product_of_the_weights_it_packs(rows, in_features, out_features):
-    """The int4 kernel reads ATen's packed layout, and the activations as int8 codes per group of 32
-    (llama.cpp's q8_0): per group, scale * x_scale * sum(code * q) + (zero - 8 * scale) * sum(x), to
-    fp32's rounding. The codes cost ~1% of the output against bf16 activations (the 4-bit weights ~8%)."""
+    """The int4 kernel reads llava's row-block layout (tiles of 4 blocks of 16 rows, and the 1-3 blocks
+    left), and the activations as int8 codes per group of 32 (llama.cpp's q8_0): per group, scale *
+    x_scale * sum(code * q) + (zero - 8 * scale) * sum(x), to fp32's rounding. The codes cost ~1% of
+    the output against bf16 activations (the 4-bit weights ~8%)."""
     _needs_kernel()
     torch.manual_seed(rows * 1000 + in_features + out_features)
-    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(in_features, out_features, bias=False))
-    assert layer.packed_block == 64 and layer.native
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(in_features, out_features, bias=False), row_blocks=True)
+    assert layer.row_blocks and layer.native and layer.kernel_rows is None
     x = torch.randn(rows, in_features).bfloat16()
     x[0, 32:64] = 0  # an all-zero group (where there are two): codes 0, scale 0
-    out = torch.ops.llava_cpu.int4_weight_mm(x, layer.packed, layer.scales_and_zeros, layer.packed_block)
+    out = torch.ops.llava_cpu.int4_weight_mm(x, layer.packed)
     codes, x_scale, x_sums = _activation_codes(x)
     weight = layer.dequantized(torch.float32).double().view(out_features, -1, 32)  # [N, G, 32]
     scale, zero = layer.scales_and_zeros.double().unbind(-1)  # [G, N] each
@@ -91,25 +93,26 @@ def test_int4_prefills_dequantize_in_one_pass_to_the_same_weights():
     rounded once to bf16), the weights `dequantized` reads back from the packed bytes."""
     _needs_kernel()
     torch.manual_seed(3)
-    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(96, 192))
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(96, 192), row_blocks=False)  # ATen's layout, as on AMX
+    assert layer.packed_block == 64 and layer.kernel_rows == FEW_ROWS
     transposed = torch.ops.llava_cpu.int4_dequantize_t(layer.packed, layer.scales_and_zeros, layer.packed_block)
     assert transposed.dtype == torch.bfloat16 and transposed.shape == (96, 192)
     exact = layer.dequantized(torch.float32)
     assert ((transposed.t().float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
     x = torch.randn(2, 20, 96)  # 40 rows: more than FEW_ROWS
     expected = nn.functional.linear(x.bfloat16().float(), transposed.t().float(), layer.bias)
-    layer.kernel_rows = FEW_ROWS  # as on a CPU with AMX
     torch.testing.assert_close(layer(x), expected, rtol=0.01, atol=0.01)
 
 
 def test_int4_prefills_take_the_kernel_row_by_row_without_amx():
-    """Without AMX a prefill's rows go through the VNNI kernel as a decode step's do, each row the
-    same as alone (its activation codes are per row), so a prompt's keys do not depend on its length."""
+    """Without AMX layers take llava's layout, and a prefill's rows go through the VNNI kernel as a
+    decode step's do, each row the same as alone (its activation codes are per row), so a prompt's
+    keys do not depend on its length. With AMX they keep ATen's, for Inductor's GEMM templates."""
     _needs_kernel()
     torch.manual_seed(4)
-    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(128, 64))
-    assert layer.kernel_rows == (FEW_ROWS if onednn.amx() else None)
-    layer.kernel_rows = None
+    linear = nn.Linear(128, 64)
+    assert Int4WeightOnlyLinear.from_linear(linear).row_blocks == (not onednn.amx())
+    layer = Int4WeightOnlyLinear.from_linear(linear, row_blocks=True)
     x = torch.randn(3, 30, 128)
     out = layer(x)
     assert torch.equal(out, torch.cat([layer(row) for row in x.reshape(-1, 1, 128)]).reshape(3, 30, 64))
@@ -137,7 +140,8 @@ def test_quantized_layers_take_the_kernels_eagerly_and_compiled(kind):
     give their parts' outputs exactly; torch.compile keeps the ops whole."""
     _needs_kernel()
     torch.manual_seed(0)
-    parts = [kind.from_linear(nn.Linear(256, n)) for n in (128, 64, 64)]
+    linears = [nn.Linear(256, n) for n in (128, 64, 64)]
+    parts = [kind.from_linear(linear) for linear in linears]
     layer = parts[0]
     assert layer.native
     x = torch.randn(8, 256)
@@ -150,7 +154,8 @@ def test_quantized_layers_take_the_kernels_eagerly_and_compiled(kind):
         torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
     else:  # int4 takes the activations as int8 codes (test_int4_weight_kernel_is_the_product_of_the_weights_it_packs)
         exact = nn.functional.linear(x.bfloat16().float(), layer.dequantized(torch.float32), layer.bias)
-        for reference in (exact, layer.kernel_product(x)):
+        aten = kind.from_linear(linears[0], row_blocks=False)  # the same codes, in ATen's layout
+        for reference in (exact, aten.kernel_product(x)):
             assert float((out - reference).norm() / reference.norm()) < 0.03
     fused = fuse_outputs(parts)
     assert fused.native and torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
@@ -184,7 +189,8 @@ import logging, torch
 logging.basicConfig(level=logging.WARNING)
 from llava.model import cpu_kernels, onednn
 from llava.model.int8_dynamic import Int8DynamicLinear
-from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from llava.model.int4_weight import Int4WeightOnlyLinear
+from llava.model.woq import Int8WeightOnlyLinear
 torch.manual_seed(0)
 x = torch.randn(4, 64)
 from llava.model.int8_dynamic import Int8DynamicLinear

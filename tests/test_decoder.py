@@ -231,7 +231,7 @@ def test_quantized_q_k_v_and_gate_up_run_as_one_layer_each(mode):
     prefill (many rows: the dequantizing path) and decode steps give the logits of transformers'
     forward, which runs the same quantized parts one by one; the parts keep working."""
     from llava.model.int8_dynamic import Int8DynamicLinear
-    from llava.model.woq import WEIGHT_ONLY
+    from llava.model.quantize import WEIGHT_ONLY
 
     kind = Int8DynamicLinear if mode == "int8-dynamic" else WEIGHT_ONLY[mode]
     torch.manual_seed(0)

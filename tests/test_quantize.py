@@ -15,7 +15,7 @@ from llava.generate import Engine, Request, SamplingParams
 from llava.model import quantize
 from llava.model.onednn import native_bf16
 from llava.model.quantize import CPU_KERNELS, quantize_language_model, vision_tower_dtype
-from llava.model.woq import WEIGHT_ONLY
+from llava.model.quantize import WEIGHT_ONLY
 
 # Worst-position cosine similarity of last-layer logits to fp32 on the tiny model. Measured
 # 2026-11: bnb-8bit 0.99995, bnb-4bit 0.9906 (NF4 is coarser by design); 2026-12: int8-dynamic
@@ -139,7 +139,8 @@ def test_layers_that_do_not_pack_themselves_are_left_alone():
     """Only plain linears and layers with `packed_weight()` get copies; the weight-only layers (an
     int4 one has no `weight` at all) stay as they are."""
     from llava.model.onednn import WeightPacker
-    from llava.model.woq import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from llava.model.int4_weight import Int4WeightOnlyLinear
+    from llava.model.woq import Int8WeightOnlyLinear
 
     packer = WeightPacker()
     for kind in (Int4WeightOnlyLinear, Int8WeightOnlyLinear):

@@ -59,7 +59,7 @@ from llava.generate.decoder import (
 )
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.onednn import PackedLinear, amx, compiled_linear, onednn_dtypes, side_by_side
-from llava.model.woq import WEIGHT_ONLY
+from llava.model.quantize import WEIGHT_ONLY
 
 ONEDNN_DTYPES = onednn_dtypes()  # read once, outside any graph (Dynamo cannot trace the check)
 AMX = amx()  # where Inductor's int8/bf16 GEMM templates have AMX micro-kernels

@@ -184,22 +184,29 @@ at::Tensor int8_codes_mm(const at::Tensor& codes, const at::Tensor& weight, cons
   return int8_rows_mm(CodeRows{ws.data_ptr<int32_t>()}, codes.contiguous(), weight.contiguous());
 }
 
-// int4: ATen's CPU int4pack layout (`_convert_weight_to_int4pack_for_cpu`): per block of `block` output
-// rows (64 on AVX-512) and per input column k, block / 2 bytes whose low nibbles are the block's first
-// half of rows and high nibbles the rest; bf16 (scale, zero) pairs [K / 32, N, 2], the weight being
-// (code - 8) * scale + zero = code * scale + (zero - 8 * scale).
+// int4 weights, asymmetric in groups of 32 inputs: w = (code - 8) * scale + zero = code * scale + (zero -
+// 8 * scale), codes 0..15, bf16 (scale, zero) pairs.
 //
 // The activations are taken as int8 codes per group of 32 columns (llama.cpp's q8_0 beside its q4_0):
 // x ~= x_scale * q, x_scale = max |x| / 127 over the group, q = round(x / x_scale). Then vpdpbusd (VNNI)
 // multiplies 4 codes of a weight row by 4 activation codes at once, 64 products an instruction against
 // vdpbf16ps's 32 beside bf16 activations, and the unsigned weight codes need no widening: per group,
 // sum_k w x = scale * x_scale * sum_k code q + (zero - 8 * scale) * sum_k x, the last sum taken over the
-// exact activations. The lanes run over 16 consecutive output rows, each lane's dword holding the codes of
-// 4 consecutive columns, gathered from ATen's column-major bytes by two permutations (`int4_quads`).
-// bench-200m's shapes, weights streamed from memory as a decode step reads them: see cpu_kernels.py.
+// exact activations.
+//
+// llava's row-block layout (`int4_weight_mm`), one stream a block of 16 output rows: per group of 32
+// inputs, four 64-byte vectors of codes, then the 16 rows' (scale, zero) pairs (64 bytes), 320 bytes in
+// all, so [N / 16, K / 32, 320] uint8. In vector c, dword r holds row r's codes of columns 8c..8c+7: byte
+// j the code of column 8c + j in its low nibble and of column 8c + 4 + j in its high one. One vpand and
+// one shift give two vectors of 16 rows x 4 columns, each ready for vpdpbusd: no permutation (ATen's
+// int4pack layout, column-major in blocks of 64 rows, took two per 4 columns), and the hardware
+// prefetcher follows one stream rather than two (ATen keeps the scales [K / 32, N, 2]). bench-200m's and
+// bench-1b's layers read from memory as a decode step reads them, Zen 5 EPYC: one row 39-42 GB/s against
+// 33-36 from the int4pack bytes, 8 rows 26-30 against 26-29, 512 rows 10% faster.
 constexpr int kGroup = 32;
-constexpr int kBlock = 64;  // output rows per packed block: ATen's layout on AVX-512 CPUs
-constexpr int kInt4Ahead = 6;  // groups ahead that `int4_rows` prefetches: 2-32 tried, 4-8 best (see its loop)
+constexpr int kGroupBytes = 320;  // a group of a 16-row block: 4 x 64 bytes of codes, 16 (scale, zero) pairs
+constexpr int kBlocks = 4;        // 16-row blocks a tile: 64 output rows, up to 4 x 4 accumulators
+constexpr int kInt4Ahead = 4;     // groups ahead that `int4_tile` prefetches: 2, 4 and 8 tried, 2-4 best
 
 // Each row's activations as codes per group (q8_0): codes [M, K] int8, per group x_scale and sum_k x.
 struct ActivationCodes {
@@ -228,159 +235,122 @@ ActivationCodes activation_codes(const at::BFloat16* x, int64_t M, int64_t K) {
   return a;
 }
 
-// Half h of a 64-row block is bytes 16h..16h+15 of each column: rows 16h + r in the low nibbles, rows
-// 32 + 16h + r in the high ones. Two loads hold columns k..k+3 (k, k + 1 in the first); `int4_quads` puts
-// columns k..k+3 of row r in dword r, in two AVX512-F/BW permutations: the dwords across lanes (lane d
-// taking bytes 4d..4d+3 of each column), then the bytes within each lane (a 4 x 4 transpose).
-struct QuadIndex {
-  __m512i dwords, bytes;
-  explicit QuadIndex(int h) {
-    alignas(64) int32_t d[16];
-    alignas(64) int8_t b[64];
-    for (int lane = 0; lane < 4; ++lane)
-      for (int j = 0; j < 4; ++j) d[4 * lane + j] = 8 * j + 4 * h + lane;  // column j: dwords 8j.. of the pair
-    for (int lane = 0; lane < 4; ++lane)
-      for (int t = 0; t < 4; ++t)
-        for (int j = 0; j < 4; ++j) b[16 * lane + 4 * t + j] = static_cast<int8_t>(4 * j + t);
-    dwords = _mm512_load_si512(d);
-    bytes = _mm512_load_si512(b);
-  }
-};
-
-inline __m512i int4_quads(const uint8_t* columns, const QuadIndex& index) {
-  const __m512i gathered = _mm512_permutex2var_epi32(_mm512_loadu_si512(columns), index.dwords,
-                                                     _mm512_loadu_si512(columns + 64));
-  return _mm512_shuffle_epi8(gathered, index.bytes);
-}
-
-// MB activation rows against one 64-row block, its 4 parts of 16 rows: part 2h + s is half h's low
-// (s = 0) or high (s = 1) nibbles, rows 16h + 32s + r. U sets of int32 sums for alternating column quads
-// keep enough products in flight for one or two rows; the fp32 totals, touched once a group, may spill.
-template <int MB, int U>
-void int4_rows(const ActivationCodes& a, int64_t m0, int64_t K, const uint8_t* block,
-               const at::BFloat16* scales_zeros, int64_t N, int64_t row0, float* out) {
-  static const QuadIndex halves[2] = {QuadIndex(0), QuadIndex(1)};
+// MB activation rows against NB consecutive 16-row blocks. The high nibbles are shifted down, so both
+// halves of a vector add into one int32 sum a row and block (no second set of accumulators: 8 rows ran
+// 10% slower with one); those sums take the group's scales once it is done.
+template <int MB, int NB>
+void int4_tile(const ActivationCodes& a, int64_t m0, int64_t K, const uint8_t* blocks, int64_t N, int64_t row0,
+               float* out) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 eight = _mm512_set1_ps(8.0f);
-  const int64_t groups = K / kGroup;
-  constexpr int kParts = 4;
-  __m512 totals[MB][kParts];
-#pragma GCC unroll 8
+  const int64_t groups = K / kGroup, block_bytes = groups * kGroupBytes;
+  __m512 totals[MB][NB];
+#pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int p = 0; p < kParts; ++p) totals[m][p] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) totals[m][b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i sums[U][MB][kParts];
-#pragma GCC unroll 2
-    for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m)
+    const uint8_t* group = blocks + g * kGroupBytes;
 #pragma GCC unroll 4
-        for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_setzero_si512();
-    // The bytes kInt4Ahead groups on (1 KB a group: 16 cache lines), and their scales, N * 4 bytes a group
-    // apart, where the hardware prefetcher does not follow. bench-1b's 22 layers cycled, against ATen's
-    // kernel interleaved: one row 0.95x without prefetching, 1.0x the bytes alone, 1.2x the scales alone
-    // or both 4-6 groups on (1.1x at 2 or 8, 1.05x at 32); 8 rows 2.1x both 4-8 on, 1.8x the scales alone.
-#pragma GCC unroll 16
-    for (int line = 0; line < kGroup * (kBlock / 2) / 64; ++line) {
-      _mm_prefetch(reinterpret_cast<const char*>(block + (g + kInt4Ahead) * kGroup * (kBlock / 2)) + 64 * line,
-                   _MM_HINT_T0);
-    }
+    for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 5
+      for (int line = 0; line < kGroupBytes / 64; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(group + b * block_bytes + kInt4Ahead * kGroupBytes) + 64 * line,
+                     _MM_HINT_T0);
+    __m512i sums[MB][NB];
 #pragma GCC unroll 4
-    for (int line = 0; line < kBlock * 4 / 64; ++line) {  // and its scales and zeros, in other lines
-      _mm_prefetch(reinterpret_cast<const char*>(scales_zeros + ((g + kInt4Ahead) * N + row0) * 2) + 64 * line,
-                   _MM_HINT_T0);
-    }
-#pragma GCC unroll 8
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 4 * U) {
-#pragma GCC unroll 2
-      for (int u = 0; u < U; ++u) {
-        const uint8_t* columns = block + (k + 4 * u) * (kBlock / 2);
-        const __m512i first = _mm512_loadu_si512(columns), second = _mm512_loadu_si512(columns + 64);
-        __m512i codes[kParts];
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          const __m512i quads = _mm512_shuffle_epi8(
-              _mm512_permutex2var_epi32(first, halves[h].dwords, second), halves[h].bytes);
-          codes[2 * h] = _mm512_and_si512(quads, low_nibbles);
-          codes[2 * h + 1] = _mm512_andnot_si512(low_nibbles, quads);  // 16 * code: 1/16 goes into the scale
-        }
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) {
-          int32_t q;
-          std::memcpy(&q, a.codes.data() + (m0 + m) * K + k + 4 * u, sizeof(q));
-          const __m512i qv = _mm512_set1_epi32(q);
+    for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-          for (int p = 0; p < kParts; ++p) sums[u][m][p] = _mm512_dpbusd_epi32(sums[u][m][p], codes[p], qv);
+      for (int b = 0; b < NB; ++b) sums[m][b] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      __m512i first[NB], second[NB];  // columns 8c..8c+3 and 8c+4..8c+7 of each block's 16 rows
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) {
+        const __m512i codes = _mm512_loadu_si512(group + b * block_bytes + 64 * c);
+        first[b] = _mm512_and_si512(codes, low_nibbles);
+        second[b] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low_nibbles);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        int32_t q[2];
+        std::memcpy(q, a.codes.data() + (m0 + m) * K + g * kGroup + 8 * c, sizeof(q));
+        const __m512i q_first = _mm512_set1_epi32(q[0]), q_second = _mm512_set1_epi32(q[1]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          sums[m][b] = _mm512_dpbusd_epi32(sums[m][b], first[b], q_first);
+          sums[m][b] = _mm512_dpbusd_epi32(sums[m][b], second[b], q_second);
         }
       }
     }
 #pragma GCC unroll 4
-    for (int p = 0; p < kParts; ++p) {
-      const int64_t row = row0 + 16 * (p / 2) + 32 * (p % 2);
-      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + row) * 2);  // 16 (scale, zero)
+    for (int b = 0; b < NB; ++b) {
+      const __m512i pair = _mm512_loadu_si512(group + b * block_bytes + 256);  // 16 (scale, zero)
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
       const __m512 base = _mm512_fnmadd_ps(eight, scale, _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
-      const __m512 code_scale = p % 2 ? _mm512_mul_ps(scale, _mm512_set1_ps(1.0f / 16)) : scale;  // exact
-#pragma GCC unroll 8
+#pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
-        __m512i sum = sums[0][m][p];
-#pragma GCC unroll 2
-        for (int u = 1; u < U; ++u) sum = _mm512_add_epi32(sum, sums[u][m][p]);
         const int64_t i = (m0 + m) * groups + g;
-        const __m512 product = _mm512_mul_ps(code_scale, _mm512_set1_ps(a.scales[i]));
-        totals[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), product, totals[m][p]);
-        totals[m][p] = _mm512_fmadd_ps(base, _mm512_set1_ps(a.sums[i]), totals[m][p]);
+        const __m512 product = _mm512_mul_ps(scale, _mm512_set1_ps(a.scales[i]));
+        totals[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[m][b]), product, totals[m][b]);
+        totals[m][b] = _mm512_fmadd_ps(base, _mm512_set1_ps(a.sums[i]), totals[m][b]);
       }
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
 #pragma GCC unroll 4
-    for (int p = 0; p < kParts; ++p) {
-      _mm512_storeu_ps(out + (m0 + m) * N + row0 + 16 * (p / 2) + 32 * (p % 2), totals[m][p]);
-    }
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(out + (m0 + m) * N + row0 + 16 * b, totals[m][b]);
 }
 
-// Every activation row against one 64-row block: 4 rows at a time (4 x 4 parts of int32 sums fill half
-// the registers; a second pass over the block reads its bytes from the cache), then 2, then 1.
-void int4_block(const ActivationCodes& a, int64_t M, int64_t K, const uint8_t* block,
-                const at::BFloat16* scales_zeros, int64_t N, int64_t row0, float* out) {
+// Every activation row against NB blocks: 4 rows at a time (a second pass reads the blocks from the
+// cache), then the 1-3 left.
+template <int NB>
+void int4_blocks(const ActivationCodes& a, int64_t M, int64_t K, const uint8_t* blocks, int64_t N, int64_t row0,
+                 float* out) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) int4_rows<4, 1>(a, m, K, block, scales_zeros, N, row0, out);
-  if (M - m == 3) int4_rows<3, 1>(a, m, K, block, scales_zeros, N, row0, out);
-  if (M - m == 2) int4_rows<2, 2>(a, m, K, block, scales_zeros, N, row0, out);
-  if (M - m == 1) int4_rows<1, 2>(a, m, K, block, scales_zeros, N, row0, out);
+  for (; m + 4 <= M; m += 4) int4_tile<4, NB>(a, m, K, blocks, N, row0, out);
+  if (M - m == 3) int4_tile<3, NB>(a, m, K, blocks, N, row0, out);
+  if (M - m == 2) int4_tile<2, NB>(a, m, K, blocks, N, row0, out);
+  if (M - m == 1) int4_tile<1, NB>(a, m, K, blocks, N, row0, out);
 }
 
-at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros,
-                          int64_t block) {
+at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_weight_mm: x bf16 [M, K]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales_zeros.scalar_type() == at::kBFloat16 &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(2) == 2,
-              "int4_weight_mm: packed uint8, scales_zeros bf16 [K / 32, N, 2]");
-  TORCH_CHECK(block == kBlock, "int4_weight_mm: blocks of 64 rows (ATen's AVX-512 layout)");
-  const int64_t M = x.size(0), K = x.size(1), N = scales_zeros.size(1);
-  TORCH_CHECK(K % kGroup == 0 && N % kBlock == 0 && scales_zeros.size(0) == K / kGroup &&
-                  packed.numel() * 2 == N * K,
-              "int4_weight_mm: shapes differ");
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales_zeros.device().is_cpu(),
-              "int4_weight_mm: CPU only");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kGroupBytes,
+              "int4_weight_mm: packed uint8 [N / 16, K / 32, 320] (llava's row-block layout)");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16;
+  TORCH_CHECK(packed.size(1) * kGroup == K, "int4_weight_mm: shapes differ");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "int4_weight_mm: CPU only");
   const auto xc = x.contiguous();
   const auto pc = packed.contiguous();
-  const auto sc = scales_zeros.contiguous();
   auto out = at::empty({M, N}, xc.options().dtype(at::kFloat));
-  if (M == 0) return out;
+  if (M == 0 || N == 0) return out;
   const ActivationCodes a = activation_codes(xc.data_ptr<at::BFloat16>(), M, K);
   const auto* pp = pc.data_ptr<uint8_t>();
-  const auto* sp = sc.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<float>();
-  at::parallel_for(0, N / kBlock, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) int4_block(a, M, K, pp + b * K * (kBlock / 2), sp, N, b * kBlock, op);
+  const int64_t blocks = N / 16, block_bytes = K / kGroup * kGroupBytes;
+  at::parallel_for(0, (blocks + kBlocks - 1) / kBlocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kBlocks;
+      const uint8_t* tile = pp + first * block_bytes;
+      switch (std::min<int64_t>(kBlocks, blocks - first)) {
+        case 4: int4_blocks<4>(a, M, K, tile, N, 16 * first, op); break;
+        case 3: int4_blocks<3>(a, M, K, tile, N, 16 * first, op); break;
+        case 2: int4_blocks<2>(a, M, K, tile, N, 16 * first, op); break;
+        default: int4_blocks<1>(a, M, K, tile, N, 16 * first, op); break;
+      }
+    }
   });
   return out;
 }
+
+// ATen's CPU int4pack layout (`_convert_weight_to_int4pack_for_cpu`), which CPUs with AMX keep for
+// Inductor's GEMM templates: per block of 64 output rows (on AVX-512) and per input column k, 32 bytes
+// whose low nibbles are the block's first half of rows and high nibbles the rest; (scale, zero) pairs
+// [K / 32, N, 2].
+constexpr int kBlock = 64;
 
 // The weights themselves, transposed, for a prefill's GEMM (x @ W^T, many rows): bf16 [K, N], the 16 rows
 // of a part being 16 consecutive outputs at each column, so each column of a block is written as 128

@@ -6,18 +6,20 @@ PyTorch's weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pac
 the weights to fp32 and multiply 16 at a time: 115-170 G multiply-adds/s at 8 rows on our 2-core
 AVX-512 EPYC, where its bf16 products reach 440-520. Nothing maintained multiplies bf16 activations
 by int8 or int4 weights at bf16's rate on CPUs without AMX (benchmarks/README.md, session 39, lists
-what was checked). These kernels (`cpu_kernels.cpp`) read the weights in the layouts ATen's kernels
-read, so no second copy is kept, and (bench-200m's shapes, weights streamed from memory as a decode
-step reads them, 8 rows; ATen's kernels in brackets):
+what was checked). These kernels (`cpu_kernels.cpp`) read int8 weights in the layout ATen's kernels
+read, and int4 ones in a layout of their own, one copy either way (bench-200m's shapes, weights
+streamed from memory as a decode step reads them, 8 rows; ATen's kernels in brackets):
 - int8 weights x bf16 activations: widened to bf16, which holds them exactly, and multiplied into
   fp32 by AVX512-BF16's `vdpbf16ps`, each widened tile serving up to 8 rows: 280-315 G/s (115-125).
-- int4 weights (ATen's int4pack bytes) x activations taken as int8 codes per group of 32 columns, as
-  llama.cpp's q4_0 takes q8_0 ones: `vpdpbusd` (VNNI) multiplies 4 codes by 4 at once, twice the
-  products an instruction of bf16's `vdpbf16ps`, and the 4-bit codes need no widening: 350-410 G/s
-  at 8 rows (145-160; widened to bf16, as session 40 had it, 240-300); one row 40-65 GB/s (25-30).
+- int4 weights x activations taken as int8 codes per group of 32 columns, as llama.cpp's q4_0 takes
+  q8_0 ones: `vpdpbusd` (VNNI) multiplies 4 codes by 4 at once, twice the products an instruction of
+  bf16's `vdpbf16ps`, and the 4-bit codes need no widening: 350-410 G/s at 8 rows (145-160; widened
+  to bf16, as session 40 had it, 240-300); one row 40-65 GB/s (25-30). Those figures are from ATen's
+  int4pack bytes; llava's own row-block layout (`llava.model.int4_weight`) needs no permutation to
+  unpack them: one row 14-18% faster again, 8 rows 0-6%.
   The codes cost ~1% of each output against bf16 activations, where the 4-bit weights cost ~8%.
-  Also their one-pass dequantization for a prefill's GEMM (0.04-0.2 ms a bench-200m weight against
-  0.3-1.8 through PyTorch ops), which keeps bf16 activations.
+  Also a one-pass dequantization of ATen's int4pack bytes for a prefill's GEMM where the CPU has AMX
+  (0.04-0.2 ms a bench-200m weight against 0.3-1.8 through PyTorch ops).
 - int8 weights x int8-dynamic's activation codes: `vpdpbusd` (VNNI), exact in int32 like `_int_mm`,
   on the plain weight where oneDNN's fast batch kernel needs a reordered copy.
 - attention of one new query row per head over the KV cache, fp32 or bf16, in fp32 (the compiled
@@ -45,7 +47,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 _LIBRARY = torch.library.Library("llava_cpu", "DEF")  # the ops' schemas; cpu_kernels.cpp registers their CPU code
 _LIBRARY.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 _LIBRARY.define("int8_codes_mm(Tensor codes, Tensor weight, Tensor weight_sums) -> Tensor")
-_LIBRARY.define("int4_weight_mm(Tensor x, Tensor packed, Tensor scales_zeros, int block) -> Tensor")
+_LIBRARY.define("int4_weight_mm(Tensor x, Tensor packed) -> Tensor")
 _LIBRARY.define("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int block) -> Tensor")
 _LIBRARY.define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor")
 
@@ -66,9 +68,8 @@ def _int8_codes_mm_shape(codes: torch.Tensor, weight: torch.Tensor, weight_sums:
 
 
 @torch.library.register_fake("llava_cpu::int4_weight_mm")
-def _int4_weight_mm_shape(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, block: int
-                          ) -> torch.Tensor:
-    return x.new_empty(x.shape[0], scales_zeros.shape[1], dtype=torch.float32)
+def _int4_weight_mm_shape(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0] * 16, dtype=torch.float32)
 
 
 @torch.library.register_fake("llava_cpu::int4_dequantize_t")
@@ -89,10 +90,11 @@ def available() -> bool:
     fp32 [N] -> fp32 [M, N]. `int8_codes_mm(codes, weight, weight_sums)`: int8-dynamic's activation
     codes + 128 as uint8 [M, K], weight int8 [N, K] and its rows' int32 sums [N] -> the exact
     (codes - 128) @ weight.T, int32 [M, N].
-    `int4_weight_mm(x, packed, scales_zeros, block)`: x bf16 [M, K] (taken as int8 codes per group of
-    32), ATen's CPU int4pack bytes in blocks of `block` output rows, bf16 (scale, zero) [K / 32, N, 2]
-    -> fp32 [M, N]. `int4_dequantize_t(packed, scales_zeros, block)`: those weights, transposed, bf16
-    [K, N] (for a prefill's GEMM). `decode_attention(q, keys, values, mask, scale)`: q fp32 [B,
+    `int4_weight_mm(x, packed)`: x bf16 [M, K] (taken as int8 codes per group of 32), 4-bit weights
+    in llava's row-block layout, uint8 [N / 16, K / 32, 320] (`llava.model.int4_weight`) -> fp32 [M,
+    N]. `int4_dequantize_t(packed, scales_zeros, block)`: weights in ATen's CPU int4pack layout, blocks
+    of `block` output rows, bf16 (scale, zero) [K / 32, N, 2] -> transposed, bf16 [K, N] (for a
+    prefill's GEMM on CPUs with AMX). `decode_attention(q, keys, values, mask, scale)`: q fp32 [B,
     kv_heads, group, dim] against a cache fp32 or bf16 [B, kv_heads, capacity, dim], read up to the
     additive fp32 mask's length [B, span] -> fp32 like q."""
     global _unavailable, _built

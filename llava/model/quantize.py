@@ -15,9 +15,9 @@ Modes:
   the language model (lm_head included: it is the largest single matrix). CPU only. The
   fastest CPU decoding, with `Engine(compile=True)`.
 - "int8-weight" / "int4-weight": weight-only int8 (per output row) and 4-bit (groups of 32)
-  through PyTorch's packed CPU kernels (`llava.model.woq`), lm_head included; activations stay
-  in the model's dtype (fp32 or bf16), so int8-weight is the more accurate 8-bit mode. Layers
-  whose shape the kernels cannot take stay unquantized (`llava.model.woq`).
+  through PyTorch's packed CPU kernels or llava's (`llava.model.woq`, `llava.model.int4_weight`),
+  lm_head included; activations stay in the model's dtype (fp32 or bf16), so int8-weight is the
+  more accurate 8-bit mode. Layers whose shape the kernels cannot take stay unquantized.
 - "bnb-8bit": bitsandbytes LLM.int8() (`Linear8bitLt`, outlier threshold 6.0).
 - "bnb-4bit": bitsandbytes NF4 with double quantization (`Linear4bit`), QLoRA's format.
   Both bnb modes keep lm_head unquantized, as transformers' bitsandbytes integration does.
@@ -38,8 +38,11 @@ from llava.errors import InputError, MissingDependency
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.llava import LlavaModel
 from llava.model.onednn import native_bf16
-from llava.model.woq import WEIGHT_ONLY
+from llava.model.int4_weight import Int4WeightOnlyLinear
+from llava.model.woq import Int8WeightOnlyLinear
 
+WEIGHT_ONLY: dict[str, type[nn.Module]] = {"int8-weight": Int8WeightOnlyLinear,
+                                            "int4-weight": Int4WeightOnlyLinear}
 # Modes whose layers are ours, on PyTorch's CPU kernels.
 CPU_KERNELS: dict[str, type[nn.Module]] = {"int8-dynamic": Int8DynamicLinear, **WEIGHT_ONLY}
 

@@ -1,51 +1,32 @@
-"""Weight-only quantized linears for CPU decoding: int8 per output channel, int4 in groups of 32.
+"""Weight-only int8 linears for CPU decoding, and what the quantized CPU layers share (`finish`,
+`fuse_outputs`, `share_rows`, ...); 4-bit ones are `llava.model.int4_weight`'s.
 
 Decoding one token reads every language-model weight once, so on a CPU its speed is weight
 bytes over memory bandwidth. These layers keep the weights small and leave the activations in
-the model's dtype (unlike `llava.model.int8_dynamic`, but for inside llava's int4 kernel, which
-takes them as int8 codes per group of 32), computing with PyTorch's own packed CPU kernels, or
-llava's where they run (`llava.model.cpu_kernels`):
+the model's dtype (unlike `llava.model.int8_dynamic`), computing with PyTorch's own packed CPU
+kernels, or llava's where they run (`llava.model.cpu_kernels`).
 
-- `Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has
-  one per 32 weights). Few rows go through llava's AVX512-BF16 kernel where the CPU has those
-  instructions (`llava.model.cpu_kernels`: about twice ATen's rate at 8 rows), else through
-  `aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill; past 128
-  where llava's kernel runs, 16 elsewhere) through a GEMM on the codes converted (exact in bf16)
-  and the scales applied to its product, several times faster than ATen's kernel there and
-  faster than llava's past ~128 rows: in bf16 where the CPU has bf16 instructions (the few-row
-  kernel takes bf16 activations too; a 512-row prefill's linears in 0.6 of fp32's time), else in
-  the model's dtype through `onednn.linear`. Where llava's kernel
-  does not run, inside `torch.compile` (the compiled decode step, `llava.generate.compiled`) one
-  fp32 row takes a reduction over the weight read as int32 words, which Inductor turns into one
-  streaming loop at near memory bandwidth; its columns are stored in the order that makes those
-  words line up with contiguous slices of the input (`_word_order`). A bf16 row keeps the
-  kernel: Inductor's loop over bf16 inputs converts the words element by element (bench-200m,
-  int8-weight on a bf16 model: 64 tokens/s that way, 210 with the kernel; on an fp32 model the
-  loop's 240).
-- `Int4WeightOnlyLinear`: asymmetric 4-bit in groups of 32 along the input (scale and zero per
-  group, as q4_1), packed by `aten._convert_weight_to_int4pack_for_cpu` and multiplied by
-  llava's VNNI kernel where it runs (`llava.model.cpu_kernels`; it takes the activations as int8
-  codes per group of 32, as llama.cpp's q4_0 takes q8_0 ones, ~1% of each output where the 4-bit
-  weights cost ~8%), else by `aten._weight_int4pack_mm_for_cpu` (bf16 activations; it is ~40x
-  slower with fp32 ones). llava's kernel takes a prefill's rows too, as llama.cpp multiplies
-  q4_0 by q8_0 there (bench-200m's layers at 512 rows, Zen 5 EPYC: 500-550 G multiply-adds/s,
-  against 420-455 for a dequantized bf16 GEMM; at 64 rows 530-570 against 260-340). Elsewhere,
-  and on CPUs with AMX, whose bf16 GEMM is several times AVX-512's, many rows read the codes back
-  out of the packed bytes, dequantize and take a GEMM (llava's kernels dequantize in one pass:
-  0.04-0.2 ms a weight against 0.3-1.8). The packed
-  layout is the kernel's and depends on the CPU (blocks of 64 output rows on AVX-512, 32 on
-  AVX2), so each layer checks at quantization that reading its codes back gives them exactly,
-  and keeps the kernel for every row count where it does not.
+`Int8WeightOnlyLinear`: symmetric int8, one fp32 scale per output row (llama.cpp's q8_0 has one
+per 32 weights). Few rows go through llava's AVX512-BF16 kernel where the CPU has those
+instructions (`llava.model.cpu_kernels`: about twice ATen's rate at 8 rows), else through
+`aten._weight_int8pack_mm`, which reads the same int8 [out, in]; many rows (a prefill; past 128
+where llava's kernel runs, 16 elsewhere) through a GEMM on the codes converted (exact in bf16)
+and the scales applied to its product, several times faster than ATen's kernel there and faster
+than llava's past ~128 rows: in bf16 where the CPU has bf16 instructions (the few-row kernel
+takes bf16 activations too; a 512-row prefill's linears in 0.6 of fp32's time), else in the
+model's dtype through `onednn.linear`. Where llava's kernel does not run, inside `torch.compile`
+(the compiled decode step, `llava.generate.compiled`) one fp32 row takes a reduction over the
+weight read as int32 words, which Inductor turns into one streaming loop at near memory
+bandwidth; its columns are stored in the order that makes those words line up with contiguous
+slices of the input (`_word_order`). A bf16 row keeps the kernel: Inductor's loop over bf16
+inputs converts the words element by element (bench-200m, int8-weight on a bf16 model: 64
+tokens/s that way, 210 with the kernel; on an fp32 model the loop's 240).
 
-Both are CPU-only: the packed formats are the CPU kernels'. Outputs come back in the input's
-dtype, so an fp32 or bf16 model keeps its dtype everywhere else. A linear whose shape a
-kernel cannot take (`fits`: int8 needs in_features % 4 == 0; int4 in_features % 32 == 0 and
-out_features % 16 == 0, e.g. an odd-sized vocabulary's lm_head) is left unquantized by
-`llava.model.quantize`, as torchao's configs leave such layers.
-
-Scales are stored as integer views of their float bits: a model-wide `.to(dtype)` (a loader's,
-a user's) casts floating buffers, which would round the fp32 scales to bf16 or hand the int4
-kernel fp32 scales it rejects.
+It is CPU-only. Outputs come back in the input's dtype, so an fp32 or bf16 model keeps its dtype
+everywhere else. A linear whose shape a kernel cannot take (`fits`: in_features % 4 == 0; int4's
+in its module) is left unquantized by `llava.model.quantize`, as torchao's configs leave such
+layers. Scales are stored as integer views of their float bits: a model-wide `.to(dtype)` (a
+loader's, a user's) casts floating buffers, which would round the fp32 scales to bf16.
 """
 
 from __future__ import annotations
@@ -58,7 +39,6 @@ from torch import nn
 from llava.device import return_freed_memory
 from llava.model import cpu_kernels, onednn
 
-INT4_GROUP = 32
 FEW_ROWS = 16  # up to this many rows use ATen's packed matrix-vector kernels; more rows dequantize
 # Up to this many rows int8-weight takes llava's kernel where it runs. Zen 5 EPYC, bench-200m's layers,
 # kernel against the dequantized bf16 GEMM: 64 rows 0.35-0.82 ms against 0.49-1.17; 128 rows 0.68-1.40
@@ -129,7 +109,7 @@ class Int8WeightOnlyLinear(nn.Module):
             # The input's columns put in the stored order: cheaper than scattering W's. The codes are exact in
             # bf16, and the scales are applied to the product: at 512 rows a quarter to a third of the time of
             # scaling the weight in fp32 first on bench-1b's gate/up (29 ms against 95), and more accurate.
-            compute = _prefill_dtype(x)
+            compute = prefill_dtype(x)
             out = onednn.linear(self._in_stored_order(x, compute), self.weight.to(compute)) * self.scale
         elif torch.compiler.is_compiling() and rows == 1 and x.dtype == torch.float32 and not self.native:
             # More rows re-read the weight per row; a bf16 input makes Inductor tile the loop 32 wide,
@@ -177,115 +157,6 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int4WeightOnlyLinear(nn.Module):
-    """4-bit weights in PyTorch's CPU int4pack layout, bf16 (scale, zero) per group of 32 inputs."""
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int, out_features: int, packed_block: int | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.packed_block = packed_block  # rows per block of `packed` if `_unpack_int4` reads it back
-        self.register_buffer("packed", packed)
-        # Float bits as integers (module docstring).
-        self.register_buffer("scales_and_zeros_bits", scales_and_zeros.view(torch.int16))
-        self.register_buffer("bias", bias)
-        # llava's kernels read the AVX-512 layout, blocks of 64 rows (decided here: the first call may be traced).
-        self.native = packed_block == 64 and packed.device.type == "cpu" and cpu_kernels.available()
-        # Rows up to which `few_rows_product` runs (None: all). llava's kernel takes every count but on AMX
-        # (module docstring); ATen's, FEW_ROWS; a layout whose codes cannot be read back, every count.
-        dequantizes = packed_block is not None and (not self.native or onednn.amx())
-        self.kernel_rows = FEW_ROWS if dequantizes else None
-
-    @property
-    def scales_and_zeros(self) -> torch.Tensor:
-        return self.scales_and_zeros_bits.view(torch.bfloat16)
-
-    @staticmethod
-    def fits(linear: nn.Linear) -> bool:
-        return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int4WeightOnlyLinear":
-        check_cpu(linear, "int4-weight")
-        out_features, in_features = linear.weight.shape
-        if not cls.fits(linear):
-            raise ValueError(f"int4-weight needs in_features divisible by {INT4_GROUP} and out_features by 16 "
-                             f"(the kernel's packing), got {in_features} -> {out_features}")
-        groups = linear.weight.detach().float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(out_features, in_features), 1)
-        # The kernel computes (code - 8) * scale + zero, so zero is the value of code 8.
-        scales_and_zeros = torch.stack((scale, low + 8 * scale), -1).transpose(0, 1).contiguous().bfloat16()
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        codes = codes.view(out_features, in_features).to(torch.uint8)
-        block = next((b for b in INT4_PACKED_BLOCKS if packed.dtype == torch.uint8 and out_features % b == 0
-                      and torch.equal(_unpack_int4(packed, out_features, b), codes)), None)
-        return cls(packed, scales_and_zeros, bias, in_features, out_features, block)
-
-    @classmethod
-    def concatenated(cls, parts: Sequence["Int4WeightOnlyLinear"]) -> "Int4WeightOnlyLinear | None":
-        """One layer whose output is `parts`' outputs side by side (`fuse_outputs`). The packed
-        bytes come in blocks of `packed_block` output rows, so where every part is whole blocks
-        its bytes simply follow the previous part's; a layout this cannot read is not fused."""
-        block = parts[0].packed_block
-        if (not same_input(parts) or block is None
-                or any(p.packed_block != block or p.out_features % block for p in parts)):
-            return None
-        scales = torch.cat([p.scales_and_zeros for p in parts], dim=1)  # [groups, out, 2]: small, copied
-        return cls(share_rows(parts, "packed"), scales, share_rows(parts, "bias"), parts[0].in_features,
-                   sum(p.out_features for p in parts), block)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.kernel_rows is None or flat.shape[0] <= self.kernel_rows:
-            return self.few_rows_product(x)
-        compute = _prefill_dtype(x)
-        if self.native and compute == torch.bfloat16:  # one pass over the bytes, ~8x `dequantized`'s speed
-            transposed = torch.ops.llava_cpu.int4_dequantize_t(self.packed, self.scales_and_zeros, self.packed_block)
-            return finish(flat.to(compute) @ transposed, x, self.bias)
-        return finish(onednn.linear(flat.to(compute), self.dequantized(compute)), x, self.bias)
-
-    def few_rows_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T for a few rows: llava's VNNI kernel where it runs (`llava.model.cpu_kernels`: the
-        activations as int8 codes per group of 32), else ATen's (`kernel_product`)."""
-        if not self.native:
-            return self.kernel_product(x)
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.llava_cpu.int4_weight_mm(flat, self.packed, self.scales_and_zeros, self.packed_block)
-        return finish(out, x, self.bias)
-
-    def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T through `aten._weight_int4pack_mm_for_cpu` (bf16 activations): the form Inductor's GEMM
-        templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`)."""
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
-        return finish(out, x, self.bias)
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight, [out, in], in `dtype` (needs `packed_block`)."""
-        codes = _unpack_int4(self.packed, self.out_features, self.packed_block)
-        scale, zero = self.scales_and_zeros.to(dtype).permute(2, 1, 0).unsqueeze(-1)  # each [out, groups, 1]
-        grouped = codes.view(self.out_features, -1, INT4_GROUP).to(dtype)
-        return ((grouped - 8) * scale + zero).view(self.out_features, self.in_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-WEIGHT_ONLY = {"int8-weight": Int8WeightOnlyLinear, "int4-weight": Int4WeightOnlyLinear}
-INT4_PACKED_BLOCKS = (64, 32)  # the CPU kernel's blocks of output rows: AVX-512, AVX2
-
-
-def _unpack_int4(packed: torch.Tensor, out_features: int, block: int) -> torch.Tensor:
-    """Codes [out, in] from a blocked packing: per block of `block` output rows and per input
-    column, `block / 2` bytes whose low nibbles are the block's first half of rows, high the rest."""
-    in_features = packed.numel() * 2 // out_features
-    pairs = packed.view(out_features // block, in_features, block // 2)
-    return torch.cat((pairs & 15, pairs >> 4), -1).transpose(1, 2).reshape(out_features, in_features)
-
-
 def finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A kernel's [rows, out] result as a layer's output for x [..., in]: x's dtype and leading
     dimensions, plus the bias."""
@@ -293,7 +164,7 @@ def finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def _prefill_dtype(x: torch.Tensor) -> torch.dtype:
+def prefill_dtype(x: torch.Tensor) -> torch.dtype:
     """What a dequantized prefill multiplies in: bf16 for fp32 inputs where the CPU has bf16
     instructions (about 0.6 of fp32's time), else the input's dtype."""
     return torch.bfloat16 if x.dtype == torch.float32 and onednn.native_bf16() else x.dtype
