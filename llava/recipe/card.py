@@ -154,9 +154,12 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
                  if spec.get("s2_mix_tower_lr") is not None else "")
         if spec.get("s2_mix_image_size"):
             tower += f" and taking {spec['s2_mix_image_size']}-px pictures (its position embeddings resampled)"
-        tail += (f", then {spec['s2_mix_epochs']} more at lr {spec['s2_mix_lr']} on the chats of "
+        tail += (f", then {spec['s2_mix_epochs']} more" if tail or spec.get("s2_epochs") else
+                 f"{spec['s2_mix_epochs']} epoch(s), straight after stage 1,")
+        tail += (f" at lr {spec['s2_mix_lr']} on the chats of "
                  f"{spec['s2_mix_scenes']} scenes of the {spec['s2_mix_world']} world beside the first "
                  f"{spec['s2_mix_main_chats']} image chats above{tower}")
+    first_phase = f"{spec['s2_epochs']} epoch(s), lr {spec['s2_lr']}" if spec.get("s2_epochs", 1) else ""
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -188,7 +191,7 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
   replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes). The LM alone,
   answering the held-out questions from each scene's description in words: {lm_answers}
 - projector: mlp2x_gelu; stage 1 `plain` ({spec['s1_epochs']} epoch(s), lr {spec['s1_lr']}),
-  stage 2 `vicuna_v1` ({spec['s2_epochs']} epoch(s), lr {spec['s2_lr']}{tail})
+  stage 2 `vicuna_v1` ({first_phase}{tail})
 - size on disk: {_size_mb(model_dir):.1f} MB (llava-hf layout, safetensors)
 
 ## Data

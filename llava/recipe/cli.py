@@ -9,7 +9,7 @@ from typing import Sequence
 
 # The named sizes of `llava.recipe.sizes.SIZES`, listed here so that building the parser imports no torch
 # (a test checks the two lists are the same).
-SIZE_NAMES = ("full", "classic", "varied", "reduced", "small", "full-vmix", "full-vmix-128")
+SIZE_NAMES = ("full", "classic", "varied", "reduced", "small", "full-vmix", "full-vmix-128", "direct-128")
 
 
 def cmd_recipe_tiny(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                            "llava/recipe/sizes.py); reduced: ~8 min, a simpler world (at most 2 objects a scene) "
                            "where colour and the printed word are learnt; small: a one-minute smoke run; full-vmix: an "
                            "experiment, full with a tower that also pretrains on the varied world; full-vmix-128: it with its "
-                           "last phase at 128 px (sizes.py)")
+                           "last phase at 128 px; direct-128: that phase straight after stage 1 (sizes.py)")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

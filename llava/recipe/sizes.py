@@ -212,3 +212,9 @@ SIZES["full-vmix"] = replace(SIZES["full"], vision_mix_scenes=8000, vision_steps
 # count at 65.0 / 58 / 67 (card set, seed 7, the varied world's held-out set; before 62.5 / 59.5 / 66); with every shape
 # asked, "1" half the answers, it fell to 57.5 / 49 / 61.5 (misses one too few).
 SIZES["full-vmix-128"] = replace(SIZES["full-vmix"], s2_mix_image_size=128)
+
+# Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 takes ~3). `full-vmix-128` with
+# stage 2's two classic phases (about 80 min of it) dropped: its mixed phase goes straight on from stage 1, at the
+# first phase's lr (1e-3, the tower at 1e-4), on the varied world's chats beside the classic world's first 9000
+# image chats. Whether the in-style targets hold without the classic phases is what this preset measures.
+SIZES["direct-128"] = replace(SIZES["full-vmix-128"], s2_epochs=0, s2_tail_epochs=0, s2_mix_lr=1e-3)

@@ -254,7 +254,7 @@ class _RecipeRun:
                      save_steps=spec.save_steps, unfreeze_vision_tower=spec.s2_unfreeze_tower, device=self.device,
                      length_window=1, bf16=bf16)
         later = {**first, "length_window": spec.s2_length_window}
-        phases = [first]
+        phases = [first] if spec.s2_epochs else []  # none: stage 2 is its later phases alone
         if spec.s2_tail_epochs:
             phases.append({**later, "epochs": spec.s2_tail_epochs, "lr": spec.s2_tail_lr,
                            "max_steps": spec.s2_tail_max_steps,
