@@ -196,16 +196,25 @@ def test_only_an_fp32_cpu_tower_under_llavas_modes_changes_dtype(monkeypatch):
     assert vision_tower_dtype("int4", torch.float32, torch.device("cpu")) == torch.float32
 
 
-@pytest.mark.parametrize("mode, stored", [("int4", torch.float32), ("int8", torch.float32), ("int8", torch.float16),
-                                          ("int4", torch.bfloat16), ("int8-weight", torch.float16)])
-def test_a_quantizing_load_makes_the_model_a_load_then_quantize_makes(tiny, tmp_path, monkeypatch, mode, stored):
-    """Each linear quantized as it arrives (from a 16-bit file, read in its own precision) and the tower
-    read straight into its dtype: the same layers, dtypes, tower and logits as quantizing the loaded
-    fp32 model, linears the mode keeps included (int4 here keeps the MLP's down projections)."""
+@pytest.mark.parametrize("mode, stored, biased", [
+    ("int4", torch.float32, False), ("int8", torch.float32, False), ("int8", torch.float16, True),
+    ("int4", torch.bfloat16, True), ("int8-weight", torch.float16, False)])
+def test_a_quantizing_load_makes_the_model_a_load_then_quantize_makes(tiny, tmp_path, monkeypatch, mode, stored,
+                                                                       biased):
+    """Each linear quantized as it arrives (its weight from a 16-bit file read in the file's precision,
+    a bias in the model's) and the tower read straight into its dtype: the same layers, dtypes, tower
+    and logits as quantizing the loaded fp32 model, linears the mode keeps included (int4 here keeps
+    the MLP's down projections); `biased`: attention with biases, as Qwen2's."""
     from llava.checkpoint import load_checkpoint, save_checkpoint
     from llava.checkpoint.build import image_processor_for
+    from llava.model.llava import LlavaModel
 
     model, tok, req = tiny
+    if biased:
+        text = model.config.text_config.to_dict() | {"attention_bias": True}
+        torch.manual_seed(2)
+        model = LlavaModel(model.config.replace(text_config=text)).eval()
+        assert model.language_model.model.layers[0].self_attn.q_proj.bias is not None
     wide = model.config.text_config.intermediate_size
     int4 = WEIGHT_ONLY["int4-weight"]
     monkeypatch.setattr(int4, "fits", staticmethod(lambda linear, fits=int4.fits: fits(linear)

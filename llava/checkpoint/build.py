@@ -135,8 +135,9 @@ def _fill(model: LlavaModel, state: keys.StateDict, dtype_of: Callable[[str], to
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name)
         stored, dtype = state.pop(key), dtype_of(key)
-        if (quantize_linear is not None and type(owner) is nn.Linear and quantize_linear.reads_stored(owner_name)
-                and stored.is_floating_point() and stored.dtype.itemsize < dtype.itemsize):
+        if (quantize_linear is not None and leaf == "weight" and type(owner) is nn.Linear
+                and quantize_linear.reads_stored(owner_name) and stored.is_floating_point()
+                and stored.dtype.itemsize < dtype.itemsize):  # a bias is read as the model's: it is copied as is
             dtype = stored.dtype
         owner.load_state_dict({leaf: as_tensor(stored, dtype, device)}, strict=False, assign=True)
         del stored

@@ -236,8 +236,9 @@ ActivationCodes activation_codes(const at::BFloat16* x, int64_t M, int64_t K) {
 }
 
 // MB activation rows against NB consecutive 16-row blocks. The high nibbles are shifted down, so both
-// halves of a vector add into one int32 sum a row and block (no second set of accumulators: 8 rows ran
-// 10% slower with one); those sums take the group's scales once it is done.
+// halves of a vector add into one int32 sum a row and block (summing the high nibbles apart, masked in
+// place as 16 x the code, took a second set of accumulators and ran 8 rows 10% slower); each sum takes
+// the group's scales once the group is done.
 template <int MB, int NB>
 void int4_tile(const ActivationCodes& a, int64_t m0, int64_t K, const uint8_t* blocks, int64_t N, int64_t row0,
                float* out) {

@@ -35,15 +35,16 @@ import torch
 from torch import nn
 
 from llava.errors import InputError, MissingDependency
+from llava.model.int4_weight import Int4WeightOnlyLinear
 from llava.model.int8_dynamic import Int8DynamicLinear
 from llava.model.llava import LlavaModel
 from llava.model.onednn import native_bf16
-from llava.model.int4_weight import Int4WeightOnlyLinear
 from llava.model.woq import Int8WeightOnlyLinear
 
+# The weight-only modes' layers (activations in the model's dtype).
 WEIGHT_ONLY: dict[str, type[nn.Module]] = {"int8-weight": Int8WeightOnlyLinear,
                                             "int4-weight": Int4WeightOnlyLinear}
-# Modes whose layers are ours, on PyTorch's CPU kernels.
+# Modes whose layers are ours, on PyTorch's CPU kernels or llava's.
 CPU_KERNELS: dict[str, type[nn.Module]] = {"int8-dynamic": Int8DynamicLinear, **WEIGHT_ONLY}
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight", "bnb-8bit", "bnb-4bit")
