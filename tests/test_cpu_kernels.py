@@ -93,26 +93,26 @@ def test_int4_prefills_dequantize_in_one_pass_to_the_same_weights():
     rounded once to bf16), the weights `dequantized` reads back from the packed bytes."""
     _needs_kernel()
     torch.manual_seed(3)
-    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(96, 192), row_blocks=False)  # ATen's layout, as on AMX
-    assert layer.packed_block == 64 and layer.kernel_rows == FEW_ROWS
-    transposed = torch.ops.llava_cpu.int4_dequantize_t(layer.packed, layer.scales_and_zeros, layer.packed_block)
-    assert transposed.dtype == torch.bfloat16 and transposed.shape == (96, 192)
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(96, 80), row_blocks=True)  # 5 blocks of 16 rows
+    transposed = torch.ops.llava_cpu.int4_dequantize_t(layer.packed)
+    assert transposed.dtype == torch.bfloat16 and transposed.shape == (96, 80)
     exact = layer.dequantized(torch.float32)
     assert ((transposed.t().float() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
     x = torch.randn(2, 20, 96)  # 40 rows: more than FEW_ROWS
     expected = nn.functional.linear(x.bfloat16().float(), transposed.t().float(), layer.bias)
+    layer.kernel_rows = FEW_ROWS  # as on a CPU with AMX
     torch.testing.assert_close(layer(x), expected, rtol=0.01, atol=0.01)
 
 
 def test_int4_prefills_take_the_kernel_row_by_row_without_amx():
-    """Without AMX layers take llava's layout, and a prefill's rows go through the VNNI kernel as a
-    decode step's do, each row the same as alone (its activation codes are per row), so a prompt's
-    keys do not depend on its length. With AMX they keep ATen's, for Inductor's GEMM templates."""
+    """Layers take llava's layout where its kernel runs. Without AMX a prefill's rows go through the
+    VNNI kernel as a decode step's do, each row the same as alone (its activation codes are per row),
+    so a prompt's keys do not depend on its length; with AMX they dequantize for its bf16 GEMM."""
     _needs_kernel()
     torch.manual_seed(4)
-    linear = nn.Linear(128, 64)
-    assert Int4WeightOnlyLinear.from_linear(linear).row_blocks == (not onednn.amx())
-    layer = Int4WeightOnlyLinear.from_linear(linear, row_blocks=True)
+    layer = Int4WeightOnlyLinear.from_linear(nn.Linear(128, 64))
+    assert layer.row_blocks and layer.kernel_rows == (FEW_ROWS if onednn.amx() else None)
+    layer.kernel_rows = None
     x = torch.randn(3, 30, 128)
     out = layer(x)
     assert torch.equal(out, torch.cat([layer(row) for row in x.reshape(-1, 1, 128)]).reshape(3, 30, 64))

@@ -153,8 +153,9 @@ def decode_linear(part: Linear, x: torch.Tensor, templates: bool = False) -> tor
     reduction reads them faster, module docstring) as `gemv`. More rows: oneDNN's linear, on the
     packed copy where there is one. Quantized layers run as themselves (they pick their own forms).
     Under Inductor's templates (`AUTOTUNED`) weight-only layers take their few-row kernels: where the
-    CPU has AMX, ATen's, which the templates replace; elsewhere llava's AVX512-BF16 ones where they run
-    (`llava.model.cpu_kernels`: about twice the rate of ATen's at 8 rows). Plain ones take
+    CPU has AMX, ATen's, which the templates replace (int4 in llava's row blocks keeps llava's kernel);
+    elsewhere llava's AVX512-BF16 ones where they run (`llava.model.cpu_kernels`: about twice the rate
+    of ATen's at 8 rows). Plain ones take
     `F.linear` on the frozen weight, at any row count. A packed product (one linear or several
     stacked) runs whole for batches only."""
     one_row = x.numel() == x.shape[-1]

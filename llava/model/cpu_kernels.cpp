@@ -347,57 +347,55 @@ at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed) {
   return out;
 }
 
-// ATen's CPU int4pack layout (`_convert_weight_to_int4pack_for_cpu`), which CPUs with AMX keep for
-// Inductor's GEMM templates: per block of 64 output rows (on AVX-512) and per input column k, 32 bytes
-// whose low nibbles are the block's first half of rows and high nibbles the rest; (scale, zero) pairs
-// [K / 32, N, 2].
-constexpr int kBlock = 64;
-
-// The weights themselves, transposed, for a prefill's GEMM (x @ W^T, many rows): bf16 [K, N], the 16 rows
-// of a part being 16 consecutive outputs at each column, so each column of a block is written as 128
-// contiguous bytes. One pass: 0.5 bytes read and 2 written a weight.
-void int4_dequantize_block(const uint8_t* block, int64_t K, const at::BFloat16* scales_zeros, int64_t N,
-                           int64_t row0, at::BFloat16* out) {
+// The weights themselves, transposed, for a prefill's GEMM on CPUs with AMX (x @ W^T, many rows): bf16
+// [K, N]. Each code vector of a block holds 16 rows x 8 columns, so each column comes out as 16
+// consecutive outputs; a tile of 4 blocks writes 128 contiguous bytes a column (one block at a time
+// wrote 32, and bench-200m's 6144 x 768 weight took 9x as long as its 2304 x 768 one). One pass: 0.625
+// bytes read and 2 written a weight.
+void int4_dequantize_tile(const uint8_t* blocks, int nb, int64_t K, int64_t N, int64_t row0, at::BFloat16* out) {
   const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512i low_nibble = _mm512_set1_epi32(0x0F);
   const __m512 eight = _mm512_set1_ps(8.0f);
+  const int64_t block_bytes = K / kGroup * kGroupBytes;
   for (int64_t g = 0; g < K / kGroup; ++g) {
-    __m512 scale[4], base[4];  // per part: the weight is code * scale + (zero - 8 * scale)
-#pragma GCC unroll 4
-    for (int p = 0; p < 4; ++p) {
-      const __m512i pair = _mm512_loadu_si512(scales_zeros + (g * N + row0 + p * 16) * 2);
-      scale[p] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      base[p] = _mm512_fnmadd_ps(eight, scale[p], _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
+    __m512 scale[kBlocks], base[kBlocks];  // the weight is code * scale + (zero - 8 * scale)
+    for (int b = 0; b < nb; ++b) {
+      const __m512i pair = _mm512_loadu_si512(blocks + b * block_bytes + g * kGroupBytes + 256);
+      scale[b] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+      base[b] = _mm512_fnmadd_ps(eight, scale[b], _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
     }
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) {
-      const uint8_t* column = block + k * (kBlock / 2);
-#pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p) {
-        __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(column + (p & 1) * 16)));
-        if (p >= 2) codes = _mm512_srli_epi32(codes, 4);
-        const __m512 code = _mm512_cvtepi32_ps(_mm512_and_si512(codes, low_nibble));
-        const __m256bh value = _mm512_cvtneps_pbh(_mm512_fmadd_ps(code, scale[p], base[p]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k * N + row0 + p * 16), (__m256i)value);
+    for (int c = 0; c < 4; ++c) {
+      __m512i dwords[kBlocks];  // row r's codes of columns 8c..8c+7, per block
+      for (int b = 0; b < nb; ++b) dwords[b] = _mm512_loadu_si512(blocks + b * block_bytes + g * kGroupBytes + 64 * c);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // column 8c + j: byte j % 4, the high nibble from j = 4 on
+        at::BFloat16* column = out + (g * kGroup + 8 * c + j) * N + row0;
+        for (int b = 0; b < nb; ++b) {
+          const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(dwords[b], 8 * (j % 4) + 4 * (j / 4)), low_nibble);
+          const __m256bh value = _mm512_cvtneps_pbh(_mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), scale[b], base[b]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(column + 16 * b), (__m256i)value);
+        }
       }
     }
   }
 }
 
-at::Tensor int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t block) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales_zeros.scalar_type() == at::kBFloat16 &&
-                  scales_zeros.dim() == 3 && scales_zeros.size(2) == 2 && block == kBlock,
-              "int4_dequantize_t: packed uint8 in blocks of 64 rows, scales_zeros bf16 [K / 32, N, 2]");
-  TORCH_CHECK(packed.device().is_cpu() && scales_zeros.device().is_cpu(), "int4_dequantize_t: CPU only");
-  const int64_t K = scales_zeros.size(0) * kGroup, N = scales_zeros.size(1);
-  TORCH_CHECK(N % kBlock == 0 && packed.numel() * 2 == N * K, "int4_dequantize_t: shapes differ");
+at::Tensor int4_dequantize_t(const at::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kGroupBytes,
+              "int4_dequantize_t: packed uint8 [N / 16, K / 32, 320] (llava's row-block layout)");
+  TORCH_CHECK(packed.device().is_cpu(), "int4_dequantize_t: CPU only");
+  const int64_t blocks = packed.size(0), K = packed.size(1) * kGroup, N = blocks * 16;
   const auto pc = packed.contiguous();
-  const auto sc = scales_zeros.contiguous();
-  auto out = at::empty({K, N}, sc.options());
+  auto out = at::empty({K, N}, pc.options().dtype(at::kBFloat16));
   const auto* pp = pc.data_ptr<uint8_t>();
-  const auto* sp = sc.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N / kBlock, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) int4_dequantize_block(pp + b * K * (kBlock / 2), K, sp, N, b * kBlock, op);
+  const int64_t block_bytes = K / kGroup * kGroupBytes;
+  at::parallel_for(0, (blocks + kBlocks - 1) / kBlocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kBlocks;
+      const int nb = static_cast<int>(std::min<int64_t>(kBlocks, blocks - first));
+      int4_dequantize_tile(pp + first * block_bytes, nb, K, N, 16 * first, op);
+    }
   });
   return out;
 }

@@ -18,8 +18,8 @@ streamed from memory as a decode step reads them, 8 rows; ATen's kernels in brac
   int4pack bytes; llava's own row-block layout (`llava.model.int4_weight`) needs no permutation to
   unpack them: one row 14-18% faster again, 8 rows 0-6%.
   The codes cost ~1% of each output against bf16 activations, where the 4-bit weights cost ~8%.
-  Also a one-pass dequantization of ATen's int4pack bytes for a prefill's GEMM where the CPU has AMX
-  (0.04-0.2 ms a bench-200m weight against 0.3-1.8 through PyTorch ops).
+  Also a one-pass dequantization for a prefill's GEMM where the CPU has AMX (from ATen's int4pack
+  bytes, 0.04-0.2 ms a bench-200m weight against 0.3-1.8 through PyTorch ops).
 - int8 weights x int8-dynamic's activation codes: `vpdpbusd` (VNNI), exact in int32 like `_int_mm`,
   on the plain weight where oneDNN's fast batch kernel needs a reordered copy.
 - attention of one new query row per head over the KV cache, fp32 or bf16, in fp32 (the compiled
@@ -48,7 +48,7 @@ _LIBRARY = torch.library.Library("llava_cpu", "DEF")  # the ops' schemas; cpu_ke
 _LIBRARY.define("int8_weight_mm(Tensor x, Tensor weight, Tensor scale) -> Tensor")
 _LIBRARY.define("int8_codes_mm(Tensor codes, Tensor weight, Tensor weight_sums) -> Tensor")
 _LIBRARY.define("int4_weight_mm(Tensor x, Tensor packed) -> Tensor")
-_LIBRARY.define("int4_dequantize_t(Tensor packed, Tensor scales_zeros, int block) -> Tensor")
+_LIBRARY.define("int4_dequantize_t(Tensor packed) -> Tensor")
 _LIBRARY.define("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor")
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def _int4_weight_mm_shape(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor
 
 
 @torch.library.register_fake("llava_cpu::int4_dequantize_t")
-def _int4_dequantize_t_shape(packed: torch.Tensor, scales_zeros: torch.Tensor, block: int) -> torch.Tensor:
-    return scales_zeros.new_empty(scales_zeros.shape[0] * 32, scales_zeros.shape[1])
+def _int4_dequantize_t_shape(packed: torch.Tensor) -> torch.Tensor:
+    return packed.new_empty(packed.shape[1] * 32, packed.shape[0] * 16, dtype=torch.bfloat16)
 
 
 @torch.library.register_fake("llava_cpu::decode_attention")
@@ -92,9 +92,8 @@ def available() -> bool:
     (codes - 128) @ weight.T, int32 [M, N].
     `int4_weight_mm(x, packed)`: x bf16 [M, K] (taken as int8 codes per group of 32), 4-bit weights
     in llava's row-block layout, uint8 [N / 16, K / 32, 320] (`llava.model.int4_weight`) -> fp32 [M,
-    N]. `int4_dequantize_t(packed, scales_zeros, block)`: weights in ATen's CPU int4pack layout, blocks
-    of `block` output rows, bf16 (scale, zero) [K / 32, N, 2] -> transposed, bf16 [K, N] (for a
-    prefill's GEMM on CPUs with AMX). `decode_attention(q, keys, values, mask, scale)`: q fp32 [B,
+    N]. `int4_dequantize_t(packed)`: those weights, transposed, bf16 [K, N] (for a prefill's GEMM on
+    CPUs with AMX). `decode_attention(q, keys, values, mask, scale)`: q fp32 [B,
     kv_heads, group, dim] against a cache fp32 or bf16 [B, kv_heads, capacity, dim], read up to the
     additive fp32 mask's length [B, span] -> fp32 like q."""
     global _unavailable, _built

@@ -2,22 +2,24 @@
 per group, as llama.cpp's q4_1), activations left in the model's dtype.
 
 Two layouts, chosen when a layer is quantized, by what multiplies it on this CPU:
-- llava's row-block layout (`pack_row_blocks`), where llava's VNNI kernel runs and the CPU has no
-  AMX (`llava.model.cpu_kernels`): the kernel takes the activations as int8 codes per group of 32,
-  as llama.cpp's q4_0 takes q8_0 ones (~1% of each output, where the 4-bit weights cost ~8%), at
-  every row count: a decode step's rows and a prefill's, as llama.cpp multiplies q4_0 by q8_0 there
-  too. Each 16 output rows are one stream of codes with their scales beside them, unpacked by one
-  AND and one shift (cpu_kernels.cpp; Zen 5 EPYC, bench-1b's layers at one row 42 GB/s against 35
-  from ATen's int4pack bytes; bench-200m's 512-row prefill 10% faster, and 500-550 G multiply-adds/s
-  from int4pack already beat the dequantized bf16 GEMM's 420-455).
+- llava's row-block layout (`pack_row_blocks`), wherever llava's VNNI kernel runs
+  (`llava.model.cpu_kernels`): the kernel takes the activations as int8 codes per group of 32, as
+  llama.cpp's q4_0 takes q8_0 ones (~1% of each output, where the 4-bit weights cost ~8%). Each 16
+  output rows are one stream of codes with their scales beside them, unpacked by one AND and one
+  shift (cpu_kernels.cpp; Zen 5 EPYC, bench-1b's layers at one row 42 GB/s against 35 from ATen's
+  int4pack bytes). Without AMX it takes every row count, a prefill's too, as llama.cpp multiplies
+  q4_0 by q8_0 there (bench-200m's layers at 512 rows: faster than the dequantized bf16 GEMM). With
+  AMX, whose bf16 GEMM is several times AVX-512's, more than `FEW_ROWS` rows dequantize the blocks in
+  one pass and take that GEMM.
 - PyTorch's CPU int4pack layout (`aten._convert_weight_to_int4pack_for_cpu`) elsewhere: few rows
-  through `aten._weight_int4pack_mm_for_cpu` (bf16 activations; ~40x slower with fp32 ones), the
-  form Inductor's GEMM templates replace on CPUs with AMX (`llava.generate.compiled.AUTOTUNED`),
-  whose bf16 GEMM is several times AVX-512's; many rows read the codes back, dequantize (in one
-  pass where llava's kernels run: 0.04-0.2 ms a weight against 0.3-1.8) and take a GEMM. Its layout
-  depends on the CPU (blocks of 64 output rows on AVX-512, 32 on AVX2), so each layer checks at
-  quantization that reading its codes back gives them exactly, and keeps ATen's kernel for every
-  row count where it does not.
+  through `aten._weight_int4pack_mm_for_cpu` (bf16 activations; ~40x slower with fp32 ones), many
+  rows read the codes back, dequantize and take a GEMM. Its layout depends on the CPU (blocks of 64
+  output rows on AVX-512, 32 on AVX2), so each layer checks at quantization that reading its codes
+  back gives them exactly, and keeps ATen's kernel for every row count where it does not.
+
+Inductor's GEMM templates (`llava.generate.compiled.AUTOTUNED`) read the int4pack layout, but on the
+AMX Xeon they ran int4 batches of 8 at 2.4x one row (session 36: bound by unpacking the codes), where
+llava's kernel runs them at 4-5x on AVX-512 alone; so CPUs with AMX take the row blocks too.
 
 The layer is CPU-only, and its outputs come back in the input's dtype. Scales are stored as
 integer bits (in the packed bytes, or as int16), so a model-wide `.to(dtype)` leaves them alone.
@@ -51,10 +53,13 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros_bits", None if self.row_blocks else scales_and_zeros.view(torch.int16))
         self.register_buffer("bias", bias)
-        # Decided here, not at the first call: that may come while torch.compile traces the step.
-        self.native = packed.device.type == "cpu" and cpu_kernels.available()
-        # int4pack: rows up to which ATen's kernel runs (None: every count, a layout it cannot read back).
-        self.kernel_rows = None if self.row_blocks or packed_block is None else FEW_ROWS
+        self.native = packed.device.type == "cpu" and cpu_kernels.available()  # llava's kernels run here
+        # Rows up to which the kernel runs, more dequantizing for a GEMM (None: every count): row blocks, all
+        # but on AMX; int4pack, FEW_ROWS where `_unpack_int4pack` reads its codes back.
+        if self.row_blocks:
+            self.kernel_rows = FEW_ROWS if onednn.amx() else None
+        else:
+            self.kernel_rows = None if packed_block is None else FEW_ROWS
 
     @property
     def scales_and_zeros(self) -> torch.Tensor:
@@ -70,8 +75,8 @@ class Int4WeightOnlyLinear(nn.Module):
 
     @staticmethod
     def row_blocks_here() -> bool:
-        """Whether layers quantized here take llava's layout (its kernel runs, and there is no AMX)."""
-        return cpu_kernels.available() and not onednn.amx()
+        """Whether layers quantized here take llava's layout (where its kernel runs)."""
+        return cpu_kernels.available()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, row_blocks: bool | None = None) -> "Int4WeightOnlyLinear":
@@ -120,8 +125,8 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.kernel_rows is None or flat.shape[0] <= self.kernel_rows:
             return self.few_rows_product(x)
         compute = prefill_dtype(x)
-        if self.native and compute == torch.bfloat16:  # one pass over the bytes, ~8x `dequantized`'s speed
-            transposed = torch.ops.llava_cpu.int4_dequantize_t(self.packed, self.scales_and_zeros, self.packed_block)
+        if self.row_blocks and compute == torch.bfloat16:  # one pass over the bytes, ~8x `dequantized`'s speed
+            transposed = torch.ops.llava_cpu.int4_dequantize_t(self.packed)
             return finish(flat.to(compute) @ transposed, x, self.bias)
         return finish(onednn.linear(flat.to(compute), self.dequantized(compute)), x, self.bias)
 
@@ -134,8 +139,9 @@ class Int4WeightOnlyLinear(nn.Module):
         return finish(torch.ops.llava_cpu.int4_weight_mm(flat, self.packed), x, self.bias)
 
     def kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T through `aten._weight_int4pack_mm_for_cpu` (int4pack only; bf16 activations): the form
-        Inductor's GEMM templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`)."""
+        """x @ W.T through `aten._weight_int4pack_mm_for_cpu` (bf16 activations): the form Inductor's GEMM
+        templates replace in a frozen graph (`llava.generate.compiled.AUTOTUNED`); row blocks keep llava's
+        kernel there."""
         if self.row_blocks:
             return self.few_rows_product(x)
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
