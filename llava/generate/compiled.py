@@ -123,7 +123,8 @@ AUTOTUNED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 def templated_layers(lm: torch.nn.Module) -> bool:
     """Whether `lm` has layers that Inductor's GEMM templates take (`AUTOTUNED`): weight-only int8/int4
-    (`llava.model.woq`) everywhere; int8-dynamic layers, and plain bf16 CPU linears, where the CPU has AMX."""
+    (`llava.model.woq`, `llava.model.int4_weight`) everywhere (int4 in llava's row blocks keeps its own
+    kernel inside that graph); int8-dynamic layers, and plain bf16 CPU linears, where the CPU has AMX."""
     return any(_templated(module) for module in lm.modules())
 
 
