@@ -650,6 +650,23 @@ def test_stage_1_trains_in_fp32_and_only_the_later_phases_sort_by_length(tmp_pat
     assert runs["stage2_phase2"]["length_window"] == runs["stage2"]["length_window"] == spec.s2_length_window == 16
 
 
+def test_stage_2_may_be_its_mixed_phase_alone(tmp_path):
+    """`direct-128` (s2_epochs=0): stage 2 is the mixed phase alone, straight on from stage 1 at its own lr,
+    with the tower learning at 128 px (it learnt neither left/right nor the printed word: sizes.py)."""
+    from llava.recipe import SIZES
+    from llava.recipe.tiny import _RecipeRun
+
+    spec = SIZES["direct-128"]
+    run = _RecipeRun(str(tmp_path), 0, spec, 1, lambda _: None, False, "cpu")
+    mix = str(tmp_path / "train_data" / "mix.json")
+    runs = dict(run.training_runs(str(tmp_path / "train_data"), mix))
+    assert list(runs) == ["stage1", "stage2"]
+    stage2 = runs["stage2"]
+    assert stage2["model"] == runs["stage1"]["out"] and stage2["data"] == mix
+    assert (stage2["epochs"], stage2["lr"], stage2["vision_tower_lr"]) == (spec.s2_mix_epochs, 1e-3, 1e-4)
+    assert stage2["image_size"] == 128 and stage2["unfreeze_vision_tower"] and stage2["template"] == "vicuna_v1"
+
+
 def test_recipe_trains_in_bf16_only_where_it_is_native():
     """bf16 autocast by default only where oneDNN has bf16 instructions (elsewhere it is emulated, slower)."""
     from llava.model.onednn import native_bf16
