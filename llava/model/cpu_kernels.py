@@ -18,8 +18,8 @@ streamed from memory as a decode step reads them, 8 rows; ATen's kernels in brac
   int4pack bytes; llava's own row-block layout (`llava.model.int4_weight`) needs no permutation to
   unpack them: one row 14-18% faster again, 8 rows 0-6%.
   The codes cost ~1% of each output against bf16 activations, where the 4-bit weights cost ~8%.
-  Also a one-pass dequantization for a prefill's GEMM where the CPU has AMX (from ATen's int4pack
-  bytes, 0.04-0.2 ms a bench-200m weight against 0.3-1.8 through PyTorch ops).
+  Also a one-pass dequantization of the row blocks for a prefill's GEMM where the CPU has AMX
+  (its int4pack predecessor took 0.04-0.2 ms a bench-200m weight against 0.3-1.8 through PyTorch ops).
 - int8 weights x int8-dynamic's activation codes: `vpdpbusd` (VNNI), exact in int32 like `_int_mm`,
   on the plain weight where oneDNN's fast batch kernel needs a reordered copy.
 - attention of one new query row per head over the KV cache, fp32 or bf16, in fp32 (the compiled
