@@ -235,6 +235,16 @@ ActivationCodes activation_codes(const at::BFloat16* x, int64_t M, int64_t K) {
   return a;
 }
 
+// A group's 16 (scale, zero) bf16 pairs at `pairs` -> per row the scale, and the value of code 0:
+// the weight is code * scale + (zero - 8 * scale).
+inline void scales_and_bases(const uint8_t* pairs, __m512& scale, __m512& base) {
+  const __m512i pair = _mm512_loadu_si512(pairs);
+  scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+  const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves));
+  base = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zero);
+}
+
 // MB activation rows against NB consecutive 16-row blocks. The high nibbles are shifted down, so both
 // halves of a vector add into one int32 sum a row and block (summing the high nibbles apart, masked in
 // place as 16 x the code, took a second set of accumulators and ran 8 rows 10% slower); each sum takes
@@ -243,8 +253,6 @@ template <int MB, int NB>
 void int4_tile(const ActivationCodes& a, int64_t m0, int64_t K, const uint8_t* blocks, int64_t N, int64_t row0,
                float* out) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __m512 eight = _mm512_set1_ps(8.0f);
   const int64_t groups = K / kGroup, block_bytes = groups * kGroupBytes;
   __m512 totals[MB][NB];
 #pragma GCC unroll 4
@@ -287,9 +295,8 @@ void int4_tile(const ActivationCodes& a, int64_t m0, int64_t K, const uint8_t* b
     }
 #pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) {
-      const __m512i pair = _mm512_loadu_si512(group + b * block_bytes + 256);  // 16 (scale, zero)
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      const __m512 base = _mm512_fnmadd_ps(eight, scale, _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
+      __m512 scale, base;
+      scales_and_bases(group + b * block_bytes + 256, scale, base);
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) {
         const int64_t i = (m0 + m) * groups + g;
@@ -353,16 +360,12 @@ at::Tensor int4_weight_mm(const at::Tensor& x, const at::Tensor& packed) {
 // wrote 32, and bench-200m's 6144 x 768 weight took 9x as long as its 2304 x 768 one). One pass: 0.625
 // bytes read and 2 written a weight.
 void int4_dequantize_tile(const uint8_t* blocks, int nb, int64_t K, int64_t N, int64_t row0, at::BFloat16* out) {
-  const __m512i upper_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512i low_nibble = _mm512_set1_epi32(0x0F);
-  const __m512 eight = _mm512_set1_ps(8.0f);
   const int64_t block_bytes = K / kGroup * kGroupBytes;
   for (int64_t g = 0; g < K / kGroup; ++g) {
     __m512 scale[kBlocks], base[kBlocks];  // the weight is code * scale + (zero - 8 * scale)
     for (int b = 0; b < nb; ++b) {
-      const __m512i pair = _mm512_loadu_si512(blocks + b * block_bytes + g * kGroupBytes + 256);
-      scale[b] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-      base[b] = _mm512_fnmadd_ps(eight, scale[b], _mm512_castsi512_ps(_mm512_and_si512(pair, upper_halves)));
+      scales_and_bases(blocks + b * block_bytes + g * kGroupBytes + 256, scale[b], base[b]);
     }
     for (int c = 0; c < 4; ++c) {
       __m512i dwords[kBlocks];  // row r's codes of columns 8c..8c+7, per block
