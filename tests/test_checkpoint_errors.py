@@ -268,8 +268,11 @@ def test_original_layout_round_trip_has_no_model_type_warning(world, tmp_path):
 
 
 def test_info_shows_an_embedded_tower_not_its_build_path():
-    info = describe(ROOT / "llava" / "assets" / "tiny-llava")
-    assert info["vision_tower"] == "CLIP ViT: hidden 128, 4 layers, 96x96 px, patch 16 (weights in the checkpoint)"
+    bundled = ROOT / "llava" / "assets" / "tiny-llava"
+    side = json.loads((bundled / "config.json").read_text())["vision_config"]["image_size"]
+    info = describe(bundled)
+    assert info["vision_tower"] == (f"CLIP ViT: hidden 128, 4 layers, {side}x{side} px, patch 16 "
+                                    "(weights in the checkpoint)")
 
 
 # Conversion outputs ---------------------------------------------------------------------------------

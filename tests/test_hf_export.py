@@ -161,7 +161,8 @@ def test_converted_folder_has_complete_processor_files(bundled_hf: Path) -> None
                          "default", "num_additional_image_tokens": 1, "image_token": "<image>"}
     preprocessor = json.loads((bundled_hf / "preprocessor_config.json").read_text())
     assert {k: nested[k] for k in preprocessor} == preprocessor  # one image processor, described twice
-    assert preprocessor["crop_size"] == {"height": 96, "width": 96}
+    side = json.loads((BUNDLED / "config.json").read_text())["vision_config"]["image_size"]
+    assert preprocessor["crop_size"] == {"height": side, "width": side}
     jinja = get_template("vicuna_v1").chat_template()
     assert (bundled_hf / "chat_template.jinja").read_text() == jinja
     assert AutoTokenizer.from_pretrained(bundled_hf).chat_template == jinja
@@ -179,7 +180,8 @@ def test_transformers_generate_equals_ours_on_bundled_model(bundled_hf: Path, tu
     hf_ids, hf_new, hf_pixels = _transformers_answer(bundled_hf, LlavaForConditionalGeneration, messages, pil, 12)
     pipe, our_ids, our_new = _our_answer(bundled_hf, turns, images, system, pil, 12)
     assert hf_ids == our_ids
-    assert hf_pixels.shape == (len(pil), 3, 96, 96)
+    side = pipe.model.config.vision_config.image_size
+    assert hf_pixels.shape == (len(pil), 3, side, side)
     assert torch.equal(hf_pixels, torch.cat(pipe.image_processor(pil)[0]))
     assert len(hf_new) > 0 and hf_new == our_new
     if len(turns) == 1:  # what `llava run` / `generate` answers is the same text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -62,20 +63,38 @@ def test_answers_example_questions_correctly_but_for_its_known_misses(pipe):
 
 
 def test_card_says_how_the_shipped_model_was_made():
-    """Its stages ran as separate processes, two of them beside another run: the card says so under the times."""
+    """The card's command (`--size full`) is the recipe that made it, and where its stages ran apart or
+    beside other work, the card says so under the times."""
+    from llava.recipe.sizes import SIZES, RecipeSize
+    from llava.dataclass_cli import saved_value
+
     summary = json.loads((DEFAULT_MODEL / "recipe_summary.json").read_text())
     card = (DEFAULT_MODEL / "README.md").read_text()
-    assert summary["size"] == "full" and summary["provenance"] in card
+    assert summary["size"] == "full" and f"llava recipe tiny --size full --seed {summary['seed']}" in card
+    now = json.loads(json.dumps(dataclasses.asdict(SIZES["full"])))
+    for name in now:  # a field added since the model was made counts as its default
+        nested = getattr(SIZES["full"], name)
+        then = saved_value(RecipeSize, summary["spec"], name,
+                           nested=type(nested) if dataclasses.is_dataclass(nested) else None)
+        assert json.loads(json.dumps(then)) == now[name], name
+    assert summary.get("provenance", "") in card
     assert f"| total | {summary['total_seconds']:.1f} |" in card
 
 
-def test_card_says_what_its_square_mode_cuts_off():
-    """The shipped model resizes and centre-crops: the card says so where it describes the varied
-    world, and says how many out-of-style questions are about objects the crop keeps."""
+def test_card_says_how_the_model_frames_a_picture_and_what_a_crop_would_cut_off():
+    """The card says how the image processor frames a non-square picture (the model's aspect mode),
+    and how many out-of-style questions are about objects a centre crop keeps: a square-mode model
+    sees only those, so it cannot reach the count target; a padded one sees them all."""
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    square = config.get("image_aspect_ratio", "square") == "square"
     card = (DEFAULT_MODEL / "README.md").read_text()
-    assert "centre-cropped to a square" in card and "padded to a square" not in card
+    if square:
+        assert "centre-cropped to a square" in card and "padded to a square" not in card
+        assert "A centre crop (this model's square mode) keeps" in card
+    else:
+        assert "padded to a square" in card and "centre-cropped to a square" not in card
+        assert "A centre crop (a square-mode model; this one sees the whole picture) keeps" in card
     crop = RESULTS["out_of_style"]["after_crop"]
-    assert "A centre crop (this model's square mode) keeps" in card
     for category, share in crop["share"].items():
         assert f"{category} {share:.0f}%" in card and 0 < share <= 100
         assert f"{category} {crop['accuracy'][category]:.1f}" in card
