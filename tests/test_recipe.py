@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
 from llava.checkpoint import load_tokenizer
-from llava.data.synth import generate
+from llava.data.synth import generate, load_scenes
 from llava.eval.synth import CATEGORIES
 from llava.recipe.common import read_check, read_losses, seed_everything
 from llava.recipe.text import LMSpec, pack, pretrain_lm, text_answer_accuracy
@@ -193,6 +193,42 @@ def test_order_ranking_trains_and_is_scored(synth, tokenizer, tmp_path):
         pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t3"),
                         dataclasses.replace(SMALL_VISION, image_size=64), steps=1, batch_size=8,
                         check_pairs=scene_pairs(str(synth)))
+
+
+def test_centre_cells_mark_each_shape_s_centre_patch_as_the_padded_tower_sees_it():
+    from llava.data.synth_scene import SHAPES, Obj, Scene
+    from llava.recipe.grounding import centre_cells
+
+    # 200 x 100: padded to 200 x 200 (50 px above and below), resized to 96, patch 16 (6 x 6 cells)
+    scene = Scene(size=200, height=100, background="white", gradient=0, objects=[
+        Obj("circle", "red", "small", 10, 10, 5), Obj("circle", "blue", "small", 190, 90, 5),
+        Obj("star", "red", "small", 100, 50, 5), Obj("star", "gray", "small", 101, 51, 5)])
+    cells = centre_cells(scene, 96, 16)
+    assert cells.shape == (36, len(SHAPES))
+    circle, star = SHAPES.index("circle"), SHAPES.index("star")
+    # (10, 60) -> (4.8, 28.8): row 1, col 0; (190, 140) -> (91.2, 67.2): row 4, col 5; (100, 100) -> (48, 48)
+    assert cells[:, circle].nonzero().flatten().tolist() == [1 * 6 + 0, 4 * 6 + 5]
+    assert cells[:, star].nonzero().flatten().tolist() == [3 * 6 + 3]  # two centres in one patch: one mark
+    assert cells.sum() == 3
+
+
+def test_centre_readout_trains_needs_the_grounding_head_and_is_scored(synth, tokenizer, tmp_path):
+    from llava.recipe.grounding import scenes_of
+    from llava.recipe.vision import heldout_cells
+
+    names = [r["image"] for r in json.loads((synth / "pretrain.json").read_text())]
+    assert [s.objects for s in scenes_of(str(synth), names[:3])] == [
+        s.objects for s in list(load_scenes(synth, "train").values())[:3]]
+    v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "tower"), SMALL_VISION,
+                        steps=6, batch_size=8, lr=3e-3, check_pairs=scene_pairs(str(synth)), grounding_weight=1.0,
+                        centre_weight=1.0, check_cells=heldout_cells(str(synth), SMALL_VISION))
+    assert 0 <= v["grounding_heldout"]["centre_count_accuracy"] <= 100 and v["centre_weight"] == 1.0
+    assert not any("centre" in k for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
+    with pytest.raises(ValueError, match="grounding_weight"):
+        pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t2"), SMALL_VISION,
+                        steps=1, batch_size=8, centre_weight=1.0)
+    with pytest.raises(ValueError, match="no scenes.jsonl"):
+        scenes_of(str(tmp_path), names[:1])
 
 
 def test_grounding_loss_falls_and_is_checked_on_held_out_scenes(synth, tokenizer, tmp_path):

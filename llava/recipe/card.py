@@ -131,6 +131,9 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     order = (f"; with the left-to-right ranking of the caption's groups (weight {spec['order_weight']}), "
              f"pairs of groups put in order {grounded.get('order_accuracy', float('nan')):.1f}%"
              if spec.get("order_weight") else "")
+    if spec.get("centre_weight"):
+        order += (f"; with a per-patch readout of each shape's centre (weight {spec['centre_weight']}), whose "
+                  f"centre patches count each shape right {grounded.get('centre_count_accuracy', float('nan')):.1f}%")
     grounding = (f" plus the caption-grounding loss (weight {g_weight}: for each colour-shape pair \"is it there?\", "
                  f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
                  f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "

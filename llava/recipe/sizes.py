@@ -62,6 +62,7 @@ class RecipeSize:
     vision_lr: float = 1e-3
     grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
     order_weight: float = 0.0  # its left-to-right ranking of the caption's groups (puts x into the patch tokens)
+    centre_weight: float = 0.0  # its per-patch readout of the shapes' centres (one token per object, for counting)
     text_chats: float = 0.1  # text-only chats per scene, in every data set and the LM's corpus
     text_mc: float = 0.0  # share of their questions asked as lettered multiple choice (llava.data.synth_text)
     max_objects: int = MAX_OBJECTS  # objects a scene at most, in training and held-out data (fewer: a simpler world)

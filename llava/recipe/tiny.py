@@ -24,7 +24,7 @@ from llava.recipe.stages import (MADE_IN_SECONDS, STAGE0_SPEC_FILE, finished_run
                                  same_stage0_spec, stage0_spec, train_command, train_config, train_stage, use_bf16)
 from llava.recipe.text import pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
-from llava.recipe.vision import pretrain_vision, scene_pairs
+from llava.recipe.vision import heldout_cells, pretrain_vision, scene_pairs
 from llava.train.checkpointing import write_json
 
 __all__ = ["SIZES", "RecipeSize", "run_recipe"]
@@ -200,7 +200,8 @@ class _RecipeRun:
             device=self.device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(self.eval_dir, image_size=spec.vision.image_size),
             grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
-            check_every=max(1, spec.vision_steps // 6)), started)
+            check_every=max(1, spec.vision_steps // 6), centre_weight=spec.centre_weight,
+            check_cells=heldout_cells(self.eval_dir, spec.vision) if spec.centre_weight else None), started)
 
     def vision_captions(self, scenes: str) -> str:
         """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`

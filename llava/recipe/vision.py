@@ -33,7 +33,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerB
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES
 from llava.processing.image import ImageProcessor
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
-from llava.recipe.grounding import GroundingHead, caption_order, grounding_loss, grounding_scores, grounding_targets
+from llava.recipe.grounding import (GroundingHead, caption_order, centre_count_accuracy, centre_loss, centre_targets,
+                                    grounding_loss, grounding_scores, grounding_targets, scenes_of)
 from llava.recipe.tokenizer import IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -122,12 +123,15 @@ class Grounding:
     weight: float
     order: torch.Tensor | None = None
     order_weight: float = 0.0
+    cells: torch.Tensor | None = None  # [B, patches, len(SHAPES)]: shapes' centre patches (`centre_cells`)
+    centre_weight: float = 0.0
 
 
 class DualEncoder(nn.Module):
     """CLIP: two towers, two projections into a shared space, a learnable temperature."""
 
-    def __init__(self, vocab_size: int, spec: VisionSpec, grounding: bool = False, order: bool = False) -> None:
+    def __init__(self, vocab_size: int, spec: VisionSpec, grounding: bool = False, order: bool = False,
+                 centres: bool = False) -> None:
         super().__init__()
         self.vision = CLIPVisionModel(vision_config(spec))
         if spec.sincos_positions:
@@ -138,16 +142,19 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
         self.grounding_head = GroundingHead(spec.width, order=order,
                                             per_query_readout=spec.grounding_per_query_readout) if grounding else None
+        # made last, and only when asked for: recipes without it keep their initial weights
+        self.centre_head = nn.Linear(spec.width, len(SHAPES)) if centres else None
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._encode(pixels)[0]
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(normalised image embeddings, patch tokens at LLaVA's feature layer -2 when grounding)."""
-        out = self.vision(pixel_values=pixels, output_hidden_states=self.grounding_head is not None)
+        patches = self.grounding_head is not None or self.centre_head is not None
+        out = self.vision(pixel_values=pixels, output_hidden_states=patches)
         # CLS (pooled) plus mean of patches: the patch tokens are what LLaVA reads, so train them too.
         img = out.pooler_output + out.last_hidden_state[:, 1:].mean(1)
-        tokens = out.hidden_states[-2][:, 1:] if self.grounding_head is not None else None
+        tokens = out.hidden_states[-2][:, 1:] if patches else None
         return F.normalize(self.image_proj(img), dim=-1), tokens
 
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,6 +173,8 @@ class DualEncoder(nn.Module):
             pair_logits, count_logits, place = self.grounding_head(tokens)
             loss = loss + g.weight * grounding_loss(pair_logits, count_logits, g.pairs, g.counts, place, g.order,
                                                     g.order_weight)
+            if g.cells is not None and g.centre_weight:
+                loss = loss + g.centre_weight * centre_loss(self.centre_head(tokens), g.cells)
         return loss
 
 
@@ -255,6 +264,11 @@ def _to(t: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor
     return t[0].to(device), t[1].to(device)
 
 
+def _image_names(pretrain_json: str) -> list[str]:
+    with open(pretrain_json, encoding="utf-8") as f:
+        return [rec["image"] for rec in json.load(f)]
+
+
 def load_pairs(pretrain_json: str, image_folder: str, limit: int | None = None,
                image_size: int = 96) -> tuple[np.ndarray, list[str]]:
     """All (image, caption) pairs of a LLaVA-Pretrain file: uint8 images (N, S, S, 3) and captions."""
@@ -299,31 +313,44 @@ def scene_pairs(data_dir: str, split: str = "eval", image_size: int = 96) -> tup
     return read_images(data_dir, list(scenes), image_size), [caption(scene) for scene in scenes.values()]
 
 
+def heldout_cells(data_dir: str, spec: VisionSpec, split: str = "eval") -> torch.Tensor:
+    """The centre targets of `scene_pairs(data_dir, split)`'s scenes, in the same order."""
+    from llava.data.synth import load_scenes
+
+    return centre_targets(list(load_scenes(data_dir, split).values()), spec.image_size, spec.patch_size)
+
+
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
                     spec: VisionSpec | None = None, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
                     seed: int = 0, log_every: int = 10, device: str = "cpu", hard_negatives_per_image: int = 0,
                     check_pairs: tuple[np.ndarray, list[str]] | None = None, grounding_weight: float = 0.0,
-                    check_every: int = 0, order_weight: float = 0.0) -> dict:
+                    check_every: int = 0, order_weight: float = 0.0, centre_weight: float = 0.0,
+                    check_cells: torch.Tensor | None = None) -> dict:
     """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder); returns a summary,
     with the binding accuracy on `check_pairs` (held-out images and captions) when given.
 
     grounding_weight > 0 adds the caption-grounding loss (llava.recipe.grounding) with that weight;
     its held-out scores are logged every `check_every` steps (0: at the end only). order_weight > 0
-    adds its left-to-right ranking of the caption's groups (needs grounding_weight > 0)."""
+    adds its left-to-right ranking of the caption's groups (needs grounding_weight > 0); centre_weight > 0
+    its per-patch readout of the shapes' centres, read from the images' scenes (`scenes_of`), scored on
+    `check_cells` (`heldout_cells`) when given."""
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
     images, captions = load_pairs(pretrain_json, image_folder, image_size=spec.image_size)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
-    if order_weight and not grounding_weight:
-        raise ValueError("order_weight needs the grounding head: set grounding_weight > 0 too")
+    if (order_weight or centre_weight) and not grounding_weight:
+        raise ValueError("order_weight and centre_weight need the grounding head: set grounding_weight > 0 too")
     if check_pairs is not None and check_pairs[0].shape[1:3] != (spec.image_size, spec.image_size):
         raise ValueError(f"the check images are {check_pairs[0].shape[1]} px, the tower's are {spec.image_size}: "
                          "read them with scene_pairs(..., image_size=spec.image_size)")
-    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0)
+    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0,
+                        centres=centre_weight > 0)
     model = model.to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
     order = caption_order(captions) if order_weight > 0 else None
+    cells = (centre_targets(scenes_of(image_folder, _image_names(pretrain_json)), spec.image_size, spec.patch_size)
+             if centre_weight > 0 else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     neg_seed = [seed]  # a new seed per step: fresh perturbations every time a caption comes round
@@ -336,13 +363,14 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
             negs = hard_negatives([captions[i] for i in idx], neg_seed[0], hard_negatives_per_image)
             neg = _to(tokenize_captions(tokenizer, negs, spec.max_text_len), device)
         grounding = Grounding(targets[0][idx].to(device), targets[1][idx].to(device), grounding_weight,
-                              order[idx].to(device) if order is not None else None, order_weight) if targets else None
+                              order[idx].to(device) if order is not None else None, order_weight,
+                              cells[idx].to(device) if cells is not None else None, centre_weight) if targets else None
         return model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device),
                      mask[idx, :keep].to(device), *neg, grounding=grounding)
 
     def check(step: int) -> None:
         if check_pairs and targets and check_every and step % check_every == 0 and step < steps:
-            log.write(step=step, grounding=grounding_accuracy(model, *check_pairs, device),
+            log.write(step=step, grounding=grounding_accuracy(model, *check_pairs, device, check_cells),
                       seconds=round(time.perf_counter() - t0, 2))
 
     train_loop(model, opt, len(images), steps, batch_size, lr, seed, log, loss_of, log_every, after_step=check, t0=t0)
@@ -351,25 +379,33 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
         log.write(step=steps, binding=binding)
     grounding = {}
     if check_pairs and targets:
-        grounding = grounding_accuracy(model, *check_pairs, device)
+        grounding = grounding_accuracy(model, *check_pairs, device, check_cells)
         log.write(step=steps, grounding=grounding)
     model.vision.cpu().save_pretrained(out_dir)
     losses = [r["loss"] for r in log.rows if "loss" in r]
     return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "pairs": len(images),
             "hard_negatives_per_image": hard_negatives_per_image, "binding_heldout": binding,
-            "grounding_weight": grounding_weight, "order_weight": order_weight, "grounding_heldout": grounding}
+            "grounding_weight": grounding_weight, "order_weight": order_weight, "centre_weight": centre_weight,
+            "grounding_heldout": grounding}
 
 
 @torch.no_grad()
-def grounding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[str], device: str = "cpu"
-                       ) -> dict[str, float]:
-    """The grounding head on held-out scenes (`grounding_scores`): what the tower's patch tokens carry."""
+def grounding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[str], device: str = "cpu",
+                       cells: torch.Tensor | None = None) -> dict[str, float]:
+    """The grounding head on held-out scenes (`grounding_scores`): what the tower's patch tokens carry;
+    with a centre head and the scenes' `cells`, how often its centre patches count each shape right."""
     model.eval()
-    outs = [model.grounding_head(model._encode(to_pixels(images[i:i + 128]).to(device))[1])
-            for i in range(0, len(images), 128)]
+    tokens = [model._encode(to_pixels(images[i:i + 128]).to(device))[1] for i in range(0, len(images), 128)]
+    outs = [model.grounding_head(t) for t in tokens]
+    centres = (torch.cat([model.centre_head(t).cpu() for t in tokens])
+               if model.centre_head is not None and cells is not None else None)
     model.train()
     pair_logits, count_logits = (torch.cat([o[k].cpu() for o in outs]) for k in (0, 1))
     place = torch.cat([o[2].cpu() for o in outs]) if outs and outs[0][2] is not None else None
-    return grounding_scores(pair_logits, count_logits, *grounding_targets(captions), place,
-                            caption_order(captions) if place is not None else None)
+    pairs, counts = grounding_targets(captions)
+    scores = grounding_scores(pair_logits, count_logits, pairs, counts, place,
+                              caption_order(captions) if place is not None else None)
+    if centres is not None:
+        scores["centre_count_accuracy"] = centre_count_accuracy(centres, counts)
+    return scores
