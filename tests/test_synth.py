@@ -23,7 +23,8 @@ from llava.data.synth import answer_vocab, generate
 from llava.data.synth_cli import add_synth_command
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES, WORDS, Scene, render, sample_scene
 from llava.data.synth_text import CATEGORIES, MC_SUFFIX, MIN_DX, SHORT_SUFFIX, TEMPLATES, conversation, count_word
-from llava.eval.synth import chance_levels, check_targets, evaluate, load_questions, normalize_answer, score
+from llava.eval.synth import (chance_levels, check_targets, evaluate, grounding_check, load_questions,
+                              normalize_answer, score)
 from llava.train.data import load_records, validate_record
 
 SEED, N, EVAL_N = 3, 24, 70
@@ -374,7 +375,8 @@ def test_score_perfect_missing_and_pope_metrics():
     assert perfect["exist"]["f1"] == 1.0 and perfect["exist"]["yes_ratio"] == 0.5
     answers = {0: "red", 2: "yes", 3: "yes", 4: "no", 5: "no", 6: "A"}  # 1 and 7 missing
     r = score(qs, {str(k): v for k, v in answers.items()})  # string ids work too
-    assert r["missing"] == 2 and r["categories"]["color"] == {"accuracy": 50.0, "n": 2, "correct": 1, "missing": 1}
+    assert r["missing"] == 2
+    assert r["categories"]["color"] == {"accuracy": 50.0, "n": 2, "correct": 1, "missing": 1, "answered": 1}
     assert r["exist"] == {"accuracy": 50.0, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
     assert r["overall"] == pytest.approx(100 * 4 / 8)
 
@@ -391,6 +393,31 @@ def test_score_on_eval_set_perfect_and_constant(synth):
             assert const["accuracy"][cat] <= chance[cat] + 1e-9
             assert const["accuracy"][cat] >= 100 / len(answer_vocab(cat)) - 15
         assert not check_targets(const)["exist_f1"]["ok"]
+
+
+def test_grounding_check_counts_guesses_not_declines():
+    """On blank pictures, accuracy among the answers from the category's set must lie within 10 points
+    of chance either way; an answer outside the set (a decline) is no guess, and few guesses pass."""
+    qs = [{"question_id": i, "category": "position", "answer": "left" if i % 2 else "right"} for i in range(40)]
+    chance = chance_levels(qs)
+    assert chance["position"] == 50.0
+
+    def check(answer_of):
+        result = score(qs, {q["question_id"]: answer_of(q) for q in qs})
+        return grounding_check(result, chance)["position"]
+
+    always_left = check(lambda q: "Left.")  # a side prior that is no better than chance: fine
+    assert always_left["ok"] and always_left["answered"] == 40 and always_left["answered_accuracy"] == 50.0
+    assert not check(lambda q: q["answer"])["ok"]  # answers without a picture: it does not look
+    assert not check(lambda q: "right" if q["answer"] == "left" else "left")["ok"]  # the question leaks, inverted
+    # 22 declines, 18 guesses of which 9 right: declines are not counted against it
+    declining = check(lambda q: "No." if q["question_id"] < 22 else ("left" if q["question_id"] < 30 else "right"))
+    assert declining["ok"] and declining["answered"] == 18 and declining["accuracy"] < 40
+    assert declining["answered_accuracy"] == 50.0
+    # a prior among few guesses cannot be told from noise: too few to fail
+    assert check(lambda q: q["answer"] if q["question_id"] < 5 else "none")["ok"]
+    assert not grounding_check(score(qs, {q["question_id"]: q["answer"] if q["question_id"] < 12 else "none"
+                                          for q in qs}), chance)["position"]["ok"]
 
 
 class _StubPipe:
@@ -432,3 +459,5 @@ def test_evaluate_with_a_stub_pipe(synth, tmp_path):
     blind = evaluate(pipe, synth / "eval.jsonl", synth, blank_images=True)
     assert blind["blank_images"] and blind["accuracy"]["exist"] == 50.0 and blind["exist"]["yes_ratio"] == 0.0
     assert blind["overall"] <= blind["chance"]["overall"]
+    assert blind["answered"]["exist"] == blind["categories"]["exist"]["n"] and blind["answered"]["color"] == 0
+    assert all(c["ok"] for c in grounding_check(blind, blind["chance"]).values())  # it declines or says "No"

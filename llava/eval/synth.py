@@ -40,8 +40,8 @@ _MC_LEAD = re.compile(r"^[(\[]?([A-D])(?:$|[.):\]\s,])")
 _MC_ONLY = re.compile(r"^[(\[]?([A-Da-d])[.):\]]?$")
 _MC_PHRASE = re.compile(r"\b(?:answer is|option|choice)\s*:?\s*\(?([A-D])\b", re.IGNORECASE)
 
-__all__ = ["normalize_answer", "score", "chance_levels", "evaluate", "check_targets", "format_report",
-           "load_questions", "TARGETS", "CATEGORIES"]
+__all__ = ["normalize_answer", "score", "answer_sets", "chance_levels", "grounding_check", "evaluate", "check_targets",
+           "format_report", "load_questions", "TARGETS", "CATEGORIES"]
 
 
 def _first_line(text: str) -> str:
@@ -103,14 +103,18 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Mapping[Any, str | No
     """Accuracy per category and overall (percent), exist P/R/F1/yes-ratio, and missing answers.
 
     Returns {"overall", "n", "correct", "missing", "accuracy": {cat: percent}, "categories":
-    {cat: {"accuracy", "n", "correct", "missing"}}, "exist": {"accuracy", "precision",
-    "recall", "f1", "yes_ratio"}} ("exist" only when there are existence questions).
+    {cat: {"accuracy", "n", "correct", "missing", "answered"}}, "answered": {cat: count},
+    "answered_accuracy": {cat: percent or None}, "exist": {"accuracy", "precision", "recall",
+    "f1", "yes_ratio"}} ("exist" only when there are existence questions). "answered" counts the
+    answers among the category's answers in `questions` (`answer_sets`); the rest are declines
+    or out-of-vocabulary words, which `grounding_check` tells apart from guesses.
     """
     per: dict[str, dict[str, int]] = {}
+    vocab = answer_sets(questions)
     tp = fp = fn = said_yes = n_exist = 0
     for q in questions:
         cat = q["category"]
-        stats = per.setdefault(cat, {"n": 0, "correct": 0, "missing": 0})
+        stats = per.setdefault(cat, {"n": 0, "correct": 0, "missing": 0, "answered": 0})
         stats["n"] += 1
         raw = _lookup(answers, q["question_id"])
         if raw is None:
@@ -118,6 +122,7 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Mapping[Any, str | No
         truth = normalize_answer(q["answer"], cat)
         pred = normalize_answer(raw, cat) if raw is not None else None
         stats["correct"] += int(pred is not None and pred == truth)
+        stats["answered"] += int(pred in vocab[cat])
         if cat == "exist":
             n_exist += 1
             positive, said = truth == "yes", pred == "yes"
@@ -132,6 +137,9 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Mapping[Any, str | No
         "overall": _pct(correct, n), "n": n, "correct": correct, "missing": sum(s["missing"] for s in per.values()),
         "accuracy": {c: _pct(per[c]["correct"], per[c]["n"]) for c in ordered},
         "categories": {c: {"accuracy": _pct(per[c]["correct"], per[c]["n"]), **per[c]} for c in ordered},
+        "answered": {c: per[c]["answered"] for c in ordered},
+        "answered_accuracy": {c: _pct(per[c]["correct"], per[c]["answered"]) if per[c]["answered"] else None
+                              for c in ordered},
     }
     if n_exist:
         precision = tp / (tp + fp) if tp + fp else 0.0
@@ -140,6 +148,14 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Mapping[Any, str | No
         result["exist"] = {"accuracy": result["categories"]["exist"]["accuracy"], "precision": round(precision, 4),
                            "recall": round(recall, 4), "f1": round(f1, 4), "yes_ratio": round(said_yes / n_exist, 4)}
     return result
+
+
+def answer_sets(questions: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """Each category's answers in this set of questions (normalised): what a blind guesser picks from."""
+    out: dict[str, set[str]] = {}
+    for q in questions:
+        out.setdefault(q["category"], set()).add(normalize_answer(q["answer"], q["category"]))
+    return out
 
 
 def chance_levels(questions: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -167,6 +183,27 @@ def check_targets(result: Mapping[str, Any], targets: Mapping[str, float] = TARG
         else:
             value = result.get("categories", {}).get(key, {}).get("accuracy")
         out[key] = {"value": value, "target": target, "ok": value is not None and value >= target}
+    return out
+
+
+def grounding_check(blank: Mapping[str, Any], chance: Mapping[str, float], margin: float = 10.0,
+                    min_answered: int = 10) -> dict[str, dict[str, Any]]:
+    """The grounding check on a blank-image result (`score`'s, or `eval_results.json`'s "blank"):
+    {category: {"accuracy", "answered", "answered_accuracy", "chance", "ok"}}.
+
+    A model that looks at the picture cannot beat a blind guess without one; nor can it fall far
+    below it by guessing, unless something in the question leaks the answer the other way. So among
+    the answers it gives from the category's set, accuracy stays within `margin` points of chance.
+    Answers outside that set ("No" to "left or right?" about a blank picture: there is nothing to
+    place) are declines, not guesses, and do not count; a category with fewer than `min_answered`
+    guesses has too few to show a prior, and passes.
+    """
+    out = {}
+    for cat, accuracy in blank["accuracy"].items():
+        answered, acc = blank["answered"][cat], blank["answered_accuracy"][cat]
+        ok = answered < min_answered or abs(acc - chance[cat]) <= margin
+        out[cat] = {"accuracy": accuracy, "answered": answered, "answered_accuracy": acc, "chance": chance[cat],
+                    "ok": ok}
     return out
 
 
@@ -230,7 +267,16 @@ def format_report(result: Mapping[str, Any]) -> str:
                      f"(target {f1['target']}{' ok' if f1['ok'] else ' BELOW'}) yes-ratio {e['yes_ratio']:.3f}")
     if result.get("missing"):
         lines.append(f"missing answers: {result['missing']} (counted wrong)")
+    if result.get("blank_images") and "answered" in result:
+        checks = grounding_check(result, chance)
+        lines.append("grounding check (accuracy among the answers from each category's set, within 10 of chance): "
+                     + "; ".join(f"{c} {_guesses(g)}{'' if g['ok'] else ' OFF'}" for c, g in checks.items()))
     return "\n".join(lines)
+
+
+def _guesses(check: Mapping[str, Any]) -> str:
+    acc = check["answered_accuracy"]
+    return f"{'-' if acc is None else f'{acc:.1f}'} of {check['answered']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

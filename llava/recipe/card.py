@@ -14,13 +14,24 @@ def _size_mb(folder: str) -> float:
                if os.path.isfile(os.path.join(folder, f))) / 1e6
 
 
+def blank_cell(blank: Mapping[str, Any], category: str) -> str:
+    """A blank-image accuracy, and where the model declined some questions (answers outside the
+    category's set), its accuracy among the rest: what the grounding check compares with chance."""
+    s = blank["categories"][category]
+    answered = s.get("answered", s["n"])
+    if answered == s["n"]:
+        return f"{s['accuracy']:.1f}"
+    among = blank["answered_accuracy"][category]
+    return f"{s['accuracy']:.1f} ({'-' if among is None else f'{among:.1f}'} of {answered} guesses)"
+
+
 def metrics_table(real: Mapping[str, Any], blank: Mapping[str, Any]) -> str:
     """Markdown: per category accuracy with real and blank images, chance and target."""
     chance = real.get("chance", {})
     rows = ["| category | n | accuracy % | blank-image % | chance % | target % |", "|---|---|---|---|---|---|"]
     for cat, s in real["categories"].items():
         target = TARGETS.get(cat)
-        rows.append(f"| {cat} | {s['n']} | {s['accuracy']:.1f} | {blank['categories'][cat]['accuracy']:.1f} | "
+        rows.append(f"| {cat} | {s['n']} | {s['accuracy']:.1f} | {blank_cell(blank, cat)} | "
                     f"{chance.get(cat, float('nan')):.1f} | {'' if target is None else f'{target:.0f}'} |")
     rows.append(f"| overall | {real['n']} | {real['overall']:.1f} | {blank['overall']:.1f} | "
                 f"{chance.get('overall', float('nan')):.1f} | |")
@@ -76,7 +87,7 @@ def out_of_style_section(oos: Mapping[str, Any], set_info: Mapping[str, Any], sq
             "|---|---|---|---|---|---|---|---|"]
     for cat, s in oos["all"]["categories"].items():
         rows.append(f"| {cat} | {s['n']} | {oos['train']['accuracy'][cat]:.1f} | {oos['heldout']['accuracy'][cat]:.1f} "
-                    f"| {s['accuracy']:.1f} | {oos['blank']['accuracy'][cat]:.1f} | {chance.get(cat, float('nan')):.1f} "
+                    f"| {s['accuracy']:.1f} | {blank_cell(oos['blank'], cat)} | {chance.get(cat, float('nan')):.1f} "
                     f"| {OOS_TARGETS.get(cat, float('nan')):.0f} |")
     rows.append(f"| overall | {oos['all']['n']} | {oos['train']['overall']:.1f} | {oos['heldout']['overall']:.1f} | "
                 f"{oos['all']['overall']:.1f} | {oos['blank']['overall']:.1f} | {chance.get('overall', float('nan')):.1f} | |")
@@ -215,7 +226,10 @@ SHA-256 of the generated files (from `meta.json`):
 {metrics_table(m['real'], m['blank'])}
 
 Blank-image scores are the grounding check: with a white image the model should fall to
-about chance.
+about chance. Among the answers it gives from each category's set, accuracy lies within 10 points
+of chance (`llava.eval.synth.grounding_check`); answers outside the set, such as "No" to "left or
+right?" about a blank picture, are declines rather than guesses, and where there are any the
+cell shows the accuracy among the guesses and their number.
 
 {oos}## Wall time (seconds, {os.cpu_count()} CPU cores)
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 # The named sizes of `llava.recipe.sizes.SIZES`, listed here so that building the parser imports no torch
 # (a test checks the two lists are the same).
-SIZE_NAMES = ("full", "classic", "varied", "reduced", "small", "full-vmix", "full-vmix-128", "direct-128")
+SIZE_NAMES = ("full", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128")
 
 
 def cmd_recipe_tiny(args: argparse.Namespace) -> int:
@@ -30,14 +30,15 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     tiny.add_argument("--out", default="runs/tiny", help="output folder (the model ends up in OUT/stage2)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=SIZE_NAMES, default="full",
-                      help="full: the shipped model (~1 h 40 min on 2 cores with bf16 instructions, ~3 h "
-                           "without): the classic world, then a last phase of stage 2 in the varied world too, for "
-                           "pictures drawn other ways; classic: the model shipped before it, without that phase; "
-                           "varied: the full size in the varied world only (~1 h 45 min, work in progress, see "
+                      help="full: the shipped model (~2 h on 2 cores with bf16 instructions): the classic world, "
+                           "a tower that also pretrains on the varied world, then a last phase of stage 2 in the "
+                           "varied world at 128 px, for pictures drawn other ways; full-96: the model shipped before "
+                           "it (that phase at 96 px, a tower of the classic world); classic: the one before that, "
+                           "without the phase; varied: the varied world only (work in progress, see "
                            "llava/recipe/sizes.py); reduced: ~8 min, a simpler world (at most 2 objects a scene) "
-                           "where colour and the printed word are learnt; small: a one-minute smoke run; full-vmix: an "
-                           "experiment, full with a tower that also pretrains on the varied world; full-vmix-128: it with its "
-                           "last phase at 128 px; direct-128: that phase straight after stage 1 (sizes.py)")
+                           "where colour and the printed word are learnt; small: a one-minute smoke run; full-vmix: "
+                           "an experiment, full with that phase at 96 px; direct-128: full without stage 2's classic "
+                           "phases (sizes.py)")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

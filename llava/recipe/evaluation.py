@@ -40,6 +40,11 @@ def eval_seed(seed: int) -> int:
     return seed + 1
 
 
+def _blank_results(blank: dict[str, Any]) -> dict[str, Any]:
+    """What `llava.eval.synth.grounding_check` reads of a blank-image score."""
+    return {key: blank[key] for key in ("accuracy", "overall", "answered", "answered_accuracy")}
+
+
 def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
     """`eval_results.json` beside the model: the card's numbers in a form tests re-check."""
     m = summary["metrics"]
@@ -47,14 +52,15 @@ def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
                "eval_sha256": summary.get("eval_sha"),
                "real": {"accuracy": m["real"]["accuracy"], "overall": m["real"]["overall"],
                         "exist_f1": m["real"]["exist"]["f1"]},
-               "blank": {"accuracy": m["blank"]["accuracy"], "overall": m["blank"]["overall"]},
+               "blank": _blank_results(m["blank"]),
                "chance": m["real"]["chance"]}
     if "out_of_style" in m:
         oos = m["out_of_style"]
         results["out_of_style"] = {
             **summary.get("out_of_style_set", {}),
             **{part: {"accuracy": oos[part]["accuracy"], "overall": oos[part]["overall"],
-                      "exist_f1": oos[part].get("exist", {}).get("f1")} for part in ("all", "train", "heldout", "blank")},
+                      "exist_f1": oos[part].get("exist", {}).get("f1")} for part in ("all", "train", "heldout")},
+            "blank": {**_blank_results(oos["blank"]), "exist_f1": oos["blank"].get("exist", {}).get("f1")},
             "chance": oos["all"]["chance"]}
         if "after_crop" in oos:
             crop = oos["after_crop"]
