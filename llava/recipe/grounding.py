@@ -100,15 +100,15 @@ def scenes_of(image_folder: str, names: list[str]) -> list[Scene]:
     on its path that has one (a mixed set keeps the second world's scenes in a folder of its own)."""
     from llava.data.synth import load_scenes
 
-    loaded: dict[str, dict] = {}
+    loaded: dict[str, dict] = {}  # per folder its scenes, {} where it has none (each folder looked at once)
     out = []
     for name in names:
         parts = name.split("/")
         for k in range(len(parts) - 1, -1, -1):
             folder = os.path.join(image_folder, *parts[:k])
-            if folder not in loaded and os.path.exists(os.path.join(folder, "scenes.jsonl")):
-                loaded[folder] = load_scenes(folder)
-            if "/".join(parts[k:]) in loaded.get(folder, {}):
+            if folder not in loaded:
+                loaded[folder] = load_scenes(folder) if os.path.exists(os.path.join(folder, "scenes.jsonl")) else {}
+            if "/".join(parts[k:]) in loaded[folder]:
                 out.append(loaded[folder]["/".join(parts[k:])])
                 break
         else:

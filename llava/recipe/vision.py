@@ -264,18 +264,19 @@ def _to(t: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor
     return t[0].to(device), t[1].to(device)
 
 
-def _image_names(pretrain_json: str) -> list[str]:
+def pretrain_records(pretrain_json: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """The image names and captions of a LLaVA-Pretrain file (its first `limit` records)."""
     with open(pretrain_json, encoding="utf-8") as f:
-        return [rec["image"] for rec in json.load(f)]
+        records = json.load(f)[:limit]
+    captions = [rec["conversations"][-1]["value"].replace(IMAGE_TOKEN, "").strip() for rec in records]
+    return [rec["image"] for rec in records], captions
 
 
 def load_pairs(pretrain_json: str, image_folder: str, limit: int | None = None,
                image_size: int = 96) -> tuple[np.ndarray, list[str]]:
     """All (image, caption) pairs of a LLaVA-Pretrain file: uint8 images (N, S, S, 3) and captions."""
-    with open(pretrain_json, encoding="utf-8") as f:
-        records = json.load(f)[:limit]
-    captions = [rec["conversations"][-1]["value"].replace(IMAGE_TOKEN, "").strip() for rec in records]
-    return read_images(image_folder, [rec["image"] for rec in records], image_size), captions
+    names, captions = pretrain_records(pretrain_json, limit)
+    return read_images(image_folder, names, image_size), captions
 
 
 def read_images(folder: str, names: list[str], image_size: int = 96) -> np.ndarray:
@@ -337,7 +338,8 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
-    images, captions = load_pairs(pretrain_json, image_folder, image_size=spec.image_size)
+    names, captions = pretrain_records(pretrain_json)
+    images = read_images(image_folder, names, spec.image_size)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
     if (order_weight or centre_weight) and not grounding_weight:
         raise ValueError("order_weight and centre_weight need the grounding head: set grounding_weight > 0 too")
@@ -349,7 +351,7 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     model = model.to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
     order = caption_order(captions) if order_weight > 0 else None
-    cells = (centre_targets(scenes_of(image_folder, _image_names(pretrain_json)), spec.image_size, spec.patch_size)
+    cells = (centre_targets(scenes_of(image_folder, names), spec.image_size, spec.patch_size)
              if centre_weight > 0 else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
