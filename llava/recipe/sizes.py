@@ -76,7 +76,7 @@ class RecipeSize:
 
 SIZES: dict[str, RecipeSize] = {
     # The classic world only: the model shipped before issue 25 (in style it meets every target; on
-    # pictures drawn another way 44%). `full` below is this plus a last phase in the varied world.
+    # pictures drawn another way 44%). `full-96` below is this plus a last phase in the varied world.
     "classic": RecipeSize(n=3000, eval_n=350, vocab=1024, vision=VisionSpec(patch_size=16, sincos_positions=1.0),
                           lm=LMSpec(layers=6),
                           vision_steps=4000, vision_batch=128, lm_steps=400, lm_batch=16, lm_scenes=6000,
@@ -159,22 +159,22 @@ SIZES["full-96"] = replace(
 # mixed phase padding the varied canvases as that tower saw them (a centre crop loses what a count
 # question counts in about a quarter of the out-of-style set's pictures, so `square` cannot reach the
 # count target). Measured with a 2-epoch mixed phase (s2_mix_epochs=2, for time; Intel Xeon with AMX,
-# 2 cores): on held-out classic scenes the tower's grounding head counts as the shipped one's (97.3%
+# 2 cores): on held-out classic scenes the tower's grounding head counts as full-96's (97.3%
 # against 97.4; binding count 79.7 against 85.2); the model in style 95.4% (lettered choice 84, below
-# its 90: the shipped model's recipe had 88 after 3 mixed epochs, 92 after 4), out-of-style 80.3%
-# (count 55, shape 80, colour 87.5, left/right 90; held-out wordings 79.0, count 52.5), against the
-# shipped model's 79.3% (count 48.75; held-out wordings 79.5, count 47.5). On larger sets the gain is
-# clear: the varied world's own held-out questions (seed 123, 200 a category) count 60.5% against the
-# shipped model's 49.0 (colour 90.5 / 82, shape 92.5 / 81.5, lettered choice 83.5 / 78, overall 84.9 /
+# its 90: full-96's recipe had 88 after 3 mixed epochs, 92 after 4), out-of-style 80.3%
+# (count 55, shape 80, colour 87.5, left/right 90; held-out wordings 79.0, count 52.5), against
+# full-96's 79.3% (count 48.75; held-out wordings 79.5, count 47.5). On larger sets the gain is
+# clear: the varied world's own held-out questions (seed 123, 200 a category) count 60.5% against
+# full-96's 49.0 (colour 90.5 / 82, shape 92.5 / 81.5, lettered choice 83.5 / 78, overall 84.9 /
 # 78.3), and a second out-of-style set (seed 7) 81.8% against 76.3 (count 60 / 45, colour 96 / 90).
 # Session 34, this preset as it stands (4 mixed epochs, 3315 s; everything before it reused from the
 # 2-epoch run): in style 96.0% but lettered choice 88 (its target 90; count 90, left/right 98),
 # out-of-style 81.8% (colour 87.5, shape 81.2, count 57.5, yes/no 90, left/right 92.5; held-out
 # wordings 80.5, count 57.5); the varied world's held-out set 87.7% (count 63.5, colour 90.5, shape
 # 94), out-of-style seed 7 83.2% (count 58.8, colour 95). On 1400 more classic questions (seed 11) it
-# and the shipped model stand level: lettered choice 88.0 / 87.5, count 85.5 / 84.5, overall 94.8 /
-# 94.6, so the shipped model's 92 on the card's 50 lettered questions is partly luck. Lettered choice
-# misses are mostly counts (seed 11: 17 of its 24 misses, 19 of the shipped model's 25). Not shipped:
+# and full-96 stand level: lettered choice 88.0 / 87.5, count 85.5 / 84.5, overall 94.8 /
+# 94.6, so full-96's 92 on the card's 50 lettered questions is partly luck. Lettered choice
+# misses are mostly counts (seed 11: 17 of its 24 misses, 19 of full-96's 25). Not shipped:
 # the card's in-style targets must hold, and counting, in style and out, is what both miss.
 SIZES["full-vmix"] = replace(SIZES["full-96"], vision_mix_scenes=8000, vision_steps=5000, s2_mix_aspect="pad")
 
@@ -228,7 +228,7 @@ SIZES["full-vmix"] = replace(SIZES["full-96"], vision_mix_scenes=8000, vision_st
 SIZES["full"] = replace(SIZES["full-vmix"], s2_mix_image_size=128)
 
 # Session 45: `full` with stage 0's tower also marking each shape's centre patch (`centre_weight`, llava.recipe.
-# grounding). Measured on the tower alone (/work/s44/centre_tower.py in the session notes: `full`'s 20000
+# grounding). Measured on the tower alone (a script in session 45's note, trained on `full`'s 20000
 # pretraining pairs, grounding and order as the recipe has them, no hard negatives, 5000 steps, 96 px), the
 # grounding head's count query on the card's kind of out-of-style count pictures (seed 7, 200): weight 1 60.5%
 # against 45.5% with weight 0 (counts of 2: 39/50 against 14/50; 3: 18 / 17; 4: 22 / 18); held out in the classic
@@ -240,7 +240,7 @@ SIZES["full-centre"] = replace(SIZES["full"], centre_weight=1.0)
 # `full-vmix-128` with stage 2's two classic phases dropped: its mixed phase goes straight on from stage 1, at the
 # first phase's lr (1e-3, the tower at 1e-4), on the varied world's chats beside the classic world's first 9000
 # image chats. Measured on the Zen 5 EPYC (2 cores): 4418 s in all (stage 0's tower 1629 s, LM 224, stage 1 63, the
-# mixed phase 2450 at 128 px; its loss ends at 0.24, the shipped model's last phase at 0.08), but it learns neither
+# mixed phase 2450 at 128 px; its loss ends at 0.24, full-96's last phase at 0.08), but it learns neither
 # left/right nor the printed word: in style 68.6% (position 50, word 12, lettered choice 56, count 74; colour and
 # shape 100), out of style 72.3% (colour 91.2, shape 83.8, count 60, yes/no F1 0.77, left/right 51.2). So the
 # classic phases are what teach position and the word (the full recipe's tail learns left/right late, above);
