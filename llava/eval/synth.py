@@ -150,21 +150,24 @@ def score(questions: Sequence[Mapping[str, Any]], answers: Mapping[Any, str | No
     return result
 
 
+def _true_answers(questions: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Each category's true answers, normalised, one per question."""
+    answers: dict[str, list[str]] = {}
+    for q in questions:
+        answers.setdefault(q["category"], []).append(normalize_answer(q["answer"], q["category"]))
+    return answers
+
+
 def answer_sets(questions: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
     """Each category's answers in this set of questions (normalised): what a blind guesser picks from."""
-    out: dict[str, set[str]] = {}
-    for q in questions:
-        out.setdefault(q["category"], set()).add(normalize_answer(q["answer"], q["category"]))
-    return out
+    return {cat: set(values) for cat, values in _true_answers(questions).items()}
 
 
 def chance_levels(questions: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Accuracy (percent) a blind guesser gets per category: the better of guessing uniformly
-    among the category's answers and always giving its most common answer; "overall" is the
-    question-weighted mean. A model fed blank images should score about this."""
-    answers: dict[str, list[str]] = {}
-    for q in questions:
-        answers.setdefault(q["category"], []).append(normalize_answer(q["answer"], q["category"]))
+    among the category's answers (`answer_sets`) and always giving its most common answer;
+    "overall" is the question-weighted mean. A model fed blank images should score about this."""
+    answers = _true_answers(questions)
     out: dict[str, float] = {}
     for cat, values in answers.items():
         counts = Counter(values)
