@@ -212,7 +212,29 @@ def test_centre_cells_mark_each_shape_s_centre_patch_as_the_padded_tower_sees_it
     assert cells.sum() == 3
 
 
-def test_centre_readout_trains_needs_the_grounding_head_and_is_scored(synth, tokenizer, tmp_path):
+def test_word_cells_mark_the_word_band_s_patches_as_the_padded_tower_sees_it():
+    from llava.data.synth_scene import WORDS, Scene
+    from llava.recipe.grounding import patch_cells, word_cells, word_read_accuracy
+
+    # 200 x 100 with its word in the bottom band (y 80-100): padded to 200 x 200 (50 px above), so the band is
+    # y 130-150 -> 62.4-72 at 96 px: patch rows 3 and 4, every column
+    scene = Scene(size=200, height=100, background="white", gradient=0, objects=[], word="cat",
+                  word_box=(0, 80, 200, 100), word_place="bottom")
+    cells = word_cells(scene, 96, 16).view(6, 6)
+    assert (cells[3:5] == 1 + WORDS.index("cat")).all() and cells[:3].sum() == 0 and cells[5:].sum() == 0
+    plain = Scene(size=96, background="white", gradient=0, objects=[])
+    assert word_cells(plain, 96, 16).sum() == 0
+    both = patch_cells([scene, plain], 96, 16)
+    assert both.centres.shape == (2, 36, 6) and both.words.shape == (2, 36)
+    logits = torch.zeros(2, 36, 1 + len(WORDS))
+    logits[0, :, 1 + WORDS.index("dog")] = 1.0  # every patch says dog ...
+    logits[0, 18:30, 1 + WORDS.index("cat")] = 2.0  # ... but the band's say cat louder
+    assert word_read_accuracy(logits, both.words) == 100.0  # the picture without a word is not scored
+    logits[0, 18:30, 1 + WORDS.index("cat")] = 0.5
+    assert word_read_accuracy(logits, both.words) == 0.0
+
+
+def test_centre_and_word_readouts_train_need_the_grounding_head_and_are_scored(synth, tokenizer, tmp_path):
     from llava.recipe.grounding import scenes_of
     from llava.recipe.vision import heldout_cells
 
@@ -221,12 +243,17 @@ def test_centre_readout_trains_needs_the_grounding_head_and_is_scored(synth, tok
         s.objects for s in list(load_scenes(synth, "train").values())[:3]]
     v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "tower"), SMALL_VISION,
                         steps=6, batch_size=8, lr=3e-3, check_pairs=scene_pairs(str(synth)), grounding_weight=1.0,
-                        centre_weight=1.0, check_cells=heldout_cells(str(synth), SMALL_VISION))
+                        centre_weight=1.0, word_weight=1.0, check_cells=heldout_cells(str(synth), SMALL_VISION))
     assert 0 <= v["grounding_heldout"]["centre_count_accuracy"] <= 100 and v["centre_weight"] == 1.0
-    assert not any("centre" in k for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
+    assert 0 <= v["grounding_heldout"]["word_read_accuracy"] <= 100 and v["word_weight"] == 1.0
+    assert not any("centre" in k or "word" in k
+                   for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
     with pytest.raises(ValueError, match="grounding_weight"):
         pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t2"), SMALL_VISION,
                         steps=1, batch_size=8, centre_weight=1.0)
+    with pytest.raises(ValueError, match="grounding_weight"):
+        pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t3"), SMALL_VISION,
+                        steps=1, batch_size=8, word_weight=1.0)
     with pytest.raises(ValueError, match="no scenes.jsonl"):
         scenes_of(str(tmp_path), names[:1])
 

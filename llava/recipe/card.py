@@ -145,6 +145,9 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     if spec.get("centre_weight"):
         order += (f"; with a per-patch readout of each shape's centre (weight {spec['centre_weight']}), whose "
                   f"centre patches count each shape right {grounded.get('centre_count_accuracy', float('nan')):.1f}%")
+    if spec.get("word_weight"):
+        order += (f"; with a per-patch readout of the printed word on its band's patches (weight "
+                  f"{spec['word_weight']}), which reads it right {grounded.get('word_read_accuracy', float('nan')):.1f}%")
     grounding = (f" plus the caption-grounding loss (weight {g_weight}: for each colour-shape pair \"is it there?\", "
                  f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
                  f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "

@@ -9,7 +9,8 @@ from typing import Sequence
 
 # The named sizes of `llava.recipe.sizes.SIZES`, listed here so that building the parser imports no torch
 # (a test checks the two lists are the same).
-SIZE_NAMES = ("full", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128", "full-centre")
+SIZE_NAMES = ("full", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128", "full-centre",
+              "full-centre-word")
 
 
 def cmd_recipe_tiny(args: argparse.Namespace) -> int:
@@ -38,7 +39,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                            "llava/recipe/sizes.py); reduced: ~8 min, a simpler world (at most 2 objects a scene) "
                            "where colour and the printed word are learnt; small: a one-minute smoke run; full-vmix: "
                            "an experiment, full with that phase at 96 px; direct-128: full without stage 2's classic "
-                           "phases; full-centre: full with a tower that also marks each shape's centre (sizes.py)")
+                           "phases; full-centre: full with a tower that also marks each shape's centre (sizes.py); "
+                           "full-centre-word: full-centre with the tower also naming the printed word")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

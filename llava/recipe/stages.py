@@ -21,7 +21,7 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
     "stage0_tokenizer": _DATA_FIELDS,
     "stage0_vision": _DATA_FIELDS + ("vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
                                      "vision_negatives", "grounding_weight", "order_weight", "vision_mix_scenes",
-                                     "s2_mix_world", "centre_weight"),
+                                     "s2_mix_world", "centre_weight", "word_weight"),
     "stage0_lm": _DATA_FIELDS + ("lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
 

@@ -200,8 +200,9 @@ class _RecipeRun:
             device=self.device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(self.eval_dir, image_size=spec.vision.image_size),
             grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
-            check_every=max(1, spec.vision_steps // 6), centre_weight=spec.centre_weight,
-            check_cells=heldout_cells(self.eval_dir, spec.vision) if spec.centre_weight else None), started)
+            check_every=max(1, spec.vision_steps // 6), centre_weight=spec.centre_weight, word_weight=spec.word_weight,
+            check_cells=heldout_cells(self.eval_dir, spec.vision) if spec.centre_weight or spec.word_weight else None),
+            started)
 
     def vision_captions(self, scenes: str) -> str:
         """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`

@@ -30,11 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
-from llava.data.synth_scene import COLORS, PLURALS, SHAPES
+from llava.data.synth_scene import COLORS, PLURALS, SHAPES, WORDS
 from llava.processing.image import ImageProcessor
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
-from llava.recipe.grounding import (GroundingHead, caption_order, centre_count_accuracy, centre_loss, centre_targets,
-                                    grounding_loss, grounding_scores, grounding_targets, scenes_of)
+from llava.recipe.grounding import (GroundingHead, PatchCells, caption_order, centre_count_accuracy, centre_loss,
+                                    grounding_loss, grounding_scores, grounding_targets, patch_cells, scenes_of,
+                                    word_loss, word_read_accuracy)
 from llava.recipe.tokenizer import IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -123,15 +124,16 @@ class Grounding:
     weight: float
     order: torch.Tensor | None = None
     order_weight: float = 0.0
-    cells: torch.Tensor | None = None  # [B, patches, len(SHAPES)]: shapes' centre patches (`centre_cells`)
+    cells: PatchCells | None = None  # the batch's per-patch targets: shapes' centres, the word's band
     centre_weight: float = 0.0
+    word_weight: float = 0.0
 
 
 class DualEncoder(nn.Module):
     """CLIP: two towers, two projections into a shared space, a learnable temperature."""
 
     def __init__(self, vocab_size: int, spec: VisionSpec, grounding: bool = False, order: bool = False,
-                 centres: bool = False) -> None:
+                 centres: bool = False, words: bool = False) -> None:
         super().__init__()
         self.vision = CLIPVisionModel(vision_config(spec))
         if spec.sincos_positions:
@@ -144,13 +146,14 @@ class DualEncoder(nn.Module):
                                             per_query_readout=spec.grounding_per_query_readout) if grounding else None
         # made last, and only when asked for: recipes without it keep their initial weights
         self.centre_head = nn.Linear(spec.width, len(SHAPES)) if centres else None
+        self.word_head = nn.Linear(spec.width, 1 + len(WORDS)) if words else None
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._encode(pixels)[0]
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(normalised image embeddings, patch tokens at LLaVA's feature layer -2 when grounding)."""
-        patches = self.grounding_head is not None or self.centre_head is not None
+        patches = any(head is not None for head in (self.grounding_head, self.centre_head, self.word_head))
         out = self.vision(pixel_values=pixels, output_hidden_states=patches)
         # CLS (pooled) plus mean of patches: the patch tokens are what LLaVA reads, so train them too.
         img = out.pooler_output + out.last_hidden_state[:, 1:].mean(1)
@@ -174,7 +177,9 @@ class DualEncoder(nn.Module):
             loss = loss + g.weight * grounding_loss(pair_logits, count_logits, g.pairs, g.counts, place, g.order,
                                                     g.order_weight)
             if g.cells is not None and g.centre_weight:
-                loss = loss + g.centre_weight * centre_loss(self.centre_head(tokens), g.cells)
+                loss = loss + g.centre_weight * centre_loss(self.centre_head(tokens), g.cells.centres)
+            if g.cells is not None and g.word_weight:
+                loss = loss + g.word_weight * word_loss(self.word_head(tokens), g.cells.words)
         return loss
 
 
@@ -314,11 +319,11 @@ def scene_pairs(data_dir: str, split: str = "eval", image_size: int = 96) -> tup
     return read_images(data_dir, list(scenes), image_size), [caption(scene) for scene in scenes.values()]
 
 
-def heldout_cells(data_dir: str, spec: VisionSpec, split: str = "eval") -> torch.Tensor:
-    """The centre targets of `scene_pairs(data_dir, split)`'s scenes, in the same order."""
+def heldout_cells(data_dir: str, spec: VisionSpec, split: str = "eval") -> PatchCells:
+    """The per-patch targets of `scene_pairs(data_dir, split)`'s scenes, in the same order."""
     from llava.data.synth import load_scenes
 
-    return centre_targets(list(load_scenes(data_dir, split).values()), spec.image_size, spec.patch_size)
+    return patch_cells(list(load_scenes(data_dir, split).values()), spec.image_size, spec.patch_size)
 
 
 def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrainedTokenizerBase, out_dir: str,
@@ -326,33 +331,34 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
                     seed: int = 0, log_every: int = 10, device: str = "cpu", hard_negatives_per_image: int = 0,
                     check_pairs: tuple[np.ndarray, list[str]] | None = None, grounding_weight: float = 0.0,
                     check_every: int = 0, order_weight: float = 0.0, centre_weight: float = 0.0,
-                    check_cells: torch.Tensor | None = None) -> dict:
+                    word_weight: float = 0.0, check_cells: PatchCells | None = None) -> dict:
     """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder); returns a summary,
     with the binding accuracy on `check_pairs` (held-out images and captions) when given.
 
     grounding_weight > 0 adds the caption-grounding loss (llava.recipe.grounding) with that weight;
     its held-out scores are logged every `check_every` steps (0: at the end only). order_weight > 0
     adds its left-to-right ranking of the caption's groups (needs grounding_weight > 0); centre_weight > 0
-    its per-patch readout of the shapes' centres, read from the images' scenes (`scenes_of`), scored on
-    `check_cells` (`heldout_cells`) when given."""
+    its per-patch readout of the shapes' centres, word_weight > 0 that of the printed word, both read from
+    the images' scenes (`scenes_of`) and scored on `check_cells` (`heldout_cells`) when given."""
     spec = spec or VisionSpec()
     seed_everything(seed)
     t0 = time.perf_counter()
     names, captions = pretrain_records(pretrain_json)
     images = read_images(image_folder, names, spec.image_size)
     ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
-    if (order_weight or centre_weight) and not grounding_weight:
-        raise ValueError("order_weight and centre_weight need the grounding head: set grounding_weight > 0 too")
+    if (order_weight or centre_weight or word_weight) and not grounding_weight:
+        raise ValueError("order_weight, centre_weight and word_weight need the grounding head: "
+                         "set grounding_weight > 0 too")
     if check_pairs is not None and check_pairs[0].shape[1:3] != (spec.image_size, spec.image_size):
         raise ValueError(f"the check images are {check_pairs[0].shape[1]} px, the tower's are {spec.image_size}: "
                          "read them with scene_pairs(..., image_size=spec.image_size)")
     model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0,
-                        centres=centre_weight > 0)
+                        centres=centre_weight > 0, words=word_weight > 0)
     model = model.to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
     order = caption_order(captions) if order_weight > 0 else None
-    cells = (centre_targets(scenes_of(image_folder, names), spec.image_size, spec.patch_size)
-             if centre_weight > 0 else None)
+    cells = (patch_cells(scenes_of(image_folder, names), spec.image_size, spec.patch_size)
+             if centre_weight or word_weight else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = JsonlLog(os.path.join(out_dir, "metrics.jsonl"))
     neg_seed = [seed]  # a new seed per step: fresh perturbations every time a caption comes round
@@ -366,7 +372,8 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
             neg = _to(tokenize_captions(tokenizer, negs, spec.max_text_len), device)
         grounding = Grounding(targets[0][idx].to(device), targets[1][idx].to(device), grounding_weight,
                               order[idx].to(device) if order is not None else None, order_weight,
-                              cells[idx].to(device) if cells is not None else None, centre_weight) if targets else None
+                              PatchCells(*(c[idx].to(device) for c in cells)) if cells is not None else None,
+                              centre_weight, word_weight) if targets else None
         return model(to_pixels(images[idx.numpy()]).to(device), ids[idx, :keep].to(device),
                      mask[idx, :keep].to(device), *neg, grounding=grounding)
 
@@ -389,25 +396,30 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
             "seconds": time.perf_counter() - t0, "pairs": len(images),
             "hard_negatives_per_image": hard_negatives_per_image, "binding_heldout": binding,
             "grounding_weight": grounding_weight, "order_weight": order_weight, "centre_weight": centre_weight,
+            "word_weight": word_weight,
             "grounding_heldout": grounding}
 
 
 @torch.no_grad()
 def grounding_accuracy(model: DualEncoder, images: np.ndarray, captions: list[str], device: str = "cpu",
-                       cells: torch.Tensor | None = None) -> dict[str, float]:
+                       cells: PatchCells | None = None) -> dict[str, float]:
     """The grounding head on held-out scenes (`grounding_scores`): what the tower's patch tokens carry;
-    with a centre head and the scenes' `cells`, how often its centre patches count each shape right."""
+    with the scenes' `cells`, how often a centre head's centre patches count each shape right and a word
+    head reads the printed word."""
     model.eval()
     tokens = [model._encode(to_pixels(images[i:i + 128]).to(device))[1] for i in range(0, len(images), 128)]
     outs = [model.grounding_head(t) for t in tokens]
-    centres = (torch.cat([model.centre_head(t).cpu() for t in tokens])
-               if model.centre_head is not None and cells is not None else None)
+    readouts = {name: torch.cat([head(t).cpu() for t in tokens])
+                for name, head in (("centres", model.centre_head), ("words", model.word_head))
+                if head is not None and cells is not None}
     model.train()
     pair_logits, count_logits = (torch.cat([o[k].cpu() for o in outs]) for k in (0, 1))
     place = torch.cat([o[2].cpu() for o in outs]) if outs and outs[0][2] is not None else None
     pairs, counts = grounding_targets(captions)
     scores = grounding_scores(pair_logits, count_logits, pairs, counts, place,
                               caption_order(captions) if place is not None else None)
-    if centres is not None:
-        scores["centre_count_accuracy"] = centre_count_accuracy(centres, counts)
+    if "centres" in readouts:
+        scores["centre_count_accuracy"] = centre_count_accuracy(readouts["centres"], counts)
+    if "words" in readouts:
+        scores["word_read_accuracy"] = word_read_accuracy(readouts["words"], cells.words)
     return scores
