@@ -9,8 +9,8 @@ from typing import Sequence
 
 # The named sizes of `llava.recipe.sizes.SIZES`, listed here so that building the parser imports no torch
 # (a test checks the two lists are the same).
-SIZE_NAMES = ("full", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128", "full-centre",
-              "full-centre-word")
+SIZE_NAMES = ("full", "full-no-readouts", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128",
+              "full-centre")
 
 
 def cmd_recipe_tiny(args: argparse.Namespace) -> int:
@@ -32,15 +32,16 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=SIZE_NAMES, default="full",
                       help="full: the shipped model (~2 h on 2 cores with bf16 instructions): the classic world, "
-                           "a tower that also pretrains on the varied world, then a last phase of stage 2 in the "
-                           "varied world at 128 px, for pictures drawn other ways; full-96: the model shipped before "
-                           "it (that phase at 96 px, a tower of the classic world); classic: the one before that, "
-                           "without the phase; varied: the varied world only (work in progress, see "
-                           "llava/recipe/sizes.py); reduced: ~8 min, a simpler world (at most 2 objects a scene) "
-                           "where colour and the printed word are learnt; small: a one-minute smoke run; full-vmix: "
-                           "an experiment, full with that phase at 96 px; direct-128: full without stage 2's classic "
-                           "phases; full-centre: full with a tower that also marks each shape's centre (sizes.py); "
-                           "full-centre-word: full-centre with the tower also naming the printed word")
+                           "a tower that also pretrains on the varied world and names each shape's centre patch and "
+                           "the printed word's patches, then a last phase of stage 2 in the varied world at 128 px, "
+                           "for pictures drawn other ways; full-no-readouts: the model shipped before it (its tower "
+                           "without those readouts); full-96: the one before that (that phase at 96 px, a tower of "
+                           "the classic world); classic: the one before that, without the phase; varied: the varied "
+                           "world only (work in progress, see llava/recipe/sizes.py); reduced: ~8 min, a simpler "
+                           "world (at most 2 objects a scene) where colour and the printed word are learnt; small: a "
+                           "one-minute smoke run; full-vmix: an experiment, full-no-readouts with that phase at 96 "
+                           "px; direct-128: full-no-readouts without stage 2's classic phases; full-centre: an "
+                           "experiment, full without the word readout (sizes.py)")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

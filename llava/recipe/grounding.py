@@ -46,7 +46,7 @@ of its band (`word_cells`). Why: the centre readout pulls the patch tokens towar
 word fades from them. A linear probe on the flattened tokens still reads it perfectly, but after 10
 probe steps it read 36% of held-out words with centres against 68% without (between-word share of the
 tokens' variance 0.029 against 0.043), and the whole recipe's chat model then never learnt to read it
-(20% in style, where `full` got 100%). The readout makes the word a property of its band's tokens.
+(20% in style, where `full-no-readouts` got 100%). The readout makes the word a property of its band's tokens.
 """
 
 from __future__ import annotations
