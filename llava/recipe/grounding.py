@@ -116,7 +116,8 @@ def word_cells(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor:
     cells = torch.zeros(grid * grid, dtype=torch.long)
     if scene.word and scene.word_box:
         x0, y0, x1, y1 = scene.word_box
-        (r0, c0), (r1, c1) = (_patch_of(scene, image_size, patch_size)(x, y) for x, y in ((x0, y0), (x1 - 1, y1 - 1)))
+        patch = _patch_of(scene, image_size, patch_size)
+        (r0, c0), (r1, c1) = patch(x0, y0), patch(x1 - 1, y1 - 1)
         cells.view(grid, grid)[r0:r1 + 1, c0:c1 + 1] = 1 + WORDS.index(scene.word)
     return cells
 
