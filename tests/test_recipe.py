@@ -224,6 +224,8 @@ def test_word_cells_mark_the_word_band_s_patches_as_the_padded_tower_sees_it():
     assert (cells[3:5] == 1 + WORDS.index("cat")).all() and cells[:3].sum() == 0 and cells[5:].sum() == 0
     plain = Scene(size=96, background="white", gradient=0, objects=[])
     assert word_cells(plain, 96, 16).sum() == 0
+    with pytest.raises(ValueError, match="names only"):
+        word_cells(dataclasses.replace(scene, word="zebra"), 96, 16)
     both = patch_cells([scene, plain], 96, 16)
     assert both.centres.shape == (2, 36, 6) and both.words.shape == (2, 36)
     logits = torch.zeros(2, 36, 1 + len(WORDS))

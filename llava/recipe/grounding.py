@@ -115,6 +115,8 @@ def word_cells(scene: Scene, image_size: int, patch_size: int) -> torch.Tensor:
     grid = image_size // patch_size
     cells = torch.zeros(grid * grid, dtype=torch.long)
     if scene.word and scene.word_box:
+        if scene.word not in WORDS:
+            raise ValueError(f"the word readout names only the synthetic worlds' words {WORDS}, not {scene.word!r}")
         x0, y0, x1, y1 = scene.word_box
         patch = _patch_of(scene, image_size, patch_size)
         (r0, c0), (r1, c1) = patch(x0, y0), patch(x1 - 1, y1 - 1)
