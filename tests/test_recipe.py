@@ -250,6 +250,15 @@ def test_centre_and_word_readouts_train_need_the_grounding_head_and_are_scored(s
     assert 0 <= v["grounding_heldout"]["word_read_accuracy"] <= 100 and v["word_weight"] == 1.0
     assert not any("centre" in k or "word" in k
                    for k in CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict())
+    # the readouts are kept beside the tower: read back, they score the held-out scenes as training did
+    from llava.recipe.grounding import load_readouts
+    from llava.recipe.vision import DualEncoder, grounding_accuracy
+
+    again = DualEncoder(len(tokenizer), SMALL_VISION, grounding=True, centres=True, words=True)
+    again.vision = CLIPVisionModel.from_pretrained(tmp_path / "tower")
+    load_readouts(again, str(tmp_path / "tower"))
+    assert grounding_accuracy(again, *scene_pairs(str(synth)), cells=heldout_cells(str(synth), SMALL_VISION)) \
+        == v["grounding_heldout"]
     with pytest.raises(ValueError, match="grounding_weight"):
         pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t2"), SMALL_VISION,
                         steps=1, batch_size=8, centre_weight=1.0)

@@ -58,6 +58,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES, WORDS, Scene
 from llava.data.synth_text import NUMBER_WORDS
@@ -259,3 +260,25 @@ def grounding_scores(pair_logits: torch.Tensor, count_logits: torch.Tensor, pair
     if place is not None and order is not None:
         scores["order_accuracy"] = round(100 * (_ordered_gaps(place, order) > 0).float().mean().item(), 1)
     return scores
+
+
+READOUT_HEADS = ("grounding_head", "centre_head", "word_head")  # the dual encoder's, where it has them
+READOUTS_FILE = "readouts.safetensors"  # saved beside the tower
+
+
+def save_readouts(model: nn.Module, folder: str) -> None:
+    """Keep a stage-0 model's readout heads beside its tower (`load_readouts`), so what the tower's
+    tokens carry can be read on other pictures later (the out-of-style set's) without training again."""
+    heads = {f"{name}.{key}": value.detach().cpu().contiguous() for name in READOUT_HEADS
+             if getattr(model, name, None) is not None for key, value in getattr(model, name).state_dict().items()}
+    if heads:
+        save_file(heads, os.path.join(folder, READOUTS_FILE))
+
+
+def load_readouts(model: nn.Module, folder: str) -> None:
+    """Load the heads `save_readouts` kept in `folder` into `model`'s (made with the same heads)."""
+    state = load_file(os.path.join(folder, READOUTS_FILE))
+    for name in READOUT_HEADS:
+        if getattr(model, name, None) is not None:
+            getattr(model, name).load_state_dict({key.partition(".")[2]: value for key, value in state.items()
+                                                  if key.partition(".")[0] == name})

@@ -34,8 +34,8 @@ from llava.data.synth_scene import COLORS, PLURALS, SHAPES, WORDS
 from llava.processing.image import ImageProcessor
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
 from llava.recipe.grounding import (GroundingHead, PatchCells, caption_order, centre_count_accuracy, centre_loss,
-                                    grounding_loss, grounding_scores, grounding_targets, patch_cells, scenes_of,
-                                    word_loss, word_read_accuracy)
+                                    grounding_loss, grounding_scores, grounding_targets, patch_cells, save_readouts,
+                                    scenes_of, word_loss, word_read_accuracy)
 from llava.recipe.tokenizer import IMAGE_TOKEN
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -391,6 +391,7 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
         grounding = grounding_accuracy(model, *check_pairs, device, check_cells)
         log.write(step=steps, grounding=grounding)
     model.vision.cpu().save_pretrained(out_dir)
+    save_readouts(model, out_dir)
     losses = [r["loss"] for r in log.rows if "loss" in r]
     return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "pairs": len(images),
