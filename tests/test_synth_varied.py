@@ -19,8 +19,8 @@ import PIL.Image
 import pytest
 
 from llava.data.synth import chat, generate, train_scene
-from llava.data.synth_phrasing import (HELDOUT_TEMPLATES, TEMPLATES, VARIED_TEMPLATES, VARIED_TRAINING_TEMPLATES,
-                                       compose)
+from llava.data.synth_phrasing import (HELDOUT_TEMPLATES, TEMPLATES, VARIED_2_TRAINING_TEMPLATES, VARIED_TEMPLATES,
+                                       VARIED_TRAINING_TEMPLATES, compose)
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES, Obj, Scene, render, sample_scene
 from llava.data.synth_text import CATEGORIES, MC_SUFFIX, SHORT_SUFFIX, make_qa
 from llava.data.synth_varied import SHADES, sample_varied_scene
@@ -159,9 +159,9 @@ def test_a_varied_cross_runs_from_a_thin_plus_sign_to_a_stout_one():
 def _truth(scene: Scene, key: str) -> str:
     """The answer to the fact `key` ("color:star", "count:circle", ...) read from the scene alone."""
     kind, _, what = key.partition(":")
-    if kind == "color":
-        (o,) = [o for o in scene.objects if o.shape == what]
-        return o.color
+    if kind == "color":  # one object of the shape, or a group of it drawn in one colour
+        (color,) = {o.color for o in scene.objects if o.shape == what}
+        return color
     if kind == "shape":
         (o,) = [o for o in scene.objects if o.color == what]
         return o.shape
@@ -291,3 +291,27 @@ def test_tower_sees_a_picture_as_the_llava_processor_does(tmp_path):
     assert pixels.shape == (96, 96, 3)
     assert np.allclose(tensor.numpy().transpose(1, 2, 0), expect, atol=1e-5)
     assert (pixels[:20] == processor.background).all()  # the padding band above the picture
+
+
+def test_the_second_edition_draws_smaller_shapes_and_groups_alike_and_asks_their_colour():
+    """People draw a group in one colour and ask "What color are the squares?": the second edition
+    ("varied-2") draws some groups alike and asks their colour in plural wordings (never about a
+    group of two colours), and draws small shapes smaller; the first edition asks no such question."""
+    asked, small = [], []
+    for i in range(400):
+        rng, scene = train_scene(SEED, i, world="varied-2")
+        small += [o.radius / max(scene.canvas) for o in scene.objects] if len(scene.objects) > 1 else []
+        for _ in range(3):
+            qa = make_qa(rng, scene, "color", pool=VARIED_2_TRAINING_TEMPLATES)
+            if qa is not None and scene.count(shape=qa.key.partition(":")[2]) > 1:
+                asked.append(qa)
+                assert qa.answer == _truth(scene, qa.key) and qa.answer in qa.sentence
+                assert any(p in qa.question for p in PLURALS.values()), qa.question
+    assert len(asked) > 20 and len({qa.question for qa in asked}) > 10
+    assert min(small) < 0.06  # the first edition's smallest: 0.065 of the long side
+    heldout = {t.lower() for ts in HELDOUT_TEMPLATES.values() for t in ts}
+    assert not heldout & {t.lower() for t in VARIED_2_TRAINING_TEMPLATES["color_group"]}
+    for i in range(200):
+        rng, scene = train_scene(SEED, i, world="varied")
+        qa = make_qa(rng, scene, "color", pool=VARIED_TRAINING_TEMPLATES)
+        assert qa is None or scene.count(shape=qa.key.partition(":")[2]) == 1

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 import PIL
 
-from llava.data.synth_phrasing import VARIED_TRAINING_TEMPLATES
+from llava.data.synth_phrasing import VARIED_2_TRAINING_TEMPLATES, VARIED_TRAINING_TEMPLATES
 from llava.data.synth_scene import BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, WORDS, Scene, render, sample_scene
 from llava.data.synth_text import (
     CAPTION_PROMPTS,
@@ -47,14 +47,17 @@ from llava.data.synth_text import (
     make_qa,
     text_conversation,
 )
-from llava.data.synth_varied import BACKGROUND_TINTS, sample_varied_scene
+from llava.data.synth_varied import BACKGROUND_TINTS, sample_varied_2_scene, sample_varied_scene
 
 FORMAT_VERSION = 1
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_EVAL_N = 1400  # 200 per category
-# The classic world (one look, a few wordings: what the bundled model was first trained on) and the
-# varied one (`llava.data.synth_varied`: many looks, canvases and wordings, sentence answers too).
-WORLDS: dict[str, Callable[..., Scene]] = {"classic": sample_scene, "varied": sample_varied_scene}
+# The classic world (one look, a few wordings: what the bundled model was first trained on), the
+# varied one (`llava.data.synth_varied`: many looks, canvases and wordings, sentence answers too) and
+# its second edition (smaller small shapes, groups drawn alike and asked their colour).
+WORLDS: dict[str, Callable[..., Scene]] = {"classic": sample_scene, "varied": sample_varied_scene,
+                                           "varied-2": sample_varied_2_scene}
+POOLS = {"varied": VARIED_TRAINING_TEMPLATES, "varied-2": VARIED_2_TRAINING_TEMPLATES}  # the worlds' wordings
 VARIED_SENTENCE_SHARE = 0.2  # varied chats: questions asked without the short-answer instruction
 VARIED_COUNT_ONE_KEEP = 0.2  # varied chats: the share of count questions answered "1" that are asked
 
@@ -83,8 +86,8 @@ def train_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, max
 
 def chat(rng: random.Random, scene: Scene, world: str = "classic") -> list[tuple[str, str]]:
     """A training conversation about the scene, worded as its world words them."""
-    if world == "varied":
-        return conversation(rng, scene, pool=VARIED_TRAINING_TEMPLATES, sentence_p=VARIED_SENTENCE_SHARE,
+    if world in POOLS:
+        return conversation(rng, scene, pool=POOLS[world], sentence_p=VARIED_SENTENCE_SHARE,
                             count_one_keep=VARIED_COUNT_ONE_KEEP)
     return conversation(rng, scene)
 
@@ -199,7 +202,8 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
 
     `world`: "classic" (one look, a few wordings) or "varied" (`llava.data.synth_varied`: canvases,
     scales, shades, strokes, backgrounds, noise, JPEG, many wordings and sentence answers; its
-    images are PNG or JPEG, and `image_size` is ignored as the canvas varies).
+    images are PNG or JPEG, and `image_size` is ignored as the canvas varies), or "varied-2" (its
+    second edition: smaller small shapes, groups drawn alike and asked their colour).
 
     `text_only`: number of image-free instruct chats (default n // 10); `text_mc`: the share of
     their questions asked as lettered multiple choice (`text_conversation`); `max_objects`: at
@@ -257,7 +261,7 @@ def generate(out_dir: str | os.PathLike, seed: int, n: int, image_size: int = DE
         **({"world": world} if world != "classic" else {}),  # classic meta.json keeps its old bytes
         "pillow": PIL.__version__,  # rendering (font rasterisation) is byte-stable for one Pillow version
         "vocab": {"colors": {k: list(v) for k, v in COLORS.items()}, "shapes": list(SHAPES), "sizes": list(SIZES),
-                  "words": list(WORDS), "backgrounds": list(BACKGROUND_TINTS if world == "varied" else BACKGROUNDS),
+                  "words": list(WORDS), "backgrounds": list(BACKGROUND_TINTS if world != "classic" else BACKGROUNDS),
                   "max_objects": max_objects},
         "categories": list(CATEGORIES), "suffixes": {"short": SHORT_SUFFIX, "mc": MC_SUFFIX},
         "eval_per_category": {c: sum(q["category"] == c for q in questions) for c in CATEGORIES},

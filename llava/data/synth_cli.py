@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Sequence
 
-from llava.data.synth import DEFAULT_EVAL_N, DEFAULT_IMAGE_SIZE
+from llava.data.synth import DEFAULT_EVAL_N, DEFAULT_IMAGE_SIZE, WORLDS
 from llava.data.synth_scene import MAX_OBJECTS
 
 
@@ -36,9 +36,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the text-only questions asked as lettered multiple choice (default 0)")
     p.add_argument("--max-objects", type=int, default=MAX_OBJECTS,
                    help=f"objects a scene at most, 2-{MAX_OBJECTS} (default {MAX_OBJECTS}; fewer make a simpler world)")
-    p.add_argument("--world", choices=("classic", "varied"), default="classic",
+    p.add_argument("--world", choices=tuple(WORLDS), default="classic",
                    help="classic: one look, a few wordings; varied: many canvases, scales, shades, strokes, "
-                        "backgrounds and wordings (default classic)")
+                        "backgrounds and wordings; varied-2: varied with smaller small shapes and groups drawn "
+                        "alike (default classic)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="rendering processes (output does not depend on it)")
     p.add_argument("--json", action="store_true", help="print meta.json instead of a summary")

@@ -84,6 +84,11 @@ VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
                                  "What does the word in the image say?"),
 }
 
+# The colour of a group drawn in one colour ("What color are the squares?" about three green squares): the varied
+# world's second edition asks it (`VARIED_2_TRAINING_TEMPLATES`).
+GROUP_COLOR_TEMPLATES: tuple[str, ...] = ("What color are the {plural}?", "What is the color of the {plural}?",
+                                          "Which color are the {plural}?")
+
 # Wordings no training pool may use: the out-of-style evaluation's held-out paraphrases of each
 # family (`llava.eval.out_of_style` asks them; tests check no training chat does).
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -115,6 +120,10 @@ PARAPHRASE_FRAMES: dict[str, tuple[str, ...]] = {
     "color_single": ("What {C} is the {O}?", "What is the {C} of the {O}?", "What {C} is this {O}?",
                      "Which {C} is the {O} in the {I}?", "Tell me the {O}'s {C}.", "What {C} do you see?",
                      "What's the {C} of this {O}?", "Which {C} is shown in the {I}?", "What {C} is the {O} here?"),
+    "color_group": ("What {C} are the {plural}?", "What is the {C} of the {plural}?", "Which {C} are the {plural}?",
+                    "What {C} are the {plural} in the {I}?", "What {C} are all the {plural}?",
+                    "Tell me the {C} of the {plural}.", "What {C} do the {plural} have?",
+                    "Name the {C} of the {plural}."),
     "shape": ("What shape is the {color} {O}?", "What is the shape of the {color} {O}?", "Which shape is {color}?",
               "What kind of shape is the {color} {O}?", "Tell me the shape of the {color} {O}.",
               "The {color} {O} is which shape?", "What is the {color} {O}?", "Which shape has the {C} {color}?",
@@ -171,5 +180,11 @@ VARIED_TRAINING_TEMPLATES: dict[str, tuple[str, ...]] = _without_heldout({
     for family, templates in VARIED_TEMPLATES.items()})
 
 
-__all__ = ["CAPTION_PROMPTS", "DETAIL_PROMPTS", "HELDOUT_TEMPLATES", "PARAPHRASE_FRAMES", "TEMPLATES",
-           "VARIED_TEMPLATES", "VARIED_TRAINING_TEMPLATES", "VOCABULARY", "compose"]
+# The second edition's pool: the first's, and the colour of a group drawn alike.
+VARIED_2_TRAINING_TEMPLATES: dict[str, tuple[str, ...]] = {**VARIED_TRAINING_TEMPLATES, **_without_heldout({
+    "color_group": tuple(dict.fromkeys(GROUP_COLOR_TEMPLATES + compose(PARAPHRASE_FRAMES["color_group"])))})}
+
+
+__all__ = ["CAPTION_PROMPTS", "DETAIL_PROMPTS", "GROUP_COLOR_TEMPLATES", "HELDOUT_TEMPLATES", "PARAPHRASE_FRAMES",
+           "TEMPLATES", "VARIED_TEMPLATES", "VARIED_TRAINING_TEMPLATES", "VARIED_2_TRAINING_TEMPLATES", "VOCABULARY",
+           "compose"]

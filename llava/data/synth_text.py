@@ -65,14 +65,31 @@ def _template(rng: random.Random, category: str, canonical: bool, pool: Pool | N
 
 def color_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,
              pool: Pool | None = None) -> QA | None:
-    """Colour of the only object of some shape."""
+    """Colour of the only object of some shape; with a pool that words it (`color_group`), also of
+    several objects of one shape drawn in one colour ("What color are the squares?")."""
     objs = [o for o in scene.objects if scene.count(shape=o.shape) == 1 and target in (None, o.color)]
+    if pool is not None and "color_group" in pool and not canonical:
+        objs += [o for o in _alike_groups(scene) if target in (None, o.color)]
     if not objs:
         return None
     o = rng.choice(objs)
+    k = scene.count(shape=o.shape)
+    if k > 1:
+        question = rng.choice(pool["color_group"]).format(plural=PLURALS[o.shape])
+        alone = k == len(scene.objects)
+        sentence = f"They are {o.color}." if alone else f"The {PLURALS[o.shape]} are {o.color}."
+        return QA("color", question, o.color, f"color:{o.shape}", sentence=sentence)
     question = _template(rng, "color", canonical, pool, scene.objects).format(shape=o.shape)
     sentence = f"It is {o.color}." if len(scene.objects) == 1 else f"The {o.shape} is {o.color}."
     return QA("color", question, o.color, f"color:{o.shape}", sentence=sentence)
+
+
+def _alike_groups(scene: Scene) -> list[Obj]:
+    """One object of each shape that appears more than once, all of it in one colour."""
+    groups: dict[str, list[Obj]] = {}
+    for o in scene.objects:
+        groups.setdefault(o.shape, []).append(o)
+    return [g[0] for g in groups.values() if len(g) > 1 and len({o.color for o in g}) == 1]
 
 
 def shape_qa(rng: random.Random, scene: Scene, target: str | None = None, canonical: bool = False,

@@ -37,6 +37,13 @@ BACKGROUND_TINTS: dict[str, tuple[int, int, int]] = {
 }
 SINGLE_OBJECT_SHARE = 0.25  # scenes of one shape: the picture a user draws first
 LARGE_SEVERAL_SHARE = 0.4  # scenes of several shapes drawn as large as they fit
+# Radii of several small shapes against the long side (the picture as padded to a square).
+SMALL_RADII = (0.065, 0.18)
+# The second edition (`sample_varied_2_scene`): small shapes down to 9% of the picture across, not 13% (the
+# smallest tenth of a user's shapes, as the out-of-style set draws them, were smaller than any trained on), and
+# a third of the groups of one shape drawn in one colour, as people draw them ("three green squares").
+SMALL_RADII_2 = (0.045, 0.18)
+ALIKE_GROUP_SHARE_2 = 0.3
 # The largest radius of n such shapes, as a fraction of the canvas's shorter side (room for all n).
 LARGEST_OF_SEVERAL: dict[int, float] = {2: 0.27, 3: 0.23, 4: 0.2, 5: 0.18}
 
@@ -66,7 +73,7 @@ def _object(rng: random.Random, shape: str, color: str, x: int, y: int, r: int, 
                angle=angle, variant=round(rng.random(), 3))
 
 
-def _layout(rng: random.Random, n: int, word: bool):
+def _layout(rng: random.Random, n: int, word: bool, small_radii: tuple[float, float]):
     """(canvas, radii, centres, word band, its place) for `n` objects, or None when they do not fit."""
     width, height = _canvas(rng)
     word_box = place = None
@@ -86,7 +93,7 @@ def _layout(rng: random.Random, n: int, word: bool):
         elif large:
             radii = [max(5, round(room * rng.uniform(0.12, LARGEST_OF_SEVERAL[n]) * scale)) for _ in range(n)]
         else:
-            radii = [max(5, round(long * rng.uniform(0.065, 0.18) * scale)) for _ in range(n)]
+            radii = [max(5, round(long * rng.uniform(*small_radii) * scale)) for _ in range(n)]
         centers = place_centers(rng, radii, width, top, bottom)
         if centers is not None:
             return (width, height), radii, centers, word_box, place
@@ -95,9 +102,12 @@ def _layout(rng: random.Random, n: int, word: bool):
 
 def sample_varied_scene(rng: random.Random, image_size: int = 0, *, count: int | None = None,
                         shape: str | None = None, n_objects: int | None = None, word: str | bool | None = None,
-                        max_objects: int = MAX_OBJECTS) -> Scene:
+                        max_objects: int = MAX_OBJECTS, small_radii: tuple[float, float] = SMALL_RADII,
+                        alike_share: float = 0.0) -> Scene:
     """A random varied scene; the hints pin parts of it as in `sample_scene` (`image_size` is
-    ignored: the canvas is part of what varies)."""
+    ignored: the canvas is part of what varies). `small_radii`: the range of several small shapes'
+    radii against the long side; `alike_share`: the share of groups of one shape drawn in one colour
+    (0 draws nothing from `rng`: the first edition's scenes keep their bytes)."""
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}; got {max_objects}")
     single = count in (None, 1) and n_objects in (None, 1) and rng.random() < SINGLE_OBJECT_SHARE
@@ -109,6 +119,9 @@ def sample_varied_scene(rng: random.Random, image_size: int = 0, *, count: int |
     shapes = [main] * k + rng.sample([s for s in SHAPES if s != main], total - k)
     rng.shuffle(shapes)
     colors = [rng.choice(tuple(COLORS)) for _ in shapes]
+    if alike_share and k > 1 and rng.random() < alike_share:
+        alike = rng.choice(tuple(COLORS))
+        colors = [alike if s == main else c for s, c in zip(shapes, colors)]
 
     text = None
     if word is True or (word is None and not single and rng.random() < 0.4):
@@ -116,7 +129,7 @@ def sample_varied_scene(rng: random.Random, image_size: int = 0, *, count: int |
     elif isinstance(word, str):
         text = word
     for _ in range(20):  # a crowded scene on a narrow canvas may not fit: draw another canvas
-        layout = _layout(rng, len(shapes), text is not None)
+        layout = _layout(rng, len(shapes), text is not None, small_radii)
         if layout is not None:
             break
     else:
@@ -134,5 +147,10 @@ def sample_varied_scene(rng: random.Random, image_size: int = 0, *, count: int |
                  seed=rng.getrandbits(32))
 
 
-__all__ = ["sample_varied_scene", "SHADES", "BACKGROUND_TINTS", "SINGLE_OBJECT_SHARE", "LARGE_SEVERAL_SHARE",
-           "LARGEST_OF_SEVERAL"]
+def sample_varied_2_scene(rng: random.Random, image_size: int = 0, **hints) -> Scene:
+    """A scene of the varied world's second edition: smaller small shapes, some groups drawn alike."""
+    return sample_varied_scene(rng, image_size, small_radii=SMALL_RADII_2, alike_share=ALIKE_GROUP_SHARE_2, **hints)
+
+
+__all__ = ["sample_varied_scene", "sample_varied_2_scene", "SHADES", "BACKGROUND_TINTS", "SINGLE_OBJECT_SHARE",
+           "LARGE_SEVERAL_SHARE", "LARGEST_OF_SEVERAL", "SMALL_RADII", "SMALL_RADII_2", "ALIKE_GROUP_SHARE_2"]

@@ -47,7 +47,7 @@ def metrics_table(real: Mapping[str, Any], blank: Mapping[str, Any]) -> str:
 
 def _aspect(spec: Mapping[str, Any]) -> str:
     """The recipe's model's aspect mode: pad (the varied world throughout), the mixed phase's, or square."""
-    return "pad" if spec.get("world") == "varied" else spec.get("s2_mix_aspect") or "square"
+    return "pad" if spec.get("world", "classic") != "classic" else spec.get("s2_mix_aspect") or "square"
 
 
 def _how_the_model_sees(spec: Mapping[str, Any]) -> str:
@@ -163,7 +163,7 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
             f"({_how_the_model_sees(spec)}), one shape filling the picture or up to five small "
             "ones, shades of each colour, filled or outlined, with or without an edge, tinted backgrounds, blur, "
             "noise and JPEG; questions in many wordings, some answered in sentences."
-            if spec.get("world") == "varied" or spec.get("s2_mix_epochs") else "")
+            if spec.get("world", "classic") != "classic" or spec.get("s2_mix_epochs") else "")
     tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"
             if spec.get("s2_tail_epochs") else "")
     if spec.get("s2_mix_epochs"):

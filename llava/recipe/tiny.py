@@ -248,7 +248,7 @@ class _RecipeRun:
                        seed=self.seed, max_steps=spec.s1_max_steps, device=self.device, language_model=self.lm,
                        vision_tower=self.tower, save_steps=spec.save_steps, bf16=False,
                        # the varied world's canvases are not square: keep all of them, as LLaVA-1.5 does
-                       image_aspect_ratio="pad" if spec.world == "varied" else None)
+                       image_aspect_ratio="pad" if spec.world != "classic" else None)
         # template: else the stage-1 checkpoint's own template (plain) would be kept
         first = dict(stage="finetune", data=os.path.join(train_data, "instruct.json"),
                      image_folder=train_data, epochs=spec.s2_epochs, batch=spec.s2_batch, lr=spec.s2_lr,
