@@ -259,6 +259,14 @@ def test_centre_and_word_readouts_train_need_the_grounding_head_and_are_scored(s
     load_readouts(again, str(tmp_path / "tower"))
     assert grounding_accuracy(again, *scene_pairs(str(synth)), cells=heldout_cells(str(synth), SMALL_VISION)) \
         == v["grounding_heldout"]
+    from llava.recipe.grounding import save_readouts
+
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="readouts.safetensors"):  # a tower saved before readouts were kept
+        load_readouts(again, str(tmp_path / "plain"))
+    save_readouts(DualEncoder(len(tokenizer), SMALL_VISION, grounding=True), str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="no centre_head"):  # a head the saved tower was trained without
+        load_readouts(again, str(tmp_path / "plain"))
     with pytest.raises(ValueError, match="grounding_weight"):
         pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "t2"), SMALL_VISION,
                         steps=1, batch_size=8, centre_weight=1.0)

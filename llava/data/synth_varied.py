@@ -17,6 +17,7 @@ A varied scene is still a `Scene` (its extra fields are plain data), so every qu
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from llava.data.synth_scene import COLORS, MAX_OBJECTS, SHAPES, WORDS, Obj, Scene, band_height, place_centers
 
@@ -147,7 +148,7 @@ def sample_varied_scene(rng: random.Random, image_size: int = 0, *, count: int |
                  seed=rng.getrandbits(32))
 
 
-def sample_varied_2_scene(rng: random.Random, image_size: int = 0, **hints) -> Scene:
+def sample_varied_2_scene(rng: random.Random, image_size: int = 0, **hints: Any) -> Scene:
     """A scene of the varied world's second edition: smaller small shapes, some groups drawn alike."""
     return sample_varied_scene(rng, image_size, small_radii=SMALL_RADII_2, alike_share=ALIKE_GROUP_SHARE_2, **hints)
 

@@ -277,8 +277,14 @@ def save_readouts(model: nn.Module, folder: str) -> None:
 
 def load_readouts(model: nn.Module, folder: str) -> None:
     """Load the heads `save_readouts` kept in `folder` into `model`'s (made with the same heads)."""
-    state = load_file(os.path.join(folder, READOUTS_FILE))
+    path = os.path.join(folder, READOUTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {READOUTS_FILE} in {folder}: towers trained before it was kept have none")
+    state = load_file(path)
     for name in READOUT_HEADS:
-        if getattr(model, name, None) is not None:
-            getattr(model, name).load_state_dict({key.partition(".")[2]: value for key, value in state.items()
-                                                  if key.partition(".")[0] == name})
+        if getattr(model, name, None) is None:
+            continue
+        head = {key.partition(".")[2]: value for key, value in state.items() if key.partition(".")[0] == name}
+        if not head:
+            raise ValueError(f"{path} has no {name}: the tower was trained without it")
+        getattr(model, name).load_state_dict(head)
