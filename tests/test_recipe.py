@@ -364,6 +364,24 @@ def test_a_stage0_model_records_its_spec_so_a_killed_run_keeps_only_what_still_f
     assert stage0_spec(str(tmp_path / "older"), None) is None
 
 
+def test_the_towers_second_world_can_differ_from_the_mixed_phases():
+    """`vision_mix_world` picks the world of the scenes stage 0 adds; left unset it is the mixed phase's,
+    so a record written before the field existed keeps its tower for a spec that moves only stage 2's world."""
+    from llava.recipe.sizes import SIZES
+    from llava.recipe.stages import same_stage0_spec
+
+    full, chats = SIZES["full"], SIZES["full-varied-2-chats"]
+    assert full.tower_mix_world == "varied" and chats.tower_mix_world == "varied"
+    assert chats.s2_mix_world == "varied-2" and SIZES["full-varied-2"].tower_mix_world == "varied-2"
+    older = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(full))).items() if k != "vision_mix_world"}
+    assert same_stage0_spec("stage0_vision", older, chats)  # same tower: its scenes' world is unchanged
+    assert not same_stage0_spec("stage0_vision", older, SIZES["full-varied-2"])
+    assert not same_stage0_spec("stage0_vision", older, dataclasses.replace(full, vision_mix_world="varied-2"))
+    recorded = json.loads(json.dumps(dataclasses.asdict(chats)))
+    assert same_stage0_spec("stage0_vision", recorded, full)
+    assert not same_stage0_spec("stage0_vision", recorded, dataclasses.replace(full, s2_mix_world="varied-2"))
+
+
 def test_sincos_positions_start_the_tower_knowing_where_each_patch_is():
     grid = sincos_grid(6, 32)
     assert grid.shape == (36, 32)

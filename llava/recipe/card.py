@@ -136,7 +136,8 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     negatives = f", {k_neg} hard negative captions per image" if k_neg else ""
     scenes = str(max(spec.get("vision_scenes", 0), spec["n"]))
     if spec.get("vision_mix_scenes"):  # and the second world's, beside them
-        scenes += f" scenes and {spec['vision_mix_scenes']} of the {spec['s2_mix_world']} world's"
+        world = spec.get("vision_mix_world") or spec["s2_mix_world"]
+        scenes += f" scenes and {spec['vision_mix_scenes']} of the {world} world's"
     g_weight = spec.get("grounding_weight", 0.0)
     grounded = s0.get("grounding_heldout", {})
     order = (f"; with the left-to-right ranking of the caption's groups (weight {spec['order_weight']}), "

@@ -57,7 +57,8 @@ class RecipeSize:
     s2_length_window: int = 1  # stage 2's tail and mixed phase sort rows by length across this many batches
     vision_negatives: int = 0  # hard negative captions per image in stage 0 (0: plain CLIP)
     vision_scenes: int = 0  # scenes the tower pretrains on (a superset of the n; 0: just the n)
-    vision_mix_scenes: int = 0  # scenes of the mixed phase's world (s2_mix_world) it pretrains on beside them
+    vision_mix_scenes: int = 0  # scenes of a second world it pretrains on beside them
+    vision_mix_world: str | None = None  # that world (None: the mixed phase's, s2_mix_world)
     train_scenes: int = 0  # scenes whose captions and chats stages 1-2 train on (a superset of the n; 0: the n)
     vision_lr: float = 1e-3
     grounding_weight: float = 0.0  # the caption-grounding loss beside CLIP's (llava.recipe.grounding)
@@ -73,6 +74,11 @@ class RecipeSize:
     eval_batch: int = 32
     out_of_style_per_cell: int = 40  # questions per category and wording of the out-of-style set (0: not run)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tower_mix_world(self) -> str:
+        """The world of the `vision_mix_scenes` stage 0 adds: its own, else the mixed phase's."""
+        return self.vision_mix_world or self.s2_mix_world
 
 
 SIZES: dict[str, RecipeSize] = {
@@ -275,6 +281,12 @@ SIZES["full"] = replace(SIZES["full-centre"], word_weight=1.0)
 # objects): counting fails more often than seeing each shape. A 128-px stage 0 in the same time (3000 steps, this
 # world) was worse at the tower: count query 48.3% on those 600, held-out classic count 96.9, centre readout 82.3.
 SIZES["full-varied-2"] = replace(SIZES["full"], s2_mix_world="varied-2", vision_mix_scenes=12000)
+
+# Session 48: `full` with only its last phase's chats from the varied world's second edition, stage 0 as `full`'s (the
+# tower pretrains on the first edition's 8000 scenes, `vision_mix_world`), so the whole run costs what `full`'s does.
+# Why: the second edition at the tower bought no clear count (above), while its group colour question ("What color
+# are the squares?", answered "2" by the shipped model) and its smaller shapes are what the chat model lacks.
+SIZES["full-varied-2-chats"] = replace(SIZES["full"], s2_mix_world="varied-2", vision_mix_world="varied")
 
 # Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 took ~3 on the AMX Xeon).
 # `full-vmix-128` with stage 2's two classic phases dropped: its mixed phase goes straight on from stage 1, at the

@@ -21,7 +21,7 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
     "stage0_tokenizer": _DATA_FIELDS,
     "stage0_vision": _DATA_FIELDS + ("vision", "vision_steps", "vision_batch", "vision_lr", "vision_scenes",
                                      "vision_negatives", "grounding_weight", "order_weight", "vision_mix_scenes",
-                                     "s2_mix_world", "centre_weight", "word_weight"),
+                                     "centre_weight", "word_weight"),
     "stage0_lm": _DATA_FIELDS + ("lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
 
@@ -50,7 +50,10 @@ def same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize
         value = saved_value(RecipeSize, earlier, k, nested=type(nested) if is_dataclass(nested) else None)
         return json.loads(json.dumps(value))
 
-    return all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
+    same = all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
+    if name == "stage0_vision":  # the second world's scenes: its own field, else the mixed phase's world
+        same = same and (then("vision_mix_world") or then("s2_mix_world")) == spec.tower_mix_world
+    return same
 
 
 # where and how a run ran, not what it learnt: a finished run may be reused whatever these were

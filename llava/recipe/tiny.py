@@ -206,13 +206,14 @@ class _RecipeRun:
 
     def vision_captions(self, scenes: str) -> str:
         """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`
-        beside it that adds as many scenes of the mixed phase's world (generated into a folder inside
+        beside it that adds as many scenes of a second world (`RecipeSize.tower_mix_world`) (generated into a folder inside
         `scenes`, so one image folder serves both worlds; the same seed's scenes as stage 2 trains on)."""
         spec = self.spec
         if not spec.vision_mix_scenes:
             return os.path.join(scenes, "pretrain.json")
-        folder = self._kept_or_generated(os.path.join(scenes, f"mix_{spec.s2_mix_world}"), spec.vision_mix_scenes,
-                                         0, "stage0_mix_scenes", spec.s2_mix_world)
+        world = spec.tower_mix_world
+        folder = self._kept_or_generated(os.path.join(scenes, f"mix_{world}"), spec.vision_mix_scenes,
+                                         0, "stage0_mix_scenes", world)
         return _write_rows(os.path.join(scenes, "vision_pretrain.json"),
                            read_json(os.path.join(scenes, "pretrain.json")) + _rows_inside(folder, "pretrain.json"))
 
