@@ -42,8 +42,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                            "one-minute smoke run; full-vmix: an experiment, full-no-readouts with that phase at 96 "
                            "px; direct-128: full-no-readouts without stage 2's classic phases; full-centre: an "
                            "experiment, full without the word readout; full-varied-2: the next candidate, full with "
-                           "the varied world's second edition (smaller shapes, groups drawn alike); full-varied-2-chats: "
-                           "full with that edition in its last phase only (sizes.py)")
+                           "the varied world's second edition (smaller shapes, groups drawn alike); "
+                           "full-varied-2-chats: full with that edition in its last phase only (sizes.py)")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

@@ -206,8 +206,9 @@ class _RecipeRun:
 
     def vision_captions(self, scenes: str) -> str:
         """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`
-        beside it that adds as many scenes of a second world (`RecipeSize.tower_mix_world`) (generated into a folder inside
-        `scenes`, so one image folder serves both worlds; the same seed's scenes as stage 2 trains on)."""
+        beside it that adds as many scenes of a second world (`RecipeSize.tower_mix_world`), generated into a
+        folder inside `scenes`, so one image folder serves both worlds (with the mixed phase's world, the same
+        seed's scenes as stage 2 trains on)."""
         spec = self.spec
         if not spec.vision_mix_scenes:
             return os.path.join(scenes, "pretrain.json")
