@@ -294,3 +294,48 @@ def test_a_model_trained_at_another_image_size_answers_in_transformers_as_ours(t
         build_model(dataclasses.replace(cfg, image_size=0))
     with pytest.raises(InputError, match="in units of the tower.s side"):
         build_model(dataclasses.replace(cfg, image_aspect_ratio="anyres"))
+
+
+def test_a_checkpoint_goes_on_with_another_tower_of_its_kind(tmp_path: Path) -> None:
+    """`llava train --model M --vision-tower T`: M's tower replaced by T (the same tower trained further, here at
+    twice the side, as the tiny recipe's stage 0 goes on at a higher resolution); the projector kept, the image
+    processor and config taking T's side, so transformers reads the written folder as we do. A tower of another
+    width, or a folder that is no tower, is one clear error."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llava.errors import InputError
+    from llava.model.vision import resize_tower_input
+    from llava.train.build import build_model
+    from llava.train.checkpointing import write_full
+    from llava.train.config import TrainConfig
+
+    model, tok = tiny_model("tiny", seed=3)
+    save_checkpoint(model, tok, image_processor_for(model.config), tmp_path / "low", layout="hf")
+    side = model.config.vision_config.image_size
+    tower = model.vision_tower
+    resize_tower_input(tower, 2 * side)
+    with torch.no_grad():
+        next(p for name, p in tower.named_parameters() if name.endswith("fc1.weight")).add_(0.01)
+    tower.save_pretrained(tmp_path / "tower")
+    cfg = TrainConfig(stage="finetune", data="unused.json", out=str(tmp_path / "out"), model=str(tmp_path / "low"),
+                      vision_tower=str(tmp_path / "tower")).resolved()
+    built = build_model(cfg)
+    theirs = CLIPVisionModel.from_pretrained(tmp_path / "tower").state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in built.model.vision_tower.state_dict().items())
+    kept = model.projector.state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in built.model.projector.state_dict().items())
+    assert built.image_processor.crop_size == 2 * side and built.model.config.vision_config.image_size == 2 * side
+    write_full(built.model, built.model.state_dict(), built.tokenizer, built.image_processor, str(tmp_path / "out"),
+               layout=built.save_layout)
+    pil = [PIL.Image.open(EXAMPLES / "shapes.png").convert("RGB")]
+    hf_ids, hf_new, hf_pixels = _transformers_answer(tmp_path / "out", LlavaForConditionalGeneration,
+                                                     _messages(["What shape is in the picture?"]), pil, 8)
+    _, our_ids, our_new = _our_answer(tmp_path / "out", ["What shape is in the picture?"], (1,), None, pil, 8)
+    assert hf_pixels.shape[-1] == 2 * side and hf_ids == our_ids and hf_new == our_new and len(hf_new) > 0
+
+    wide = CLIPVisionConfig(**{**tower.config.to_dict(), "hidden_size": 2 * tower.config.hidden_size})
+    CLIPVisionModel(wide).save_pretrained(tmp_path / "wide")
+    with pytest.raises(InputError, match="is not the checkpoint's"):
+        build_model(dataclasses.replace(cfg, vision_tower=str(tmp_path / "wide")))
+    with pytest.raises(InputError, match="--vision-tower"):
+        build_model(dataclasses.replace(cfg, vision_tower=str(tmp_path / "nothing")))

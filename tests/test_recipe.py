@@ -195,6 +195,38 @@ def test_order_ranking_trains_and_is_scored(synth, tokenizer, tmp_path):
                         check_pairs=scene_pairs(str(synth)))
 
 
+def test_stage0_goes_on_from_its_whole_dual_encoder_at_a_higher_resolution(synth, tokenizer, tmp_path):
+    """`init_from`: training continues from the dual encoder an earlier call kept (text side and heads too); at
+    another side the tower's position grid is resampled (the class position kept). A folder without the file, or
+    of other heads, is one clear error."""
+    from safetensors.torch import load_file
+
+    from llava.recipe.vision import DUAL_FILE, DualEncoder, load_dual_encoder
+
+    kw = dict(batch_size=8, grounding_weight=1.0, centre_weight=1.0, check_cells=None)
+    pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "low"), SMALL_VISION,
+                    steps=2, lr=3e-3, **kw)
+    low = load_file(str(tmp_path / "low" / DUAL_FILE))
+    # lr 0: one step changes nothing, so the continued model is the kept one, resampled
+    high = dataclasses.replace(SMALL_VISION, image_size=128)
+    v = pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "high"), high, steps=1,
+                        lr=0.0, init_from=str(tmp_path / "low"), check_pairs=scene_pairs(str(synth), image_size=128),
+                        **kw)
+    assert v["steps"] == 1 and CLIPVisionModel.from_pretrained(tmp_path / "high").config.image_size == 128
+    went_on = load_file(str(tmp_path / "high" / DUAL_FILE))
+    positions = next(k for k in low if k.endswith("position_embedding.weight"))
+    assert low[positions].shape[0] == 1 + 6 * 6 and went_on[positions].shape[0] == 1 + 8 * 8
+    assert torch.equal(went_on[positions][0], low[positions][0])
+    assert all(torch.equal(went_on[k], low[k]) for k in low if k != positions and "position_ids" not in k)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "config.json").write_text(json.dumps({"image_size": 96}))
+    with pytest.raises(FileNotFoundError, match=DUAL_FILE):
+        pretrain_vision(str(synth / "pretrain.json"), str(synth), tokenizer, str(tmp_path / "x"), SMALL_VISION,
+                        steps=1, init_from=str(tmp_path / "none"), **kw)
+    with pytest.raises(ValueError, match="not a dual encoder of this spec and heads"):
+        load_dual_encoder(DualEncoder(len(tokenizer), SMALL_VISION, grounding=True), str(tmp_path / "low"))
+
+
 def test_centre_cells_mark_each_shape_s_centre_patch_as_the_padded_tower_sees_it():
     from llava.data.synth_scene import SHAPES, Obj, Scene
     from llava.recipe.grounding import centre_cells
@@ -645,6 +677,35 @@ def test_a_last_phase_in_a_second_world_trains_on_both_worlds_chats(small_run, t
     card = (copy / "stage2" / "README.md").read_text()
     assert "on the chats of 12 scenes of the varied world beside the first 10 image chats above" in card
     assert "mix_instruct.json" in card  # the last phase's train command
+
+
+@pytest.mark.slow
+def test_the_last_phase_takes_the_tower_that_went_on_at_a_higher_resolution(small_run, tmp_path):
+    """`vision_hires_*`: stage 0's dual encoder goes on at a higher side (its own folder, the next seed), and
+    the mixed phase swaps that tower in at its size; the stages before the tail (which becomes phase 2 here),
+    and the first tower, are kept."""
+    from llava.checkpoint import load_checkpoint
+    from llava.recipe import SIZES, run_recipe
+    from llava.recipe.stages import same_stage0_spec
+
+    out, _ = small_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy)
+    side = SIZES["small"].vision.image_size + 32
+    spec = dataclasses.replace(SIZES["small"], s2_mix_scenes=12, s2_mix_main_chats=10, s2_mix_epochs=1,
+                               s2_mix_max_steps=2, s2_mix_tower_lr=1e-4, vision_hires_size=side,
+                               vision_hires_steps=2)
+    summary = run_recipe(str(copy), seed=0, size=spec, threads=1, reuse=True, echo=lambda _: None)
+    assert {"stage0_vision", "stage1", "stage2_phase1"} <= set(summary["reused_stages"])
+    assert not {"stage0_vision_hires", "stage2_phase2", "stage2"} & set(summary["reused_stages"])
+    assert summary["stages"]["stage0_vision_hires"]["steps"] == 2
+    last = json.loads((copy / "stage2" / "trainer_state.json").read_text())["config"]
+    assert last["vision_tower"] == str(copy / "stage0" / "vision_hires") and last["image_size"] is None
+    model = load_checkpoint(copy / "stage2")
+    assert model.model.config.vision_config.image_size == side and model.image_processor.crop_size == side
+    longer = dataclasses.replace(spec, vision_hires_steps=3)
+    assert not same_stage0_spec("stage0_vision_hires", summary["spec"], longer)
+    assert same_stage0_spec("stage0_vision", summary["spec"], longer)
 
 
 @pytest.mark.slow

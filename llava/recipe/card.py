@@ -9,6 +9,16 @@ from llava.data.synth_scene import MAX_OBJECTS
 from llava.eval.synth import TARGETS
 
 
+def _hires_note(spec: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Stage 0 going on at a higher resolution (`vision_hires_*`), where the recipe has it."""
+    if not spec.get("vision_hires_steps"):
+        return ""
+    held = summary.get("stages", {}).get("stage0_vision_hires", {}).get("grounding_heldout", {})
+    return (f"; then the whole dual encoder went on {spec['vision_hires_steps']} steps at {spec['vision_hires_size']} "
+            f"px (lr {spec['vision_hires_lr']}, its position embeddings resampled; held-out shape counts "
+            f"{held.get('count_accuracy', float('nan')):.1f}%): the tower stage 2's last phase takes")
+
+
 def _size_mb(folder: str) -> float:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                if os.path.isfile(os.path.join(folder, f))) / 1e6
@@ -170,7 +180,9 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
     if spec.get("s2_mix_epochs"):
         tower = (f", the tower learning too at lr {spec['s2_mix_tower_lr']}"
                  if spec.get("s2_mix_tower_lr") is not None else "")
-        if spec.get("s2_mix_image_size"):
+        if spec.get("vision_hires_steps"):
+            tower += f", the tower being stage 0's {spec['vision_hires_size']}-px one (below)"
+        elif spec.get("s2_mix_image_size"):
             tower += f" and taking {spec['s2_mix_image_size']}-px pictures (its position embeddings resampled)"
         tail += (f", then {spec['s2_mix_epochs']} more" if tail or spec.get("s2_epochs") else
                  f"{spec['s2_mix_epochs']} epoch(s), straight after stage 1,")
@@ -203,7 +215,7 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
   (contrastively pretrained on the captions of {scenes} scenes, {spec['vision_steps']} steps of batch
   {spec['vision_batch']}{negatives}{grounding}). Binding check on
   held-out scenes, how often an image is closer to its caption than to that caption with one colour,
-  shape or count changed (50% = blind to it): {binding}
+  shape or count changed (50% = blind to it): {binding}{_hires_note(spec, summary)}
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}
   ({spec['lm_steps']} steps of next-token pretraining on the dataset's chats and captions, each image
   replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes). The LM alone,

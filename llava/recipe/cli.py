@@ -10,7 +10,7 @@ from typing import Sequence
 # The named sizes of `llava.recipe.sizes.SIZES`, listed here so that building the parser imports no torch
 # (a test checks the two lists are the same).
 SIZE_NAMES = ("full", "full-no-readouts", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128",
-              "full-centre", "full-varied-2", "full-varied-2-chats")
+              "full-centre", "full-varied-2", "full-varied-2-chats", "full-hires")
 
 
 def cmd_recipe_tiny(args: argparse.Namespace) -> int:
@@ -43,7 +43,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                            "px; direct-128: full-no-readouts without stage 2's classic phases; full-centre: an "
                            "experiment, full without the word readout; full-varied-2: the next candidate, full with "
                            "the varied world's second edition (smaller shapes, groups drawn alike); "
-                           "full-varied-2-chats: full with that edition in its last phase only (sizes.py)")
+                           "full-varied-2-chats: full with that edition in its last phase only; full-hires: that, "
+                           "with a tower that went on at 128 px before that phase (sizes.py)")
     tiny.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                       help="processes rendering the images")
     tiny.add_argument("--threads", type=int, default=None,

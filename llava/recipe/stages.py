@@ -24,6 +24,8 @@ _STAGE0_FIELDS: dict[str, tuple[str, ...]] = {
                                      "centre_weight", "word_weight"),
     "stage0_lm": _DATA_FIELDS + ("lm", "lm_steps", "lm_batch", "lm_scenes"),
 }
+_STAGE0_FIELDS["stage0_vision_hires"] = _STAGE0_FIELDS["stage0_vision"] + ("vision_hires_size", "vision_hires_steps",
+                                                                           "vision_hires_lr")
 
 
 STAGE0_SPEC_FILE = "recipe_spec.json"  # beside each stage-0 model: the recipe spec it was made with
@@ -51,7 +53,7 @@ def same_stage0_spec(name: str, earlier: dict[str, Any] | None, spec: RecipeSize
         return json.loads(json.dumps(value))
 
     same = all(then(k) == now[k] for k in _STAGE0_FIELDS[name])
-    if name == "stage0_vision":  # the second world's scenes: its own field, else the mixed phase's world
+    if name.startswith("stage0_vision"):  # the second world's scenes: its own field, else the mixed phase's world
         same = same and (then("vision_mix_world") or then("s2_mix_world")) == spec.tower_mix_world
     return same
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
 import torch
@@ -70,7 +70,8 @@ class _RecipeRun:
         self.data_dir, self.eval_dir = os.path.join(out, "data"), os.path.join(out, "eval")
         s0 = os.path.join(out, "stage0")
         self.stage0 = s0
-        self.tok_dir, self.tower, self.lm = (os.path.join(s0, name) for name in ("tokenizer", "vision", "lm"))
+        self.tok_dir, self.tower, self.lm, self.tower_hires = (os.path.join(s0, name) for name in
+                                                               ("tokenizer", "vision", "lm", "vision_hires"))
         self.timer = _Timer(echo)
         self.summary_file = os.path.join(out, "recipe_summary.json")
         # a restarted run reports the reused stages' times from the run that made them
@@ -204,6 +205,26 @@ class _RecipeRun:
             check_cells=heldout_cells(self.eval_dir, spec.vision) if spec.centre_weight or spec.word_weight else None),
             started)
 
+    def vision_hires(self, tokenizer) -> dict[str, Any]:
+        """Stage 0b, continued: the whole dual encoder goes on at `vision_hires_size` px from where it
+        ended (its position grid resampled), on the same captions, reshuffled (the next seed)."""
+        spec, started = self.spec, time.perf_counter()
+        if "stage0_vision" in self.reused and self.keep("stage0_vision_hires",
+                                                        os.path.join(self.tower_hires, "model.safetensors")):
+            return self._reused_stage("stage0_vision_hires", self.tower_hires, ("binding", "grounding"))
+        vision = replace(spec.vision, image_size=spec.vision_hires_size)
+        scenes = self.superset(os.path.join(self.stage0, "scenes"), spec.vision_scenes, text_only=0)
+        return self.made(self.tower_hires, pretrain_vision(
+            self.vision_captions(scenes), scenes, tokenizer, self.tower_hires, vision,
+            steps=spec.vision_hires_steps, batch_size=spec.vision_batch, lr=spec.vision_hires_lr, seed=self.seed + 1,
+            device=self.device, hard_negatives_per_image=spec.vision_negatives,
+            check_pairs=scene_pairs(self.eval_dir, image_size=vision.image_size),
+            grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
+            check_every=max(1, spec.vision_hires_steps // 6), centre_weight=spec.centre_weight,
+            word_weight=spec.word_weight, init_from=self.tower,
+            check_cells=heldout_cells(self.eval_dir, vision) if spec.centre_weight or spec.word_weight else None),
+            started)
+
     def vision_captions(self, scenes: str) -> str:
         """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`
         beside it that adds as many scenes of a second world (`RecipeSize.tower_mix_world`), generated into a
@@ -272,6 +293,8 @@ class _RecipeRun:
                            "unfreeze_vision_tower": spec.s2_mix_tower_lr is not None,
                            "image_aspect_ratio": spec.s2_mix_aspect, "image_grid_pinpoints": grids,
                            "image_size": spec.s2_mix_image_size})
+            if spec.vision_hires_steps:  # the tower that went on at a higher resolution, at its own size
+                phases[-1].update(vision_tower=self.tower_hires, image_size=None)
         runs, model = [("stage1", s1_args)], s1
         for i, args in enumerate(phases, start=1):
             name = "stage2" if i == len(phases) else f"stage2_phase{i}"
@@ -285,6 +308,8 @@ class _RecipeRun:
         results = {}
         reusable = self.reuse and {"stage0_vision", "stage0_lm"} <= self.reused
         for name, args in runs:
+            if args.get("vision_tower") == self.tower_hires and "stage0_vision_hires" not in self.reused:
+                reusable = False  # the phase that swaps in the higher-resolution tower, retrained
             cfg = train_config(**args)
             done = finished_run(cfg, self.out) if reusable else None
             # a killed stage goes on from its last checkpoint (the trainer re-checks it), unless an earlier one retrained
@@ -333,6 +358,8 @@ def run_recipe(out: str = "runs/tiny", seed: int = 0, size: str | RecipeSize = "
                                "stages": {}}
     stages = summary["stages"]
     stages["stage0_vision"] = timer.run("stage0_vision", lambda: run.vision(tokenizer))
+    if spec.vision_hires_steps:
+        stages["stage0_vision_hires"] = timer.run("stage0_vision_hires", lambda: run.vision_hires(tokenizer))
     stages["stage0_lm"] = timer.run("stage0_lm", lambda: run.language_model(tokenizer))
     train_data = timer.run("train_data", lambda: run.superset(
         os.path.join(out, "train_data"), spec.train_scenes, text_only=run.text_chats(spec.train_scenes),

@@ -21,16 +21,18 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerBase
 
 from llava.data.synth_scene import COLORS, PLURALS, SHAPES, WORDS
+from llava.model.vision import resize_tower_input
 from llava.processing.image import ImageProcessor
 from llava.recipe.common import JsonlLog, seed_everything, train_loop
 from llava.recipe.grounding import (GroundingHead, PatchCells, caption_order, centre_count_accuracy, centre_loss,
@@ -331,9 +333,15 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
                     seed: int = 0, log_every: int = 10, device: str = "cpu", hard_negatives_per_image: int = 0,
                     check_pairs: tuple[np.ndarray, list[str]] | None = None, grounding_weight: float = 0.0,
                     check_every: int = 0, order_weight: float = 0.0, centre_weight: float = 0.0,
-                    word_weight: float = 0.0, check_cells: PatchCells | None = None) -> dict:
-    """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder); returns a summary,
-    with the binding accuracy on `check_pairs` (held-out images and captions) when given.
+                    word_weight: float = 0.0, check_cells: PatchCells | None = None,
+                    init_from: str | None = None) -> dict:
+    """Train the dual encoder, save the vision tower to `out_dir` (CLIP vision folder) and the whole dual
+    encoder beside it (`DUAL_FILE`); returns a summary, with the binding accuracy on `check_pairs`
+    (held-out images and captions) when given.
+
+    `init_from`: a folder an earlier call saved; training goes on from its dual encoder, at
+    `spec.image_size` (its tower's position grid resampled where the sides differ: a tower trained at
+    a low resolution continues at a higher one, as FixRes and later stages of other VLM recipes do).
 
     grounding_weight > 0 adds the caption-grounding loss (llava.recipe.grounding) with that weight;
     its held-out scores are logged every `check_every` steps (0: at the end only). order_weight > 0
@@ -352,8 +360,13 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     if check_pairs is not None and check_pairs[0].shape[1:3] != (spec.image_size, spec.image_size):
         raise ValueError(f"the check images are {check_pairs[0].shape[1]} px, the tower's are {spec.image_size}: "
                          "read them with scene_pairs(..., image_size=spec.image_size)")
-    model = DualEncoder(len(tokenizer), spec, grounding=grounding_weight > 0, order=order_weight > 0,
+    start = spec if init_from is None else replace(spec, image_size=_tower_side(init_from))
+    model = DualEncoder(len(tokenizer), start, grounding=grounding_weight > 0, order=order_weight > 0,
                         centres=centre_weight > 0, words=word_weight > 0)
+    if init_from is not None:
+        load_dual_encoder(model, init_from)
+        if start.image_size != spec.image_size:
+            resize_tower_input(model.vision, spec.image_size)
     model = model.to(device).train()
     targets = grounding_targets(captions) if grounding_weight > 0 else None
     order = caption_order(captions) if order_weight > 0 else None
@@ -392,6 +405,8 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
         log.write(step=steps, grounding=grounding)
     model.vision.cpu().save_pretrained(out_dir)
     save_readouts(model, out_dir)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out_dir, DUAL_FILE))
     losses = [r["loss"] for r in log.rows if "loss" in r]
     return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "pairs": len(images),
@@ -399,6 +414,26 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
             "grounding_weight": grounding_weight, "order_weight": order_weight, "centre_weight": centre_weight,
             "word_weight": word_weight,
             "grounding_heldout": grounding}
+
+
+DUAL_FILE = "dual_encoder.safetensors"  # the whole dual encoder (text side and heads too), to train it further
+
+
+def _tower_side(folder: str) -> int:
+    with open(os.path.join(folder, "config.json")) as f:
+        return int(json.load(f)["image_size"])
+
+
+def load_dual_encoder(model: DualEncoder, folder: str) -> None:
+    """Load the dual encoder `pretrain_vision` kept in `folder` into `model` (made with the same spec and
+    heads, at the side it was trained at); one clear error where the folder has none or another shape."""
+    path = os.path.join(folder, DUAL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {DUAL_FILE} in {folder}: towers trained before it was kept cannot be continued")
+    try:
+        model.load_state_dict(load_file(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a dual encoder of this spec and heads: {str(err).splitlines()[0]}") from None
 
 
 @torch.no_grad()

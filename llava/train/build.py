@@ -93,6 +93,31 @@ def resize_input(model: LlavaModel, processor: ImageProcessor, side: int) -> Ima
     return replace(processor, crop_size=side, shortest_edge=edge)
 
 
+def swap_tower(model: LlavaModel, processor: ImageProcessor, path: str) -> ImageProcessor:
+    """`--vision-tower` beside `--model`: the checkpoint's tower replaced by the one in `path` (the same
+    tower trained further, e.g. at a higher resolution, whose side the image processor then takes, as
+    with `--image-size`). The projector stays, so the two towers must be of one kind, width and depth."""
+    try:
+        tower = load_vision_tower(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--vision-tower {path}: {str(err).splitlines()[0]}") from None
+    old, new = model.vision_tower.config, tower.config
+    shape = ("model_type", "hidden_size", "num_hidden_layers", "patch_size")
+    if any(getattr(old, k) != getattr(new, k) for k in shape):
+        raise InputError(f"--vision-tower {path}: its tower ({', '.join(f'{k} {getattr(new, k)}' for k in shape)}) "
+                         f"is not the checkpoint's ({', '.join(f'{k} {getattr(old, k)}' for k in shape)}), whose "
+                         "features the projector reads")
+    side = new.image_size
+    if side != old.image_size and model.config.image_aspect_ratio == "anyres":
+        raise InputError(f"--vision-tower {path}: {side} px, the checkpoint's tower {old.image_size}; the checkpoint "
+                         "is anyres, whose grids are in units of the tower's side")
+    model.vision_tower = tower.to(next(model.vision_tower.parameters()).dtype)
+    model.config.vision_config = new
+    model.config.vision_tower_name = os.path.abspath(path)
+    edge = processor.shortest_edge and round(processor.shortest_edge * side / processor.crop_size)
+    return replace(processor, crop_size=side, shortest_edge=edge)
+
+
 def output_layout(cfg: TrainConfig, config: LlavaConfig) -> str:
     """"lora", "hf" or "original": `--save-layout auto` is hf where the llava-hf layout can hold the model."""
     if cfg.stage_spec.output == "lora":
@@ -115,8 +140,10 @@ def output_layout(cfg: TrainConfig, config: LlavaConfig) -> str:
 def _from_checkpoint(cfg: TrainConfig) -> Built:
     ckpt = load_checkpoint(cfg.model, model_base=cfg.model_base, vision_tower=cfg.vision_tower, device="cpu",
                            dtype=torch.float32)
-    model = ckpt.model
-    image_processor = _with_aspect(model, ckpt.image_processor, cfg)
+    model, processor = ckpt.model, ckpt.image_processor
+    if cfg.vision_tower is not None:
+        processor = swap_tower(model, processor, cfg.vision_tower)
+    image_processor = _with_aspect(model, processor, cfg)
     return Built(model.train(), ckpt.tokenizer, image_processor, ckpt.convention,
                  source=os.path.abspath(cfg.model), tower_is_stock=False,
                  base_vocab=model.input_embeddings().weight.shape[0])

@@ -102,7 +102,8 @@ class TrainConfig:
     language_model: str | None = _flag(None, group=_MODEL,
                                        help="plain causal LM folder (with tokenizer) for a fresh LLaVA")
     vision_tower: str | None = _flag(None, group=_MODEL,
-                                     help="CLIP/SigLIP folder for a fresh LLaVA (or overriding --model's tower source)")
+                                     help="CLIP/SigLIP folder for a fresh LLaVA; with --model, the tower "
+                                          "that replaces its own (same kind, width and depth)")
     projector_type: str = _flag("mlp2x_gelu", group=_MODEL, help="linear, mlp<N>x_gelu")
     vision_feature_layer: int = _flag(-2, flags=["--mm-vision-select-layer"], group=_MODEL,
                                       help="tower layer the projector reads")
