@@ -19,9 +19,10 @@ from llava.checkpoint import load_tokenizer
 from llava.data.synth import generate, load_scenes
 from llava.eval.synth import CATEGORIES
 from llava.recipe.common import read_check, read_losses, seed_everything
+from llava.recipe.negatives import hard_negatives, perturb_caption
 from llava.recipe.text import LMSpec, pack, pretrain_lm, text_answer_accuracy
 from llava.recipe.tokenizer import IMAGE_TOKEN, chat_texts, grounded_docs, train_tokenizer
-from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, hard_negatives, load_pairs, perturb_caption,
+from llava.recipe.vision import (DualEncoder, VisionSpec, clip_loss, load_pairs,
                                  pretrain_vision, scene_pairs, sincos_grid, to_pixels)
 
 SMALL_VISION = VisionSpec(patch_size=16, width=32, layers=1, heads=2, text_width=32, text_layers=1, embed_dim=32)
