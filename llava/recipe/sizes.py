@@ -300,8 +300,9 @@ SIZES["full-varied-2-chats"] = replace(SIZES["full"], s2_mix_world="varied-2", v
 # Continued 1000 steps at 128 px (lr 3e-4, cosine, the same captions, position grid resampled: `vision_hires_*`,
 # ~580 s on the Zen 4 EPYC), the count query reads 75.0% of the varied set and 71.5 / 71.5 / 73.0 of seeds 7-9 (72.0
 # against 59.8); the same 1000 steps at 96 px: 65.2 and 64.0 / 59.0 / 64.0 (62.3). So the pixels, not the steps,
-# bought ~10 points. Held out in the classic world: count 99.7 (96 px: 98.4), pair recall 99.8, word 100, centre
-# readout 91.4 (95.5). The mixed phase swaps that tower in (`llava train --vision-tower` beside `--model`).
+# bought ~10 points; 500 steps at 128 px: 72.0 and 69.2. Held out in the classic world after 1000: count 99.7 (96 px:
+# 98.4), pair recall 99.8, word 100, centre readout 91.4 (95.5). The mixed phase swaps that tower in (`llava train
+# --vision-tower` beside `--model`). The whole recipe: not yet measured (the 1000 steps add ~7 min on the Zen 5).
 SIZES["full-hires"] = replace(SIZES["full-varied-2-chats"], vision_hires_size=128, vision_hires_steps=1000)
 
 # Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 took ~3 on the AMX Xeon).
