@@ -24,7 +24,7 @@ from llava.recipe.stages import (MADE_IN_SECONDS, STAGE0_SPEC_FILE, finished_run
                                  same_stage0_spec, stage0_spec, train_command, train_config, train_stage, use_bf16)
 from llava.recipe.text import pretrain_lm
 from llava.recipe.tokenizer import chat_texts, grounded_docs, train_tokenizer
-from llava.recipe.vision import heldout_cells, pretrain_vision, scene_pairs
+from llava.recipe.vision import VisionSpec, heldout_cells, pretrain_vision, scene_pairs
 from llava.train.checkpointing import write_json
 
 __all__ = ["SIZES", "RecipeSize", "run_recipe"]
@@ -194,16 +194,8 @@ class _RecipeRun:
         spec, started = self.spec, time.perf_counter()
         if self._kept_stage0("stage0_vision", os.path.join(self.tower, "model.safetensors")):
             return self._reused_stage("stage0_vision", self.tower, ("binding", "grounding"))
-        scenes = self.superset(os.path.join(self.stage0, "scenes"), spec.vision_scenes, text_only=0)
-        return self.made(self.tower, pretrain_vision(
-            self.vision_captions(scenes), scenes, tokenizer, self.tower, spec.vision,
-            steps=spec.vision_steps, batch_size=spec.vision_batch, lr=spec.vision_lr, seed=self.seed,
-            device=self.device, hard_negatives_per_image=spec.vision_negatives,
-            check_pairs=scene_pairs(self.eval_dir, image_size=spec.vision.image_size),
-            grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
-            check_every=max(1, spec.vision_steps // 6), centre_weight=spec.centre_weight, word_weight=spec.word_weight,
-            check_cells=heldout_cells(self.eval_dir, spec.vision) if spec.centre_weight or spec.word_weight else None),
-            started)
+        return self.made(self.tower, self._pretrain_tower(tokenizer, self.tower, spec.vision, spec.vision_steps,
+                                                          spec.vision_lr, self.seed), started)
 
     def vision_hires(self, tokenizer) -> dict[str, Any]:
         """Stage 0b, continued: the whole dual encoder goes on at `vision_hires_size` px from where it
@@ -213,17 +205,22 @@ class _RecipeRun:
                                                         os.path.join(self.tower_hires, "model.safetensors")):
             return self._reused_stage("stage0_vision_hires", self.tower_hires, ("binding", "grounding"))
         vision = replace(spec.vision, image_size=spec.vision_hires_size)
+        return self.made(self.tower_hires, self._pretrain_tower(
+            tokenizer, self.tower_hires, vision, spec.vision_hires_steps, spec.vision_hires_lr, self.seed + 1,
+            init_from=self.tower), started)
+
+    def _pretrain_tower(self, tokenizer, out: str, vision: VisionSpec, steps: int, lr: float, seed: int,
+                        init_from: str | None = None) -> dict[str, Any]:
+        """`pretrain_vision` on stage 0's captions with the spec's losses, checked on the held-out scenes."""
+        spec = self.spec
         scenes = self.superset(os.path.join(self.stage0, "scenes"), spec.vision_scenes, text_only=0)
-        return self.made(self.tower_hires, pretrain_vision(
-            self.vision_captions(scenes), scenes, tokenizer, self.tower_hires, vision,
-            steps=spec.vision_hires_steps, batch_size=spec.vision_batch, lr=spec.vision_hires_lr, seed=self.seed + 1,
-            device=self.device, hard_negatives_per_image=spec.vision_negatives,
+        return pretrain_vision(
+            self.vision_captions(scenes), scenes, tokenizer, out, vision, steps=steps, batch_size=spec.vision_batch,
+            lr=lr, seed=seed, device=self.device, hard_negatives_per_image=spec.vision_negatives,
             check_pairs=scene_pairs(self.eval_dir, image_size=vision.image_size),
-            grounding_weight=spec.grounding_weight, order_weight=spec.order_weight,
-            check_every=max(1, spec.vision_hires_steps // 6), centre_weight=spec.centre_weight,
-            word_weight=spec.word_weight, init_from=self.tower,
-            check_cells=heldout_cells(self.eval_dir, vision) if spec.centre_weight or spec.word_weight else None),
-            started)
+            grounding_weight=spec.grounding_weight, order_weight=spec.order_weight, check_every=max(1, steps // 6),
+            centre_weight=spec.centre_weight, word_weight=spec.word_weight, init_from=init_from,
+            check_cells=heldout_cells(self.eval_dir, vision) if spec.centre_weight or spec.word_weight else None)
 
     def vision_captions(self, scenes: str) -> str:
         """The tower's captions file: that of `scenes`, or with `vision_mix_scenes` a file in `scenes`

@@ -376,8 +376,7 @@ DUAL_FILE = "dual_encoder.safetensors"  # the whole dual encoder (text side and 
 
 
 def _tower_side(folder: str) -> int:
-    with open(os.path.join(folder, "config.json")) as f:
-        return int(json.load(f)["image_size"])
+    return CLIPVisionConfig.from_pretrained(folder).image_size
 
 
 def load_dual_encoder(model: DualEncoder, folder: str) -> None:

@@ -89,6 +89,11 @@ def resize_input(model: LlavaModel, processor: ImageProcessor, side: int) -> Ima
     except ValueError as err:
         raise InputError(f"--image-size: {err}") from None
     model.config.vision_config.image_size = side
+    return _processor_at(processor, side)
+
+
+def _processor_at(processor: ImageProcessor, side: int) -> ImageProcessor:
+    """The image processor cropping `side`-px pictures, its resize edge scaled alike."""
     edge = processor.shortest_edge and round(processor.shortest_edge * side / processor.crop_size)
     return replace(processor, crop_size=side, shortest_edge=edge)
 
@@ -114,8 +119,7 @@ def swap_tower(model: LlavaModel, processor: ImageProcessor, path: str) -> Image
     model.vision_tower = tower.to(next(model.vision_tower.parameters()).dtype)
     model.config.vision_config = new
     model.config.vision_tower_name = os.path.abspath(path)
-    edge = processor.shortest_edge and round(processor.shortest_edge * side / processor.crop_size)
-    return replace(processor, crop_size=side, shortest_edge=edge)
+    return _processor_at(processor, side)
 
 
 def output_layout(cfg: TrainConfig, config: LlavaConfig) -> str:
