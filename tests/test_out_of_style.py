@@ -27,6 +27,8 @@ from llava.eval.drawn import Drawing, Item, render
 from llava.eval.out_of_style import (
     HELDOUT_TEMPLATES,
     TARGETS,
+    count_detail,
+    count_detail_sentence,
     evaluate_out_of_style,
     format_report,
     main,
@@ -240,7 +242,7 @@ def test_evaluate_and_report(tiny_set):
     import llava
 
     result = evaluate_out_of_style(llava.load(), tiny_set, batch_size=32)
-    assert set(result) == {"train", "heldout", "all", "blank", "after_crop"}
+    assert set(result) == {"train", "heldout", "all", "blank", "after_crop", "count_detail"}
     assert result["all"]["n"] == 20 and result["train"]["n"] == result["heldout"]["n"] == 10
     assert result["blank"]["blank_images"] is True and result["blank"]["n"] == 20
     rows = load_questions(tiny_set / "eval.jsonl")
@@ -256,6 +258,27 @@ def test_evaluate_and_report(tiny_set):
     report = format_report(result)
     assert "heldout" in report and "blank" in report and all(k in report for k in TARGETS)
     assert "a centre crop (square mode) keeps" in report
+    counts = [r for r in rows if r["category"] == "count"]
+    for key, field in (("by_answer", "answer"), ("by_objects", "n_objects")):
+        detail = result["count_detail"][key]
+        assert set(detail) == {str(r[field]) for r in counts}
+        assert sum(d["n"] for d in detail.values()) == len(counts)
+        correct = sum(round(d["accuracy"] * d["n"] / 100) for d in detail.values())
+        assert correct == result["all"]["categories"]["count"]["correct"]
+    assert "by the true count" in report
+
+
+def test_count_detail_splits_by_the_true_count_and_the_objects_drawn():
+    rows = [{"question_id": i, "category": "count", "answer": a, "n_objects": n}
+            for i, (a, n) in enumerate([("1", 1), ("1", 3), ("4", 4), ("4", 6), ("2", 4)])]
+    rows.append({"question_id": 9, "category": "color", "answer": "red", "n_objects": 2})
+    answers = {0: "1", 1: "one", 2: "3", 3: "There are four.", 4: "2", 9: "red"}
+    detail = count_detail(rows, answers)
+    assert detail["by_answer"] == {"1": {"accuracy": 100.0, "n": 2}, "2": {"accuracy": 100.0, "n": 1},
+                                   "4": {"accuracy": 50.0, "n": 2}}
+    assert detail["by_objects"] == {"1": {"accuracy": 100.0, "n": 1}, "3": {"accuracy": 100.0, "n": 1},
+                                    "4": {"accuracy": 50.0, "n": 2}, "6": {"accuracy": 100.0, "n": 1}}
+    assert count_detail_sentence(detail).startswith("by the true count: 1 100.0 (2), 2 100.0 (1), 4 50.0 (2);")
 
 
 def _row(category: str, canvas: tuple[int, int], items: list[tuple[str, str, float, float]], **fields: str) -> dict:

@@ -549,6 +549,8 @@ def test_small_recipe_end_to_end(small_run):
     results = json.loads((model / "eval_results.json").read_text())
     assert results["eval_seed"] == saved["eval_seed"] and results["real"]["accuracy"] == saved["metrics"]["real"][
         "accuracy"]
+    assert "## Pictures drawn another way" in card and "Count accuracy % (questions) by the true count: " in card
+    assert results["out_of_style"]["count_detail"] == saved["metrics"]["out_of_style"]["count_detail"]
     assert saved["metrics"]["real"]["n"] == 140 and saved["metrics"]["blank"]["blank_images"]
     # stages 1-2 train on a superset of the n scenes: the same scenes and chats, then more
     assert "--data $OUT/train_data/instruct.json" in saved["commands"][1]

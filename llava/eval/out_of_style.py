@@ -221,12 +221,28 @@ def seen_after_center_crop(row: Mapping[str, Any]) -> bool:
     return all(x0 <= o["x"] <= x0 + short and y0 <= o["y"] <= y0 + short for o in deciding_items(row))
 
 
+def count_detail(questions: Sequence[Mapping[str, Any]], answers: Mapping[Any, str | None]) -> dict[str, Any]:
+    """Count accuracy by the true count ("by_answer") and by the objects in the picture, distractors
+    included ("by_objects"): {value: {"accuracy", "n"}}. A category score hides where counting
+    fails; small models miss the larger counts and the fuller pictures first."""
+    counts = [q for q in questions if q["category"] == "count"]
+
+    def split(key: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for value in sorted({int(q[key]) for q in counts}):
+            part = score([q for q in counts if int(q[key]) == value], answers)["categories"]["count"]
+            out[str(value)] = {"accuracy": part["accuracy"], "n": part["n"]}
+        return out
+
+    return {"by_answer": split("answer"), "by_objects": split("n_objects")}
+
+
 def evaluate_out_of_style(pipe: Any, data_dir: str | os.PathLike, batch_size: int = 32) -> dict[str, Any]:
     """Answer every question once (and once more on blank images) and score by wording.
 
-    Returns {"train", "heldout", "all", "blank", "after_crop"}: `llava.eval.synth.score` dicts
-    with "chance"; "after_crop" scores only the questions `seen_after_center_crop` and adds
-    "share" ({category: percent of its questions that are}).
+    Returns {"train", "heldout", "all", "blank", "after_crop", "count_detail"}: `llava.eval.synth.score`
+    dicts with "chance"; "after_crop" scores only the questions `seen_after_center_crop` and adds
+    "share" ({category: percent of its questions that are}); "count_detail" is `count_detail`'s.
     """
     eval_file = os.path.join(data_dir, "eval.jsonl")
     questions = load_questions(eval_file)
@@ -242,6 +258,7 @@ def evaluate_out_of_style(pipe: Any, data_dir: str | os.PathLike, batch_size: in
     asked, kept = Counter(q["category"] for q in questions), Counter(q["category"] for q in seen)
     result["after_crop"] = {**score(seen, answers), "chance": chance_levels(seen),
                             "share": {c: round(100.0 * kept[c] / n, 2) for c, n in asked.items()}}
+    result["count_detail"] = count_detail(questions, answers)
     result["blank"] = evaluate(pipe, eval_file, data_dir, batch_size=batch_size, blank_images=True)
     return result
 
@@ -255,6 +272,13 @@ def _value(res: Mapping[str, Any], key: str) -> float | None:
 def targets_met(result: Mapping[str, Any]) -> bool:
     """Every target met on both wordings together and on the heldout wording alone."""
     return all(c["ok"] for part in ("all", "heldout") for c in check_targets(result[part], TARGETS).values())
+
+
+def count_detail_sentence(detail: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """`count_detail` as a clause: accuracy % (questions) by the true count and by the objects drawn."""
+    def part(key: str) -> str:
+        return ", ".join(f"{v} {d['accuracy']:.1f} ({d['n']})" for v, d in detail[key].items())
+    return f"by the true count: {part('by_answer')}; by the objects in the picture: {part('by_objects')}"
 
 
 def format_report(result: Mapping[str, Any]) -> str:
@@ -290,6 +314,9 @@ def format_report(result: Mapping[str, Any]) -> str:
         lines.append("a centre crop (square mode) keeps what decides the answer in: " + ", ".join(
             f"{c} {crop['share'][c]:.0f}% (accuracy there {crop['accuracy'][c]:.1f})"
             for c in CATEGORIES if c in crop.get("accuracy", {})))
+    detail = result.get("count_detail")
+    if detail:
+        lines.append("count accuracy % (questions) " + count_detail_sentence(detail))
     lines.append("targets: " + ("all met" if targets_met(result) else "NOT all met"))
     return "\n".join(lines)
 

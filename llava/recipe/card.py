@@ -87,6 +87,14 @@ def _crop_sentence(oos: Mapping[str, Any], square: bool) -> str:
             f"on the questions it keeps: {there}.\n")
 
 
+def _count_sentence(oos: Mapping[str, Any]) -> str:
+    """Count accuracy by the true count and by the objects drawn, where the evaluation measured it."""
+    from llava.eval.out_of_style import count_detail_sentence
+
+    detail = oos.get("count_detail")
+    return f"\nCount accuracy % (questions) {count_detail_sentence(detail)}.\n" if detail else ""
+
+
 def out_of_style_section(oos: Mapping[str, Any], set_info: Mapping[str, Any], square: bool = True) -> str:
     """Markdown: the out-of-style set per category, training vs held-out wordings, blank images, targets,
     and what a centre crop keeps (`square`: the model sees pictures that way)."""
@@ -114,7 +122,7 @@ category and wording, `eval.jsonl` SHA-256 `{set_info.get('eval_sha256', '?')}`)
 
 Yes/no F1 (yes = positive): training wordings {f1['train']:.3f}, held-out {f1['heldout']:.3f}, all {f1['all']:.3f}
 (target {OOS_TARGETS['exist_f1']}), blank images {f1['blank']:.3f}.
-{_crop_sentence(oos, square)}"""
+{_count_sentence(oos)}{_crop_sentence(oos, square)}"""
 
 
 def card_text(summary: Mapping[str, Any], model_dir: str) -> str:

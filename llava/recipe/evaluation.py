@@ -62,6 +62,8 @@ def write_eval_results(model_dir: str, summary: dict[str, Any]) -> str:
                       "exist_f1": oos[part].get("exist", {}).get("f1")} for part in ("all", "train", "heldout")},
             "blank": {**_blank_results(oos["blank"]), "exist_f1": oos["blank"].get("exist", {}).get("f1")},
             "chance": oos["all"]["chance"]}
+        if "count_detail" in oos:
+            results["out_of_style"]["count_detail"] = oos["count_detail"]
         if "after_crop" in oos:
             crop = oos["after_crop"]
             results["out_of_style"]["after_crop"] = {"accuracy": crop["accuracy"], "overall": crop["overall"],

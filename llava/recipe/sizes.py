@@ -306,6 +306,15 @@ SIZES["full-varied-2-chats"] = replace(SIZES["full"], s2_mix_world="varied-2", v
 # At the chat level, a first check does not show the tower's gain: the shipped model fine-tuned 300 / 900 steps on the
 # mixed phase's chats with this tower swapped in counts 68.7 / 70.8% of those 600 out-of-style questions, keeping its
 # own tower 70.2 / 69.7 (shipped: 71.3). If the whole phase agrees, the count gap is the LM's, not the tower's.
+# Session 49: the tower's count plateau is not pixels, depth or count data. From the same 96-px tower, 1000 steps: at
+# 160 px the count query reads 73.5% of the varied set and 72.0 of seeds 7-9 (128 px: 75.0 and 72.0); grown to 6
+# layers (two copies of its third inserted before its last, their output projections zeroed, so its layer -2
+# features start unchanged: the first loss equals the 4-layer run's) at 128 px, 75.8 and 72.0, at 1.35x the steps'
+# cost. At the chat level, the shipped model fine-tuned 900 steps on 5000 count-only chats (2-5 of one shape, 0-3
+# others, the second edition's look) beside 7000 of the mixed phase's rows counts 69.2% (its own tower, the mixed
+# phase's rows alone: 69.7). Where it misses (the shipped model, those 600): by the true count 1: 92, 2: 73, 3: 69,
+# 4: 51%; four of one shape and nothing else, 45% (mostly too few) on clean, well-apart pictures. So counting past 2
+# is what the model lacks at this size, not what it sees of each shape.
 SIZES["full-hires"] = replace(SIZES["full-varied-2-chats"], vision_hires_size=128, vision_hires_steps=1000)
 
 # Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 took ~3 on the AMX Xeon).
