@@ -10,7 +10,8 @@ from typing import Sequence
 # The named sizes of `llava.recipe.sizes.SIZES`, listed here so that building the parser imports no torch
 # (a test checks the two lists are the same).
 SIZE_NAMES = ("full", "full-no-readouts", "full-96", "classic", "varied", "reduced", "small", "full-vmix", "direct-128",
-              "full-centre", "full-varied-2", "full-varied-2-chats", "full-hires")
+              "full-centre", "full-varied-2", "full-varied-2-chats", "full-hires",
+              "full-hires-fresh")
 
 
 def cmd_recipe_tiny(args: argparse.Namespace) -> int:

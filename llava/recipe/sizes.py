@@ -317,6 +317,15 @@ SIZES["full-varied-2-chats"] = replace(SIZES["full"], s2_mix_world="varied-2", v
 # is what the model lacks at this size, not what it sees of each shape.
 SIZES["full-hires"] = replace(SIZES["full-varied-2-chats"], vision_hires_size=128, vision_hires_steps=1000)
 
+# Session 49: what the count plateau is. `full`'s tower counts 98.5% of 600 of its own varied pretraining pictures
+# (150 each of counts 1-4) against 61.8 of held-out ones: stage 0's 5000 steps of 128 go over its 20000 pairs 32
+# times, and it learns the 8000 varied scenes' counts by heart. The same 1000 steps at 128 px on 20000 fresh varied
+# scenes (beside the 12000 classic ones) instead of the 8000 it knows: count query 79.2% of the varied set and 76.0
+# of seeds 7-9 (75.0 / 76.5 / 76.5; on the known scenes 75.0 and 72.0), the classic world's held-out count 99.0. So
+# the lever is scenes the tower has not seen. `full-hires-fresh`: stage 0 on 40000 varied scenes (each seen ~12
+# times, not 32), the same steps; generating and reading them adds a few minutes. Not yet run whole.
+SIZES["full-hires-fresh"] = replace(SIZES["full-hires"], vision_mix_scenes=40000)
+
 # Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 took ~3 on the AMX Xeon).
 # `full-vmix-128` with stage 2's two classic phases dropped: its mixed phase goes straight on from stage 1, at the
 # first phase's lr (1e-3, the tower at 1e-4), on the varied world's chats beside the classic world's first 9000
