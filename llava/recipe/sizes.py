@@ -325,7 +325,8 @@ SIZES["full-hires"] = replace(SIZES["full-varied-2-chats"], vision_hires_size=12
 # the lever is scenes the tower has not seen. `full-hires-fresh`: stage 0 on 40000 varied scenes (each seen ~12
 # times, not 32), the same steps; generating and reading them adds a few minutes. Its stage 0 alone (96 px, 2573 s
 # on the Zen 4): count query 73.5% of the varied set and 72.8 of seeds 7-9 (full's 61.8 and 59.8), 78.7 on 600 of
-# its own training pictures (no longer by heart); classic held-out count 98.8. Not yet run whole.
+# its own training pictures (no longer by heart); classic held-out count 98.8. After its 1000 steps at 128 px: 83.2
+# and 80.3 (session 48's 128-px tower on the old scenes: 75.0 and 72.0). Not yet run whole.
 SIZES["full-hires-fresh"] = replace(SIZES["full-hires"], vision_mix_scenes=40000)
 
 # Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 took ~3 on the AMX Xeon).
