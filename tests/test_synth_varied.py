@@ -293,6 +293,18 @@ def test_tower_sees_a_picture_as_the_llava_processor_does(tmp_path):
     assert (pixels[:20] == processor.background).all()  # the padding band above the picture
 
 
+def test_reading_pictures_in_threads_keeps_their_pixels_and_order(tmp_path):
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(300):  # over read_images' threshold for threads; sizes vary so some are padded and resized
+        name = f"{i:03d}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (20 + i % 7, 30 - i % 5, 3), dtype=np.uint8)).save(tmp_path / name)
+        names.append(name)
+    one = read_images(str(tmp_path), names, 32, threads=1)
+    assert one.shape == (300, 32, 32, 3)
+    assert np.array_equal(read_images(str(tmp_path), names, 32, threads=2), one)
+
+
 def test_the_second_edition_draws_smaller_shapes_and_groups_alike_and_asks_their_colour():
     """People draw a group in one colour and ask "What color are the squares?": the second edition
     ("varied-2") draws some groups alike and asks their colour in plural wordings (never about a
