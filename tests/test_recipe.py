@@ -737,6 +737,19 @@ def test_the_tower_pretrains_on_the_second_world_s_scenes_too(small_run, tmp_pat
     assert f"captions of {len(own)} scenes and 12 of the varied world's scenes" in card
 
 
+def test_the_card_s_data_section_keeps_its_own_world_sentence_beside_a_second_world():
+    """The tower's second world once overwrote the data section's "simpler world" sentence with its name."""
+    from llava.recipe.card import card_text
+
+    shipped = os.path.join(os.path.dirname(__file__), "..", "llava", "assets", "tiny-llava")
+    with open(os.path.join(shipped, "recipe_summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    summary["spec"].update(max_objects=2, vision_mix_scenes=12, vision_mix_world="varied")
+    card = card_text(summary, shipped)
+    assert "`eval_results.json`). A simpler world: at most 2 objects a scene (the full world has 5)." in card
+    assert "and 12 of the varied world's scenes" in card
+
+
 @pytest.mark.slow
 def test_killed_recipe_resumes_its_stage_from_the_last_checkpoint(small_run, tmp_path):
     """A real `llava recipe` process killed in stage 2 restarts (--reuse) from that stage's last

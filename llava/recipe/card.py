@@ -125,64 +125,55 @@ Yes/no F1 (yes = positive): training wordings {f1['train']:.3f}, held-out {f1['h
 {_count_sentence(oos)}{_crop_sentence(oos, square)}"""
 
 
-def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
-    m = summary["metrics"]
-    times = summary["times"]
-    spec = summary["spec"]
-    timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in times.items())
-    files = summary.get("data_sha", {})
-    hashes = "\n".join(f"- `{k}`: `{v}`" for k, v in files.items())
-    n_train = max(spec.get("train_scenes", 0), spec["n"])
-    text_mc = (f" ({spec['text_mc']:.0%} of their questions as lettered multiple choice)"
-               if spec.get("text_mc") else "")
-    k_max = spec.get("max_objects", MAX_OBJECTS)
-    world = (f" A simpler world: at most {k_max} objects a scene (the full world has {MAX_OBJECTS})."
-             if k_max != MAX_OBJECTS else "")
-    train_files = summary.get("train_data_sha", {}) if n_train > spec["n"] else {}
-    train_hashes = "".join(f"\n- `train_data/{k}`: `{v}`" for k, v in train_files.items())
-    reused = summary.get("reused_stages", [])
-    reused_note = (f"\nStages {', '.join(reused)} were reused from an earlier run of the same recipe in the same folder "
-                   f"(`--reuse`); their times are that run's. This run took {summary.get('this_run_seconds', 0):.1f} s.\n"
-                   if reused else "")
-    # how a model was actually made, where that differs from one uninterrupted run (set by whoever ships it)
-    provenance = f"\n{summary['provenance']}\n" if summary.get("provenance") else ""
-    images = summary.get("images_sha", {})
-    v, lm = spec["vision"], spec["lm"]
+def _tower_scenes(spec: Mapping[str, Any]) -> str:
+    """The scenes stage 0's tower pretrains on: its own world's, and a second world's beside them."""
+    scenes = str(max(spec.get("vision_scenes", 0), spec["n"]))
+    if spec.get("vision_mix_scenes"):
+        mix_world = spec.get("vision_mix_world") or spec["s2_mix_world"]
+        scenes += f" scenes and {spec['vision_mix_scenes']} of the {mix_world} world's"
+    return scenes
+
+
+def _grounding(spec: Mapping[str, Any], grounded: Mapping[str, Any]) -> str:
+    """The tower's caption-grounding loss and its per-patch readouts, with their held-out checks."""
+    g_weight = spec.get("grounding_weight", 0.0)
+    if not g_weight:
+        return ""
+    nan = float("nan")
+    readouts = (f"; with the left-to-right ranking of the caption's groups (weight {spec['order_weight']}), "
+                f"pairs of groups put in order {grounded.get('order_accuracy', nan):.1f}%"
+                if spec.get("order_weight") else "")
+    if spec.get("centre_weight"):
+        readouts += (f"; with a per-patch readout of each shape's centre (weight {spec['centre_weight']}), whose "
+                     f"centre patches count each shape right {grounded.get('centre_count_accuracy', nan):.1f}%")
+    if spec.get("word_weight"):
+        readouts += (f"; with a per-patch readout of the printed word on its band's patches (weight "
+                     f"{spec['word_weight']}), which reads it right {grounded.get('word_read_accuracy', nan):.1f}%")
+    return (f" plus the caption-grounding loss (weight {g_weight}: for each colour-shape pair \"is it there?\", "
+            f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
+            f"{grounded.get('pair_recall', nan):.1f}%, shape counts {grounded.get('count_accuracy', nan):.1f}%"
+            f"{readouts})")
+
+
+def _vision_bullet(spec: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The model section's vision line: the tower, how stage 0 pretrained it, and its held-out checks."""
+    v = spec["vision"]
     s0 = summary.get("stages", {}).get("stage0_vision", {})
     binding = ", ".join(f"{k} {a:.1f}%" for k, a in s0.get("binding_heldout", {}).items()) or "not measured"
     k_neg = spec.get("vision_negatives", 0)
     negatives = f", {k_neg} hard negative captions per image" if k_neg else ""
-    scenes = str(max(spec.get("vision_scenes", 0), spec["n"]))
-    if spec.get("vision_mix_scenes"):  # and the second world's, beside them
-        world = spec.get("vision_mix_world") or spec["s2_mix_world"]
-        scenes += f" scenes and {spec['vision_mix_scenes']} of the {world} world's"
-    g_weight = spec.get("grounding_weight", 0.0)
-    grounded = s0.get("grounding_heldout", {})
-    order = (f"; with the left-to-right ranking of the caption's groups (weight {spec['order_weight']}), "
-             f"pairs of groups put in order {grounded.get('order_accuracy', float('nan')):.1f}%"
-             if spec.get("order_weight") else "")
-    if spec.get("centre_weight"):
-        order += (f"; with a per-patch readout of each shape's centre (weight {spec['centre_weight']}), whose "
-                  f"centre patches count each shape right {grounded.get('centre_count_accuracy', float('nan')):.1f}%")
-    if spec.get("word_weight"):
-        order += (f"; with a per-patch readout of the printed word on its band's patches (weight "
-                  f"{spec['word_weight']}), which reads it right {grounded.get('word_read_accuracy', float('nan')):.1f}%")
-    grounding = (f" plus the caption-grounding loss (weight {g_weight}: for each colour-shape pair \"is it there?\", "
-                 f"for each shape \"how many?\", read from the caption; held-out recall of present pairs "
-                 f"{grounded.get('pair_recall', float('nan')):.1f}%, shape counts "
-                 f"{grounded.get('count_accuracy', float('nan')):.1f}%{order})") if g_weight else ""
     sincos = (f", patch position embeddings started as a 2-D sin-cos grid of scale {v['sincos_positions']}"
               f" (so the patch tokens keep where they are)" if v.get("sincos_positions") else "")
-    lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
-    lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
-    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {}), _aspect(spec) == "square")
-           + "\n"
-           if "out_of_style" in m else "")
-    look = (f"\nThe varied world (`llava.data.synth_varied`): canvases of 64-384 px up to 2:1 either way "
-            f"({_how_the_model_sees(spec)}), one shape filling the picture or up to five small "
-            "ones, shades of each colour, filled or outlined, with or without an edge, tinted backgrounds, blur, "
-            "noise and JPEG; questions in many wordings, some answered in sentences."
-            if spec.get("world", "classic") != "classic" or spec.get("s2_mix_epochs") else "")
+    shape = f"{v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide"
+    return f"""- vision: CLIP ViT, {shape}{sincos}
+  (contrastively pretrained on the captions of {_tower_scenes(spec)} scenes, {spec['vision_steps']} steps of batch
+  {spec['vision_batch']}{negatives}{_grounding(spec, s0.get("grounding_heldout", {}))}). Binding check on
+  held-out scenes, how often an image is closer to its caption than to that caption with one colour,
+  shape or count changed (50% = blind to it): {binding}{_hires_note(spec, summary)}"""
+
+
+def _stage2_phases(spec: Mapping[str, Any]) -> str:
+    """Stage 2's phases in words: the first, the tail at a lower lr, the mixed-world phase."""
     tail = (f", then {spec['s2_tail_epochs']} more from its last step at lr {spec['s2_tail_lr']}"
             if spec.get("s2_tail_epochs") else "")
     if spec.get("s2_mix_epochs"):
@@ -198,6 +189,67 @@ def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
                  f"{spec['s2_mix_scenes']} scenes of the {spec['s2_mix_world']} world beside the first "
                  f"{spec['s2_mix_main_chats']} image chats above{tower}")
     first_phase = f"{spec['s2_epochs']} epoch(s), lr {spec['s2_lr']}" if spec.get("s2_epochs", 1) else ""
+    return first_phase + tail
+
+
+def _data_section(summary: Mapping[str, Any]) -> str:
+    """Which scenes each stage trains on, the held-out questions, and the generated files' hashes."""
+    spec = summary["spec"]
+    n_train = max(spec.get("train_scenes", 0), spec["n"])
+    text_mc = (f" ({spec['text_mc']:.0%} of their questions as lettered multiple choice)"
+               if spec.get("text_mc") else "")
+    k_max = spec.get("max_objects", MAX_OBJECTS)
+    simpler = (f" A simpler world: at most {k_max} objects a scene (the full world has {MAX_OBJECTS})."
+               if k_max != MAX_OBJECTS else "")
+    look = (f"\nThe varied world (`llava.data.synth_varied`): canvases of 64-384 px up to 2:1 either way "
+            f"({_how_the_model_sees(spec)}), one shape filling the picture or up to five small "
+            "ones, shades of each colour, filled or outlined, with or without an edge, tinted backgrounds, blur, "
+            "noise and JPEG; questions in many wordings, some answered in sentences."
+            if spec.get("world", "classic") != "classic" or spec.get("s2_mix_epochs") else "")
+    hashes = "\n".join(f"- `{k}`: `{v}`" for k, v in summary.get("data_sha", {}).items())
+    train_files = summary.get("train_data_sha", {}) if n_train > spec["n"] else {}
+    train_hashes = "".join(f"\n- `train_data/{k}`: `{v}`" for k, v in train_files.items())
+    images = summary.get("images_sha", {})
+    return f"""## Data
+
+Seed {summary['seed']}: the tokenizer is fitted to the text of the first {spec['n']} scenes, stages 1 and 2
+train on the captions and chats of the first {n_train} (scene i is the same in every such set),
+plus {spec.get('text_chats', 0.1):g} text-only chats per scene{text_mc};
+{spec['eval_n']} held-out questions generated with
+seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
+in `eval_results.json`).{simpler}{look}
+SHA-256 of the generated files (from `meta.json`):
+
+{hashes}{train_hashes}
+- images: {images.get('count', '?')} files, digest `{images.get('sha256', '?')}`"""
+
+
+def _wall_time_section(summary: Mapping[str, Any]) -> str:
+    """Seconds per stage, the total, which stages an earlier run made, and how the model was made."""
+    timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in summary["times"].items())
+    reused = summary.get("reused_stages", [])
+    reused_note = (f"\nStages {', '.join(reused)} were reused from an earlier run of the same recipe in the same "
+                   f"folder (`--reuse`); their times are that run's. This run took "
+                   f"{summary.get('this_run_seconds', 0):.1f} s.\n" if reused else "")
+    # how a model was actually made, where that differs from one uninterrupted run (set by whoever ships it)
+    provenance = f"\n{summary['provenance']}\n" if summary.get("provenance") else ""
+    return f"""## Wall time (seconds, {os.cpu_count()} CPU cores)
+
+| stage | seconds |
+|---|---|
+{timing}
+| total | {summary['total_seconds']:.1f} |
+{reused_note}{provenance}"""
+
+
+def card_text(summary: Mapping[str, Any], model_dir: str) -> str:
+    m, spec = summary["metrics"], summary["spec"]
+    lm = spec["lm"]
+    lm_check = summary.get("stages", {}).get("stage0_lm", {}).get("text_answers_heldout", {})
+    lm_answers = ", ".join(f"{k} {a:.0f}%" for k, a in lm_check.items()) or "not measured"
+    oos = (out_of_style_section(m["out_of_style"], summary.get("out_of_style_set", {}), _aspect(spec) == "square")
+           + "\n"
+           if "out_of_style" in m else "")
     return f"""# tiny-llava (trained by the project's own recipe)
 
 A miniature LLaVA trained from scratch on the synthetic shapes dataset (`llava.data.synth`),
@@ -219,31 +271,16 @@ llava recipe tiny --size {summary['size']} --seed {summary['seed']} --out $OUT
 
 ## Model
 
-- vision: CLIP ViT, {v['image_size']} px, patch {v['patch_size']}, {v['layers']} layers x {v['width']} wide{sincos}
-  (contrastively pretrained on the captions of {scenes} scenes, {spec['vision_steps']} steps of batch
-  {spec['vision_batch']}{negatives}{grounding}). Binding check on
-  held-out scenes, how often an image is closer to its caption than to that caption with one colour,
-  shape or count changed (50% = blind to it): {binding}{_hires_note(spec, summary)}
+{_vision_bullet(spec, summary)}
 - language model: Llama, {lm['layers']} layers x {lm['width']} wide, vocabulary {spec['vocab']}
   ({spec['lm_steps']} steps of next-token pretraining on the dataset's chats and captions, each image
   replaced by its scene description in words, {spec.get('lm_scenes', spec['n'])} scenes). The LM alone,
   answering the held-out questions from each scene's description in words: {lm_answers}
 - projector: mlp2x_gelu; stage 1 `plain` ({spec['s1_epochs']} epoch(s), lr {spec['s1_lr']}),
-  stage 2 `vicuna_v1` ({first_phase}{tail})
+  stage 2 `vicuna_v1` ({_stage2_phases(spec)})
 - size on disk: {_size_mb(model_dir):.1f} MB (llava-hf layout, safetensors)
 
-## Data
-
-Seed {summary['seed']}: the tokenizer is fitted to the text of the first {spec['n']} scenes, stages 1 and 2
-train on the captions and chats of the first {n_train} (scene i is the same in every such set),
-plus {spec.get('text_chats', 0.1):g} text-only chats per scene{text_mc};
-{spec['eval_n']} held-out questions generated with
-seed {summary.get('eval_seed', '?')} (`eval.jsonl` SHA-256 `{summary.get('eval_sha', '?')}`; the same numbers are
-in `eval_results.json`).{world}{look}
-SHA-256 of the generated files (from `meta.json`):
-
-{hashes}{train_hashes}
-- images: {images.get('count', '?')} files, digest `{images.get('sha256', '?')}`
+{_data_section(summary)}
 
 ## Held-out results
 
@@ -255,13 +292,7 @@ of chance (`llava.eval.synth.grounding_check`); answers outside the set, such as
 right?" about a blank picture, are declines rather than guesses, and where there are any the
 cell shows the accuracy among the guesses and their number.
 
-{oos}## Wall time (seconds, {os.cpu_count()} CPU cores)
-
-| stage | seconds |
-|---|---|
-{timing}
-| total | {summary['total_seconds']:.1f} |
-{reused_note}{provenance}"""
+{oos}{_wall_time_section(summary)}"""
 
 
 def write_card(model_dir: str, summary: Mapping[str, Any]) -> str:
