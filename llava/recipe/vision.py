@@ -315,17 +315,18 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     its per-patch readout of the shapes' centres, word_weight > 0 that of the printed word, both read from
     the images' scenes (`scenes_of`) and scored on `check_cells` (`heldout_cells`) when given."""
     spec = spec or VisionSpec()
-    seed_everything(seed)
-    t0 = time.perf_counter()
-    names, captions = pretrain_records(pretrain_json)
-    images = read_images(image_folder, names, spec.image_size)
-    ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
+    # the arguments are checked before the pictures are read (minutes, for the full recipe's 52000)
     if (order_weight or centre_weight or word_weight) and not grounding_weight:
         raise ValueError("order_weight, centre_weight and word_weight need the grounding head: "
                          "set grounding_weight > 0 too")
     if check_pairs is not None and check_pairs[0].shape[1:3] != (spec.image_size, spec.image_size):
         raise ValueError(f"the check images are {check_pairs[0].shape[1]} px, the tower's are {spec.image_size}: "
                          "read them with scene_pairs(..., image_size=spec.image_size)")
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    names, captions = pretrain_records(pretrain_json)
+    images = read_images(image_folder, names, spec.image_size)
+    ids, mask = tokenize_captions(tokenizer, captions, spec.max_text_len)
     start = spec if init_from is None else replace(spec, image_size=_tower_side(init_from))
     model = DualEncoder(len(tokenizer), start, grounding=grounding_weight > 0, order=order_weight > 0,
                         centres=centre_weight > 0, words=word_weight > 0)
@@ -369,10 +370,7 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
     if check_pairs and targets:
         grounding = grounding_accuracy(model, *check_pairs, device, check_cells)
         log.write(step=steps, grounding=grounding)
-    model.vision.cpu().save_pretrained(out_dir)
-    save_readouts(model, out_dir)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out_dir, DUAL_FILE))
+    save_dual_encoder(model, out_dir)
     losses = [r["loss"] for r in log.rows if "loss" in r]
     return {"steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": time.perf_counter() - t0, "pairs": len(images),
@@ -383,6 +381,15 @@ def pretrain_vision(pretrain_json: str, image_folder: str, tokenizer: PreTrained
 
 
 DUAL_FILE = "dual_encoder.safetensors"  # the whole dual encoder (text side and heads too), to train it further
+
+
+def save_dual_encoder(model: DualEncoder, out_dir: str) -> None:
+    """The tower as a CLIP vision folder (what the VLM loads), its readouts, and the whole dual encoder
+    beside them (`DUAL_FILE`, for `pretrain_vision(init_from=...)`)."""
+    model.vision.cpu().save_pretrained(out_dir)
+    save_readouts(model, out_dir)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out_dir, DUAL_FILE))
 
 
 def _tower_side(folder: str) -> int:
