@@ -326,7 +326,11 @@ SIZES["full-hires"] = replace(SIZES["full-varied-2-chats"], vision_hires_size=12
 # times, not 32), the same steps; generating and reading them adds a few minutes. Its stage 0 alone (96 px, 2573 s
 # on the Zen 4): count query 73.5% of the varied set and 72.8 of seeds 7-9 (full's 61.8 and 59.8), 78.7 on 600 of
 # its own training pictures (no longer by heart); classic held-out count 98.8. After its 1000 steps at 128 px: 83.2
-# and 80.3 (session 48's 128-px tower on the old scenes: 75.0 and 72.0). Not yet run whole.
+# and 80.3 (session 48's 128-px tower on the old scenes: 75.0 and 72.0). Session 50, run whole (Zen 4 EPYC; stage 2's
+# phases 2973 s, 2398 and ~4200 here): in style 98.9% (every target; count 98, lettered choice 96); the card's out-of-
+# style set colour 98.8, shape 97.5, count 82.5, yes/no 97.5, left/right 95; seeds 7-9 (600 a category) count 79.8
+# (shipped `full` 71.3; by true count 1: 92.7, 2: 83.3, 3: 84.0, 4: 59.3), colour 99.0, shape 97.5, yes/no 97.5,
+# left/right 94.0. On the Zen 5 ~2 h 10 min by its parts' ratios: over issue 25's 2 h, so not shipped yet.
 SIZES["full-hires-fresh"] = replace(SIZES["full-hires"], vision_mix_scenes=40000)
 
 # Session 43: the recipe's cost (issue 25 asks for 2 h on 2 CPU cores; full-vmix-128 took ~3 on the AMX Xeon).
